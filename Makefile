@@ -1,0 +1,27 @@
+# `make demo` and `make test` work on a fresh machine with nothing but python3.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Pretrained embedded models and reward networks are cached here (keyed by config).
+export DIFFALIGN_CACHE ?= $(CURDIR)/.cache/diffalign
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --upgrade pip
+	# torch first: the pinned CPU wheel; a bare `torch` would pull a multi-GB CUDA build.
+	$(VENV)/bin/pip install torch==2.13.0
+	$(VENV)/bin/pip install -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/diffalign demo
+
+test: setup
+	$(PY) -m pytest -q
+
+clean:
+	rm -rf $(VENV) .cache runs
