@@ -1,0 +1,210 @@
+"""One denoising step as a Gaussian policy: the previous sample, its log-probability,
+and the step's mean and std, for diffusers' `DDIMScheduler` and `DDPMScheduler`.
+
+The mean is computed exactly as the scheduler's own `step` computes it (same x0
+prediction, same clipping), so with the same noise `prev_sample` equals
+`scheduler.step(...).prev_sample`; the tests hold it to that.
+
+Log-probability reduction:
+- ``"sum"`` (default): the exact log-likelihood of `prev_sample`, summed over all
+  non-batch elements. Scale grows with the number of elements.
+- ``"mean"``: the per-element average, as the reference DDPO / D3PO code does;
+  published clip ranges and betas (e.g. DDPO's 1e-4 clip) assume this scale.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
+REDUCTIONS = ("sum", "mean")
+
+
+@dataclass
+class StepOutput:
+    prev_sample: torch.Tensor  # x_{t-1}
+    log_prob: torch.Tensor | None  # (B,) log pi(prev_sample | sample), None if not requested
+    mean: torch.Tensor  # mean of x_{t-1} given x_t
+    std: torch.Tensor  # std of x_{t-1}, broadcastable to the sample (shape (B, 1, ...))
+    x0_pred: torch.Tensor  # the scheduler's prediction of x_0 (after clipping, as the scheduler uses it)
+    eps_pred: torch.Tensor  # the implied noise prediction
+
+
+def _per_sample(value, sample: torch.Tensor) -> torch.Tensor:
+    """A scalar or (B,) tensor -> (B, 1, 1, ...) broadcastable against `sample`."""
+    value = torch.as_tensor(value, device=sample.device, dtype=sample.dtype)
+    if value.ndim == 0:
+        value = value.expand(sample.shape[0])
+    return value.reshape(-1, *([1] * (sample.ndim - 1)))
+
+
+def _timesteps(timestep, sample: torch.Tensor) -> torch.Tensor:
+    t = torch.as_tensor(timestep, device="cpu").long()
+    if t.ndim == 0:
+        t = t.expand(sample.shape[0])
+    if t.shape != (sample.shape[0],):
+        raise ValueError(f"timestep must be a scalar or shape ({sample.shape[0]},), got {tuple(t.shape)}")
+    return t
+
+
+def _predictions(scheduler, model_output, sample, alpha_t):
+    """x0 and eps predictions as the scheduler computes them (before clipping)."""
+    kind = scheduler.config.prediction_type
+    beta_t = 1 - alpha_t
+    if kind == "epsilon":
+        return (sample - beta_t.sqrt() * model_output) / alpha_t.sqrt(), model_output
+    if kind == "sample":
+        return model_output, (sample - alpha_t.sqrt() * model_output) / beta_t.sqrt()
+    if kind == "v_prediction":
+        return alpha_t.sqrt() * sample - beta_t.sqrt() * model_output, alpha_t.sqrt() * model_output + beta_t.sqrt() * sample
+    raise ValueError(f"unsupported prediction_type {kind!r}: use 'epsilon', 'sample' or 'v_prediction'")
+
+
+def _clip(scheduler, x0):
+    if getattr(scheduler.config, "thresholding", False):
+        return scheduler._threshold_sample(x0)
+    if getattr(scheduler.config, "clip_sample", False):
+        r = scheduler.config.clip_sample_range
+        return x0.clamp(-r, r)
+    return x0
+
+
+def _ddim_prev_timestep(scheduler, t: torch.Tensor) -> torch.Tensor:
+    if scheduler.num_inference_steps is None:
+        raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
+    return t - scheduler.config.num_train_timesteps // scheduler.num_inference_steps
+
+
+def _alphas(scheduler, t, prev_t, sample):
+    ac = scheduler.alphas_cumprod.to(sample.device)
+    alpha_t = ac[t.to(sample.device)]
+    final = torch.as_tensor(
+        scheduler.final_alpha_cumprod if hasattr(scheduler, "final_alpha_cumprod") else 1.0,
+        device=sample.device,
+        dtype=ac.dtype,
+    )
+    prev = prev_t.to(sample.device)
+    alpha_prev = torch.where(prev >= 0, ac[prev.clamp(min=0)], final)
+    return alpha_t, alpha_prev
+
+
+def ddim_mean_std(scheduler, model_output, timestep, sample, eta):
+    """Mean and std of DDIM's x_{t-1} | x_t (DDIM paper Eqs. 12 and 16), plus x0/eps predictions."""
+    t = _timesteps(timestep, sample)
+    alpha_t, alpha_prev = _alphas(scheduler, t, _ddim_prev_timestep(scheduler, t), sample)
+    variance = (1 - alpha_prev) / (1 - alpha_t) * (1 - alpha_t / alpha_prev)
+    std = eta * variance.sqrt()
+    a_t, a_prev, std = (_per_sample(v.to(sample.dtype), sample) for v in (alpha_t, alpha_prev, std))
+    x0, eps = _predictions(scheduler, model_output, sample, a_t)
+    x0 = _clip(scheduler, x0)
+    # diffusers re-derives eps from the clipped x0 only with use_clipped_model_output=True (not used here).
+    mean = a_prev.sqrt() * x0 + (1 - a_prev - std**2).clamp(min=0).sqrt() * eps
+    return mean, std, x0, eps
+
+
+def ddpm_mean_std(scheduler, model_output, timestep, sample):
+    """Mean and std of DDPM's posterior q(x_{t-1} | x_t, x0_pred) (DDPM paper Eqs. 6-7)."""
+    if scheduler.config.variance_type not in ("fixed_small", "fixed_small_log"):
+        raise ValueError(
+            f"DDPMScheduler variance_type {scheduler.config.variance_type!r} is not supported for log-probs: "
+            "use 'fixed_small' or 'fixed_small_log'"
+        )
+    t = _timesteps(timestep, sample)
+    prev_t = torch.stack([torch.as_tensor(scheduler.previous_timestep(int(s))) for s in t]).long()
+    alpha_t, alpha_prev = _alphas(scheduler, t, prev_t, sample)
+    beta_t = 1 - alpha_t / alpha_prev
+    variance = ((1 - alpha_prev) / (1 - alpha_t) * beta_t).clamp(min=1e-20)
+    std = torch.where(t > 0, variance.sqrt(), torch.zeros_like(variance))
+    a_t, a_prev, b_t, std = (_per_sample(v.to(sample.dtype), sample) for v in (alpha_t, alpha_prev, beta_t, std))
+    x0, eps = _predictions(scheduler, model_output, sample, a_t)
+    x0 = _clip(scheduler, x0)
+    mean = (a_prev.sqrt() * b_t / (1 - a_t)) * x0 + ((1 - b_t).sqrt() * (1 - a_prev) / (1 - a_t)) * sample
+    return mean, std, x0, eps
+
+
+def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
+    """log N(x; mean, std^2) per sample: summed (exact) or averaged over non-batch elements."""
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"log-prob reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    std = std.expand_as(x) if std.shape != x.shape else std
+    # x is detached: the log-prob is a function of the policy parameters (through mean), not of
+    # the sample being scored. Gradients w.r.t. x_t still flow through `mean`.
+    elem = -((x.detach() - mean) ** 2) / (2 * std**2) - torch.log(std) - LOG_SQRT_2PI
+    dims = tuple(range(1, x.ndim))
+    return elem.sum(dim=dims) if reduction == "sum" else elem.mean(dim=dims)
+
+
+def _is_ddpm(scheduler) -> bool:
+    from diffusers import DDPMScheduler
+
+    return isinstance(scheduler, DDPMScheduler)
+
+
+def step_with_logprob(
+    scheduler,
+    model_output: torch.Tensor,
+    timestep,
+    sample: torch.Tensor,
+    *,
+    eta: float = 1.0,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+    variance_noise: torch.Tensor | None = None,
+    reduction: str = "sum",
+    with_logprob: bool = True,
+) -> StepOutput:
+    """One reverse step x_t -> x_{t-1} with the Gaussian log-probability of x_{t-1}.
+
+    - `prev_sample` given: it is scored, not sampled (re-scoring a stored step).
+    - otherwise x_{t-1} = mean + std * noise, with `variance_noise` if given, else drawn
+      from `generator` in the same way the scheduler's own `step` draws it.
+    - `timestep` may be an int or a (B,) tensor (one timestep per sample).
+    - For `DDPMScheduler` the variance is the scheduler's own (`eta` must be 1, the
+      DDPM value); its last step (t = 0) is deterministic and has no likelihood.
+
+    eta = 0 (deterministic DDIM) has no likelihood and is refused when
+    `with_logprob` is True.
+    """
+    if with_logprob and eta == 0:
+        raise ValueError(
+            "eta = 0 makes the step deterministic (std 0), so it has no log-probability: "
+            "use eta > 0 (eta = 1 is DDPM's variance) for a likelihood-based method"
+        )
+    if model_output.shape != sample.shape:
+        raise ValueError(f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}")
+    if _is_ddpm(scheduler):
+        if eta != 1.0:
+            raise ValueError("DDPMScheduler has a fixed variance (eta = 1); use DDIMScheduler to choose eta")
+        mean, std, x0, eps = ddpm_mean_std(scheduler, model_output, timestep, sample)
+    else:
+        mean, std, x0, eps = ddim_mean_std(scheduler, model_output, timestep, sample, eta)
+
+    if prev_sample is None:
+        if variance_noise is None:
+            from diffusers.utils.torch_utils import randn_tensor
+
+            variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        prev_sample = mean + std * variance_noise
+    elif prev_sample.shape != sample.shape:
+        raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}")
+
+    log_prob = None
+    if with_logprob:
+        if bool((std == 0).any()):
+            raise ValueError(
+                f"the step at timestep {timestep} is deterministic (std 0) and has no log-probability: "
+                "for DDIM use eta > 0, set_alpha_to_one=False and steps_offset=1 (so the last step is t=1, not t=0); "
+                "DDPM's final step t=0 cannot be trained"
+            )
+        log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, x0_pred=x0, eps_pred=eps)
+
+
+def x0_from_eps(scheduler, sample: torch.Tensor, eps: torch.Tensor, timestep) -> torch.Tensor:
+    """Tweedie / DDIM prediction x0_hat = (x_t - sqrt(1 - a_bar_t) eps) / sqrt(a_bar_t)."""
+    t = _timesteps(timestep, sample)
+    a_t = _per_sample(scheduler.alphas_cumprod.to(sample.device)[t.to(sample.device)].to(sample.dtype), sample)
+    return (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
