@@ -75,6 +75,31 @@ class Trajectory:
     def num_steps(self) -> int:
         return len(self.timesteps)
 
+    def select(self, rows) -> "Trajectory":
+        """The sub-batch `rows` (index tensor or slice); branches are dropped."""
+        return Trajectory(
+            prompts=[self.prompts[i] for i in torch.arange(len(self.prompts))[rows].tolist()],
+            cond=None if self.cond is None else self.cond[rows],
+            timesteps=self.timesteps,
+            latents=self.latents[rows],
+            log_probs=None if self.log_probs is None else self.log_probs[rows],
+            eps=self.eps[rows],
+            x0_preds=self.x0_preds[rows],
+            eta=self.eta,
+            guidance_scale=self.guidance_scale,
+        )
+
+    @staticmethod
+    def cat(trajs: list["Trajectory"]) -> "Trajectory":
+        """Concatenate batches sampled with the same settings."""
+        first = trajs[0]
+        cat = lambda name: None if getattr(first, name) is None else torch.cat([getattr(t, name) for t in trajs])
+        return Trajectory(
+            prompts=[p for t in trajs for p in t.prompts], cond=cat("cond"), timesteps=first.timesteps,
+            latents=cat("latents"), log_probs=cat("log_probs"), eps=cat("eps"), x0_preds=cat("x0_preds"),
+            eta=first.eta, guidance_scale=first.guidance_scale,
+        )
+
     def x_t(self, i: int) -> torch.Tensor:
         return self.latents[:, i]
 

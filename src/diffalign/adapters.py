@@ -1,0 +1,92 @@
+"""LoRA adapters through peft, and the frozen reference as "the base with adapters off".
+
+Saved LoRA weights use the diffusers layout: `pytorch_lora_weights.safetensors` with
+peft key names prefixed by `unet.` (what `pipe.load_lora_weights(dir)` reads for
+UNet pipelines), plus `adapter_config.json`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model_state_dict, inject_adapter_in_model, set_peft_model_state_dict
+from peft.tuners.tuners_utils import BaseTunerLayer
+from safetensors.torch import load_file, save_file
+
+from .checkpoint import atomic_dir
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+PREFIX = "unet."
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The bare module under DDP / accelerate wrappers (saving a wrapped model prefixes keys)."""
+    while hasattr(module, "module") and isinstance(module.module, torch.nn.Module):
+        module = module.module
+    return module
+
+
+def add_lora(denoiser: torch.nn.Module, targets: list[str], rank: int = 8, alpha: float = 8.0) -> LoraConfig:
+    """Freeze the denoiser and inject trainable LoRA adapters into `targets`."""
+    if not targets:
+        raise ValueError("LoRA needs target module names (lora.targets, or the model's lora_targets)")
+    names = {n.split(".")[-1] for n, _ in denoiser.named_modules()} | {n for n, _ in denoiser.named_modules()}
+    missing = [t for t in targets if t not in names and not any(n.endswith("." + t) for n in names)]
+    if missing:
+        raise ValueError(f"LoRA targets {missing} match no module of the denoiser; check lora.targets")
+    config = LoraConfig(r=rank, lora_alpha=alpha, target_modules=list(targets), init_lora_weights=True)
+    denoiser.requires_grad_(False)
+    inject_adapter_in_model(config, denoiser)
+    for n, p in denoiser.named_parameters():
+        p.requires_grad_("lora_" in n)
+    return config
+
+
+def has_lora(denoiser: torch.nn.Module) -> bool:
+    return any(isinstance(m, BaseTunerLayer) for m in unwrap(denoiser).modules())
+
+
+@contextlib.contextmanager
+def adapters_disabled(denoiser: torch.nn.Module):
+    """Within the block the denoiser computes the frozen base model (the reference)."""
+    layers = [m for m in unwrap(denoiser).modules() if isinstance(m, BaseTunerLayer)]
+    if not layers:
+        raise RuntimeError("the denoiser has no LoRA adapters, so there is no adapter-free reference")
+    grads = {id(p): p.requires_grad for m in layers for p in m.parameters()}
+    for m in layers:
+        m.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.enable_adapters(True)
+            for p in m.parameters():  # restore exactly what was trainable before
+                p.requires_grad_(grads[id(p)])
+
+
+def save_lora(denoiser: torch.nn.Module, folder: str | Path, config: LoraConfig | None = None) -> Path:
+    """Write the adapters (diffusers layout) into `folder`, atomically."""
+    state = get_peft_model_state_dict(unwrap(denoiser))
+    state = {PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
+    with atomic_dir(folder) as tmp:
+        save_file(state, str(tmp / LORA_FILE))
+        if config is not None:
+            cfg = config.to_dict()
+            cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
+            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    return Path(folder)
+
+
+def load_lora(denoiser: torch.nn.Module, folder: str | Path) -> None:
+    """Load adapters saved by `save_lora` into a denoiser that already has them injected."""
+    path = Path(folder) / LORA_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"no LoRA weights at {path}: expected a folder written by diffalign (save_lora)")
+    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in load_file(str(path)).items()}
+    result = set_peft_model_state_dict(unwrap(denoiser), state)
+    unexpected = getattr(result, "unexpected_keys", [])
+    if unexpected:
+        raise ValueError(f"{path} holds {len(unexpected)} keys this model does not have, e.g. {unexpected[:3]}")

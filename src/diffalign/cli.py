@@ -1,0 +1,163 @@
+"""Command line: a thin layer over the library.
+
+    diffalign train CONFIG.yaml [--set key=value ...] [--out DIR]
+    diffalign train --resume DIR
+    diffalign pretrain digits|toy2d
+    diffalign methods | rewards | models
+    diffalign bench sampler [--batch N] [--steps S]
+    diffalign demo [--out DIR]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+
+def _train(a) -> int:
+    from .train import resolve_config, train
+
+    if a.resume:
+        run = Path(a.resume)
+        if a.config:
+            raise SystemExit("give either CONFIG or --resume DIR, not both")
+        if not (run / "config.yaml").exists():
+            raise FileNotFoundError(f"{run} holds no run to resume (no config.yaml)")
+        cfg, args = resolve_config(run / "config.yaml", a.set)
+        summary = train(cfg, args, run, resume=True)
+        out = run
+    else:
+        if not a.config:
+            raise SystemExit("usage: diffalign train CONFIG.yaml [--set key=value ...] [--out DIR]")
+        cfg, args = resolve_config(a.config, a.set)
+        out = Path(a.out or f"runs/{cfg.method}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        summary = train(cfg, args, out)
+    if summary.get("finished"):
+        print(format_summary(summary))
+        print(f"run folder: {out}")
+    return 0
+
+
+def format_summary(s: dict) -> str:
+    rows = [("", "base", "aligned")]
+    rows.append((f"training reward ({s['reward']})", f"{s['base_reward_mean']:.3f}", f"{s['final_reward_mean']:.3f}"))
+    if s.get("eval_reward"):
+        rows.append((f"held-out reward ({s['eval_reward']})", f"{s['base_eval_reward_mean']:.3f}",
+                     f"{s['final_eval_reward_mean']:.3f}"))
+    for key, label in (("eval_reward_accuracy", "held-out accuracy"), ("reward_accuracy", "training-classifier accuracy")):
+        if key in s["base"]:
+            rows.append((label, f"{s['base'][key]:.3f}", f"{s['final'][key]:.3f}"))
+    w = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
+    lines.append(f"{s['method']} on {s['model']}: {s['reward_queries']} reward queries, {s['wall_s']:.0f} s")
+    return "\n".join(lines)
+
+
+def _pretrain(a) -> int:
+    from .models import load_model
+
+    model = load_model(a.model)
+    print(f"{a.model}: cached at {model.path}")
+    return 0
+
+
+def _list(kind: str) -> int:
+    if kind == "methods":
+        from .methods import list_methods
+
+        rows = list_methods()
+    elif kind == "rewards":
+        from .rewards import list_rewards
+
+        rows = [(n, f"{'[differentiable] ' if d else ''}{desc}") for n, desc, d in list_rewards()]
+    else:
+        from .models import MODELS
+
+        rows = sorted(MODELS.items())
+    w = max(len(n) for n, _ in rows)
+    for name, desc in rows:
+        print(f"{name.ljust(w)}  {desc}")
+    return 0
+
+
+def _bench(a) -> int:
+    if a.what != "sampler":
+        raise SystemExit(f"unknown benchmark {a.what!r}: available: sampler")
+    from .bench import bench_sampler
+
+    r = bench_sampler(a.model, batch=a.batch, num_steps=a.steps, repeats=a.repeats)
+    print(json.dumps(r, indent=1))
+    print(f"sampling with log-probs / diffusers scheduler loop: {r['ratio']:.3f}x (target <= 1.15x)")
+    return 0
+
+
+def _demo(a) -> int:
+    from .train import resolve_config, train
+
+    out = Path(a.out)
+    config = Path(a.config)
+    summary_path = out / "summary.json"
+    if summary_path.exists():
+        summary = json.loads(summary_path.read_text())
+        print(f"{out} already holds a finished demo run (delete it to run again):")
+    else:
+        cfg, args = resolve_config(config)
+        resume = (out / "config.yaml").exists()
+        summary = train(cfg, args, out, resume=resume)
+    print()
+    print(format_summary(summary))
+    print()
+    for name in ("samples/base.png", "samples/final.png", "reward_curve.png", "summary.json", "metrics.jsonl"):
+        print(f"  {out / name}")
+    print(f"TensorBoard: tensorboard --logdir {out / 'tb'}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="diffalign", description="Align diffusion models with rewards and preferences.")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    t = sub.add_parser("train", help="train with a YAML config, or resume a run folder")
+    t.add_argument("config", nargs="?", help="YAML config (see configs/)")
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
+    t.add_argument("--out", help="run folder (default runs/<method>-<model>-<time>)")
+    t.add_argument("--resume", metavar="DIR", help="resume the run in DIR from its newest checkpoint")
+    t.set_defaults(fn=_train)
+    pt = sub.add_parser("pretrain", help="pretrain and cache an embedded base model")
+    pt.add_argument("model", choices=["digits", "toy2d"])
+    pt.set_defaults(fn=_pretrain)
+    for kind in ("methods", "rewards", "models"):
+        sub.add_parser(kind, help=f"list registered {kind}").set_defaults(fn=lambda a, k=kind: _list(k))
+    b = sub.add_parser("bench", help="benchmarks (sampler)")
+    b.add_argument("what", choices=["sampler"])
+    b.add_argument("--model", default="digits")
+    b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--repeats", type=int, default=7)
+    b.set_defaults(fn=_bench)
+    d = sub.add_parser("demo", help="align the digits model with DDPO and report before/after")
+    d.add_argument("--out", default="runs/demo")
+    d.add_argument("--config", default=str(Path("configs") / "ddpo_digits.yaml"))
+    d.set_defaults(fn=_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
+        # bad input: one clear line, no traceback (set DIFFALIGN_DEBUG=1 for one)
+        import os
+
+        if os.environ.get("DIFFALIGN_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"diffalign: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

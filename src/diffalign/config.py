@@ -1,0 +1,231 @@
+"""Run configuration: YAML -> validated dataclasses.
+
+Every field has a one-line comment. Unknown keys, wrong types and bad values are
+errors that name the key (with the closest known key as a suggestion).
+`--set a.b=value` overrides are parsed as YAML scalars.
+
+Method-specific options live under `args:` and are validated against the
+method's own `Config` dataclass (see `diffalign.methods`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key or value is wrong; the message names the key."""
+
+
+@dataclass
+class SamplingConfig:
+    num_steps: int = 20  # denoising steps per trajectory
+    eta: float = 1.0  # DDIM eta; > 0 for likelihood methods (1 = DDPM variance)
+    guidance_scale: float | None = None  # classifier-free guidance; None = the model's default
+    logprob: str = "sum"  # 'sum' = exact log-likelihood, 'mean' = per-element average (reference-code scale)
+
+    def validate(self, where: str):
+        _check(self.num_steps >= 1, f"{where}.num_steps", "must be >= 1")
+        _check(self.eta >= 0, f"{where}.eta", "must be >= 0")
+        _check(self.logprob in ("sum", "mean"), f"{where}.logprob", "must be 'sum' or 'mean'")
+
+
+@dataclass
+class LoraSection:
+    enabled: bool = True  # LoRA adapters on the denoiser; False = full fine-tuning
+    rank: int = 8  # adapter rank
+    alpha: float = 8.0  # adapter scale numerator (scale = alpha / rank)
+    targets: list[str] | None = None  # module names to adapt; None = the model's defaults
+
+    def validate(self, where: str):
+        _check(self.rank >= 1, f"{where}.rank", "must be >= 1")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # AdamW learning rate
+    weight_decay: float = 1e-4  # AdamW weight decay
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
+    grad_clip: float = 1.0  # max gradient norm (0 = off)
+
+    def validate(self, where: str):
+        _check(self.lr > 0, f"{where}.lr", "must be > 0")
+        _check(len(self.betas) == 2, f"{where}.betas", "must be two numbers")
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 20  # outer epochs: collect data, then update
+    batch_size: int = 32  # samples per sampling batch, summed over all processes
+    batches_per_epoch: int = 2  # sampling batches per epoch
+    mixed_precision: str = "no"  # 'no', 'fp16' or 'bf16' (accelerate)
+    checkpoint_every: int = 1  # epochs between checkpoints
+    keep_checkpoints: int = 2  # newest checkpoints kept on disk
+    sample_grid_every: int = 0  # epochs between sample grids (0 = start and end only)
+
+    def validate(self, where: str):
+        _check(self.epochs >= 1, f"{where}.epochs", "must be >= 1")
+        _check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
+        _check(self.batches_per_epoch >= 1, f"{where}.batches_per_epoch", "must be >= 1")
+        _check(self.mixed_precision in ("no", "fp16", "bf16"), f"{where}.mixed_precision", "must be no, fp16 or bf16")
+        _check(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    reward: str | None = "classifier_heldout"  # held-out reward for evaluation (None = training reward only)
+    per_prompt: int = 8  # evaluation samples per prompt
+    seed: int = 1234  # evaluation seed: base and final use the same noise
+    every: int = 0  # epochs between evaluations during training (0 = start and end only)
+
+
+@dataclass
+class RunConfig:
+    method: str = "ddpo"  # registered method name (`diffalign methods`)
+    model: str = "digits"  # base model (`digits`, `toy2d`)
+    reward: Any = "classifier"  # reward name, 'module:function', or {name: weight}
+    prompts: list[str] | None = None  # training prompts; None = the model's defaults
+    seed: int = 0  # run seed: every epoch's randomness derives from (seed, epoch)
+    device: str | None = None  # None = accelerate's choice (GPU if available)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    lora: LoraSection = field(default_factory=LoraSection)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    args: dict = field(default_factory=dict)  # method-specific options (validated by the method)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _check(ok: bool, key: str, msg: str):
+    if not ok:
+        raise ConfigError(f"config key '{key}' {msg}")
+
+
+def _type_name(tp) -> str:
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _coerce(value, tp, key: str):
+    """Check `value` against the annotation `tp`, converting where YAML is ambiguous."""
+    if tp is Any:
+        return value
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        options = typing.get_args(tp)
+        if value is None and type(None) in options:
+            return None
+        errors = []
+        for opt in options:
+            if opt is type(None):
+                continue
+            try:
+                return _coerce(value, opt, key)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(f"config key '{key}' got {value!r}; expected {' or '.join(_type_name(o) for o in options)}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, key)
+    if origin is list:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"config key '{key}' must be a list, got {value!r}")
+        (item,) = typing.get_args(tp) or (Any,)
+        return [_coerce(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict or tp is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"config key '{key}' must be a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be true or false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        raise ConfigError(f"config key '{key}' must be an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML reads 1e-4 (no dot) as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"config key '{key}' must be a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"config key '{key}' must be a string, got {value!r}")
+    return value
+
+
+def from_dict(cls, data: dict | None, prefix: str = ""):
+    """Build dataclass `cls` from a mapping, rejecting unknown keys and bad types."""
+    data = {} if data is None else data
+    where = prefix or cls.__name__
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{where}' must be a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            raise ConfigError(f"unknown config key '{full}'{hint}")
+        kwargs[key] = _coerce(value, hints[key], full)
+    obj = cls(**kwargs)
+    if hasattr(obj, "validate"):
+        obj.validate(prefix or "config")
+    return obj
+
+
+def set_dotted(data: dict, dotted: str, value):
+    """data['a']['b'] = value for dotted = 'a.b' (creating sections as needed)."""
+    parts = dotted.split(".")
+    node = data
+    for p in parts[:-1]:
+        node = node.setdefault(p, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"--set {dotted}: '{p}' is not a section")
+    node[parts[-1]] = value
+
+
+def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
+    out = []
+    for item in items or []:
+        if "=" not in item:
+            raise ConfigError(f"--set expects key=value, got {item!r} (e.g. --set train.epochs=5)")
+        key, raw = item.split("=", 1)
+        out.append((key.strip(), yaml.safe_load(raw) if raw != "" else None))
+    return out
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Read a YAML file (or start from `base`), apply `--set` overrides, validate."""
+    data: dict = dict(base or {})
+    if path is not None:
+        path = Path(path)
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist (examples are in configs/)")
+        loaded = yaml.safe_load(path.read_text())
+        if loaded is not None and not isinstance(loaded, dict):
+            raise ConfigError(f"{path} must hold a YAML mapping at the top level")
+        data.update(loaded or {})
+    for key, value in parse_overrides(overrides):
+        set_dotted(data, key, value)
+    return from_dict(RunConfig, data)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

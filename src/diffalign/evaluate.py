@@ -1,0 +1,127 @@
+"""Evaluation on fixed seeds and prompts, sample grids and reward curves.
+
+Base and final models are measured on identical noise: sample i of the evaluation
+set always draws from a generator seeded by (eval seed, i).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import trajectory
+
+
+def _generators(device, seed: int, n: int) -> list[torch.Generator]:
+    from .seeding import generators
+
+    return generators(device, "eval", seed, indices=range(n))
+
+
+@torch.no_grad()
+def sample_eval(model, prompts: list[str], per_prompt: int, seed: int, sampling, batch_size: int = 128):
+    """Decoded samples (N, ...) for each prompt repeated `per_prompt` times, on fixed noise."""
+    all_prompts = [p for p in prompts for _ in range(per_prompt)]
+    gens = _generators(model.device, seed, len(all_prompts))
+    was_training = model.denoiser.training
+    model.denoiser.eval()
+    out = []
+    try:
+        for i in range(0, len(all_prompts), batch_size):
+            traj = trajectory.sample(
+                model, all_prompts[i:i + batch_size], num_steps=sampling.num_steps, eta=sampling.eta,
+                guidance_scale=sampling.guidance_scale, generator=gens[i:i + batch_size], with_logprob=False,
+            )
+            out.append(model.decode(traj.final))
+    finally:
+        model.denoiser.train(was_training)
+    return torch.cat(out), all_prompts
+
+
+def evaluate(model, trainer, grid_path: Path | None = None, label: str = "") -> dict:
+    """Training and held-out reward of `model` on the run's fixed evaluation set."""
+    cfg = trainer.cfg
+    images, prompts = sample_eval(model, trainer.prompts, cfg.eval.per_prompt, cfg.eval.seed, cfg.sampling)
+    with torch.no_grad():
+        r, info = trainer.reward(images, prompts)
+        result = {"n": len(prompts), "reward_mean": float(r.mean()), "reward_std": float(r.std())}
+        result.update({f"reward_{k}": float(v) for k, v in info.items() if _is_number(v)})
+        if trainer.eval_reward is not None:
+            e, einfo = trainer.eval_reward(images, prompts)
+            result.update({"eval_reward_mean": float(e.mean()), "eval_reward_std": float(e.std())})
+            result.update({f"eval_reward_{k}": float(v) for k, v in einfo.items() if _is_number(v)})
+        per_prompt = {}
+        for p in dict.fromkeys(prompts):
+            idx = [i for i, q in enumerate(prompts) if q == p]
+            per_prompt[p] = float(r[idx].mean())
+        result["per_prompt_reward"] = per_prompt
+    if grid_path is not None:
+        save_grid(images, prompts, grid_path, title=f"{label} {trainer.reward.name} = {result['reward_mean']:.3f}")
+    return result
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)
+
+
+def save_grid(images: torch.Tensor, prompts: list[str], path: Path, title: str = "") -> Path:
+    """One row per prompt: an image grid for NCHW images, a scatter plot for 2-D points."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    images = images.detach().float().cpu()
+    if images.ndim == 2:  # points
+        fig, ax = plt.subplots(figsize=(4, 4))
+        ax.scatter(images[:, 0], images[:, 1], s=4, alpha=0.5)
+        ax.set_aspect("equal")
+    else:
+        rows = list(dict.fromkeys(prompts))
+        cols = max(prompts.count(p) for p in rows)
+        fig, axes = plt.subplots(len(rows), cols, figsize=(cols * 0.6, len(rows) * 0.6), squeeze=False)
+        for ax in axes.flat:
+            ax.axis("off")
+        seen = {p: 0 for p in rows}
+        for img, p in zip(images, prompts):
+            r, c = rows.index(p), seen[p]
+            seen[p] += 1
+            pic = img.permute(1, 2, 0).clamp(0, 1).numpy()
+            axes[r, c].imshow(pic[..., 0] if pic.shape[-1] == 1 else pic, cmap="gray", vmin=0, vmax=1)
+    if title:
+        fig.suptitle(title, fontsize=8)
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def write_report_images(run_dir: Path) -> Path | None:
+    """reward_curve.png: training reward per epoch against reward queries."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return None
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.2))
+    ax.plot([r["reward_queries"] for r in rows], [r["reward_mean"] for r in rows], marker=".", label="training batch")
+    ev = [(r["reward_queries"], r["eval_eval_reward_mean"]) for r in rows if "eval_eval_reward_mean" in r]
+    if ev:
+        ax.plot(*zip(*ev), marker="o", label="held-out (eval set)")
+    ax.set_xlabel("reward queries")
+    ax.set_ylabel("reward")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = Path(run_dir) / "reward_curve.png"
+    fig.savefig(out, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return out
