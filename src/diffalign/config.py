@@ -211,8 +211,8 @@ def parse_overrides(items: list[str] | None) -> list[tuple[str, Any]]:
     return out
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
-    """Read a YAML file (or start from `base`), apply `--set` overrides, validate."""
+def load_raw(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> dict:
+    """Read a YAML file (or start from `base`) and apply `--set` overrides, unvalidated."""
     data: dict = dict(base or {})
     if path is not None:
         path = Path(path)
@@ -224,7 +224,24 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         data.update(loaded or {})
     for key, value in parse_overrides(overrides):
         set_dotted(data, key, value)
-    return from_dict(RunConfig, data)
+    return data
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, base: dict | None = None) -> RunConfig:
+    """Read a YAML file (or start from `base`), apply `--set` overrides, validate."""
+    return from_dict(RunConfig, load_raw(path, overrides, base))
+
+
+def merge_under(defaults: dict, data: dict) -> dict:
+    """Dotted-key `defaults` ({'sampling.logprob': 'mean'}) filled in wherever `data` is silent."""
+    out = {k: (dict(v) if isinstance(v, dict) else v) for k, v in data.items()}
+    for dotted, value in defaults.items():
+        node = out
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node.setdefault(last, value)
+    return out
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -25,37 +25,18 @@ from accelerate import Accelerator
 from tqdm.auto import tqdm
 
 from . import adapters, checkpoint
-from .config import ConfigError, RunConfig, dump_config, from_dict, load_config
+from .config import ConfigError, RunConfig, dump_config, from_dict, load_raw, merge_under
 from .methods import Micro, get_method
 from .models import load_model
 from .rewards import build_reward
 from .seeding import generators, seed_for
 
 
-def apply_method_defaults(data: dict, method_cls) -> dict:
-    """The method's preferred settings, under whatever the user's config sets."""
-    merged: dict = {}
-    for key, value in getattr(method_cls, "defaults", {}).items():
-        node = merged
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-
-    def deep(a, b):
-        out = dict(a)
-        for k, v in b.items():
-            out[k] = deep(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
-        return out
-
-    return deep(merged, data)
-
-
 def resolve_config(path=None, overrides=None, base: dict | None = None) -> tuple[RunConfig, object]:
     """Load a config, apply the method's defaults under it, validate everything."""
-    first = load_config(path, overrides, base)  # validates keys and types
-    method_cls = get_method(first.method)
-    cfg = from_dict(RunConfig, apply_method_defaults(first.to_dict(), method_cls))
+    raw = load_raw(path, overrides, base)
+    method_cls = get_method(from_dict(RunConfig, raw).method)  # validates keys and types first
+    cfg = from_dict(RunConfig, merge_under(getattr(method_cls, "defaults", {}), raw))
     args = from_dict(method_cls.Config, cfg.args, "args")
     if method_cls.requires_logprob and cfg.sampling.eta <= 0:
         raise ConfigError(

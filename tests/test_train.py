@@ -1,0 +1,151 @@
+"""The training loop as a user runs it: end to end, resume after SIGKILL, two processes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.train import resolve_config, train
+
+TOY = {
+    "method": "ddpo",
+    "model": "toy2d",
+    "reward": "quadratic",
+    "prompts": [""],
+    "sampling": {"num_steps": 8},
+    "train": {"epochs": 3, "batch_size": 8, "batches_per_epoch": 1},
+    "eval": {"reward": None, "per_prompt": 16},
+    "optim": {"lr": 1e-3},
+    "args": {"clip_range": 0.2, "minibatches": 2, "inner_epochs": 2},
+}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _weights(run: Path) -> dict:
+    return load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
+
+
+def _cli(*args, **kw):
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    return subprocess.Popen([sys.executable, "-m", "diffalign.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_run_folder_contents_and_refuses_to_overwrite(tmp_path):
+    cfg, args = resolve_config(base=TOY)
+    s = train(cfg, args, tmp_path / "run")
+    run = tmp_path / "run"
+    for name in ("config.yaml", "metrics.jsonl", "summary.json", "eval_base.json", "samples/base.png",
+                 "samples/final.png", "reward_curve.png", "final/pytorch_lora_weights.safetensors"):
+        assert (run / name).exists(), name
+    assert list((run / "tb").iterdir()), "TensorBoard events"
+    assert len((run / "checkpoints").iterdir().__next__().name) > 0
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [x["epoch"] for x in lines] == [0, 1, 2]
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("method", "reward", "base_reward_mean", "final_reward_mean", "reward_queries", "wall_s"):
+        assert key in summary
+    assert summary["reward_queries"] == 3 * 8 == s["reward_queries"]
+    with pytest.raises(FileExistsError, match="not empty"):
+        train(cfg, args, run)
+
+
+def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    cfg_path = tmp_path / "toy.yaml"
+    import yaml
+
+    spec = dict(TOY, train=dict(TOY["train"], epochs=4))
+    cfg_path.write_text(yaml.safe_dump(spec))
+    full = _cli("train", str(cfg_path), "--out", str(tmp_path / "full"))
+    out, _ = full.communicate(timeout=600)
+    assert full.returncode == 0, out
+
+    killed = _cli("train", str(cfg_path), "--out", str(tmp_path / "killed"))
+    ck = tmp_path / "killed" / "checkpoints"
+    deadline = time.time() + 600
+    while time.time() < deadline and not (ck.exists() and any(p.name == "epoch-000002" for p in ck.iterdir())):
+        time.sleep(0.05)
+    killed.send_signal(signal.SIGKILL)
+    killed.wait()
+    assert not (tmp_path / "killed" / "summary.json").exists(), "the run finished before it was killed"
+    resumed = _cli("train", "--resume", str(tmp_path / "killed"))
+    out, _ = resumed.communicate(timeout=600)
+    assert resumed.returncode == 0, out
+    assert "resuming" in out
+    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
+    metrics = [json.loads(x)["epoch"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
+    assert metrics == [0, 1, 2, 3]
+
+
+def _two_process_run(out):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    cfg, args = resolve_config(base=dict(TOY, train=dict(TOY["train"], epochs=2)))
+    train(cfg, args, out)
+
+
+def test_two_processes_match_one_process_with_same_global_batch(tmp_path):
+    from accelerate import debug_launcher
+
+    cfg, args = resolve_config(base=dict(TOY, train=dict(TOY["train"], epochs=2)))
+    train(cfg, args, tmp_path / "one")
+    debug_launcher(_two_process_run, args=(tmp_path / "two",), num_processes=2)
+    s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
+    assert s2["processes"] == 2 and s2["reward_queries"] == 16
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    changed = [k for k in a if "lora_B" in k and a[k].abs().max() > 0]
+    assert changed, "training moved the adapters"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def test_batch_not_divisible_by_processes(tmp_path):
+    from accelerate import debug_launcher
+
+    cfg_base = dict(TOY, train=dict(TOY["train"], batch_size=7))
+    errors = tmp_path / "err.txt"
+    debug_launcher(_expect_divisibility_error, args=(cfg_base, errors), num_processes=2)
+    assert "not divisible by the 2 processes" in errors.read_text()
+    assert not (tmp_path / "never").exists()
+
+
+def _expect_divisibility_error(cfg_base, errors):
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    cfg, args = resolve_config(base=cfg_base)
+    try:
+        train(cfg, args, errors.parent / "never")
+    except ValueError as e:
+        errors.write_text(str(e))
+
+
+@pytest.mark.slow
+def test_ddpo_raises_classifier_reward_on_digits(tmp_path):
+    """End to end on the embedded default: a short DDPO run raises the reward on fixed eval seeds."""
+    cfg, args = resolve_config(
+        "configs/ddpo_digits.yaml" if Path("configs/ddpo_digits.yaml").exists() else
+        Path(__file__).parents[1] / "configs" / "ddpo_digits.yaml",
+        ["train.epochs=4", "train.batch_size=32", "eval.per_prompt=6"],
+    )
+    s = train(cfg, args, tmp_path / "digits")
+    assert s["final_reward_mean"] > s["base_reward_mean"] + 0.02, s
