@@ -1,0 +1,257 @@
+"""The embedded `digits` model: a small class-conditional UNet2DModel on 8x8 digits.
+
+Classes 0..9 are the digits, class 10 is the null (unconditional) class used for
+classifier-free guidance; about 12% of training labels are dropped to it.
+Images live in [-1, 1] inside the diffusion; `decode` maps them back to [0, 1].
+
+The first `load()` pretrains the model on the digits train split (about two
+minutes on two CPU cores) and caches it with `cached_dir('digits', DEFAULT_CONFIG, ...)`;
+later calls load the cached folder. The folder layout is the usual diffusers one:
+
+    <folder>/unet/       UNet2DModel.save_pretrained (config.json + safetensors)
+    <folder>/scheduler/  DDIMScheduler.save_pretrained
+
+so `load_from_folder(path)` also loads a user's own fine-tuned copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from ..cache import cached_dir
+from ..data import digits as digits_data
+from .base import DiffusionModel
+
+NULL_CLASS = 10
+NUM_CLASSES = 11  # 0..9 + null
+
+DEFAULT_CONFIG: dict = {
+    "version": 1,
+    "sample_size": 8,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["DownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "UpBlock2D"],
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "attention_head_dim": 8,  # the mid block has one self-attention layer (4x4 tokens)
+    "beta_schedule": "squaredcos_cap_v2",
+    "num_train_timesteps": 1000,
+    "steps_offset": 1,  # inference timesteps 951, 901, ..., 1: the final DDIM step keeps a nonzero std
+    "label_dropout": 0.12,
+    "steps": 200,
+    "batch_size": 128,
+    "lr": 2e-3,
+    "warmup": 50,
+    "weight_decay": 0.0,
+    "ema_decay": 0.995,
+    "seed": 0,
+    "threads": 1,  # one intra-op thread: barely slower than two on an idle 2-core box, far more robust when the CPU is shared
+}
+
+GUIDANCE_SCALE = 2.0
+NUM_INFERENCE_STEPS = 20
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
+REQUIRED_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json")
+
+
+def make_scheduler(config: dict = DEFAULT_CONFIG):
+    from diffusers import DDIMScheduler
+
+    # The last DDIM step must keep a nonzero std so its log-prob exists: with
+    # set_alpha_to_one=False it goes to alphas_cumprod[0], and steps_offset=1 makes it
+    # start from t=1 (with the default offset 0 it would start at t=0 and have std 0).
+    # 'leading' spacing (first step t=951): 'trailing' would start at t=999, where
+    # the cosine schedule's alpha_bar ~ 2e-9 makes the x0 estimate blow up eps errors.
+    return DDIMScheduler(
+        num_train_timesteps=config["num_train_timesteps"],
+        beta_schedule=config["beta_schedule"],
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=config["steps_offset"],
+        timestep_spacing="leading",
+        prediction_type="epsilon",
+    )
+
+
+def make_unet(config: dict = DEFAULT_CONFIG):
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(
+        sample_size=config["sample_size"],
+        in_channels=1,
+        out_channels=1,
+        block_out_channels=tuple(config["block_out_channels"]),
+        down_block_types=tuple(config["down_block_types"]),
+        up_block_types=tuple(config["up_block_types"]),
+        layers_per_block=config["layers_per_block"],
+        norm_num_groups=config["norm_num_groups"],
+        attention_head_dim=config["attention_head_dim"],
+        add_attention=True,
+        num_class_embeds=NUM_CLASSES,
+    )
+
+
+def to_model_space(images: torch.Tensor, sample_size: int) -> torch.Tensor:
+    """[0,1] images (N,1,8,8) -> [-1,1] tensors at the model's resolution."""
+    x = images * 2 - 1
+    if sample_size != x.shape[-1]:
+        x = F.interpolate(x, size=(sample_size, sample_size), mode="bilinear", align_corners=False)
+    return x
+
+
+def pretrain(out_dir, config: dict = DEFAULT_CONFIG, progress: bool = True) -> dict:
+    """Train the UNet from scratch on the digits train split and save it to `out_dir`.
+
+    Deterministic for a given config (seeded init, batches, noise). Saves the EMA
+    weights to `out_dir/unet` and the scheduler to `out_dir/scheduler`; returns stats.
+    """
+    from tqdm.auto import tqdm
+
+    out_dir = Path(out_dir)
+    old_threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, min(config["threads"], old_threads)))
+    start = time.time()
+    try:
+        torch.manual_seed(config["seed"])
+        gen = torch.Generator().manual_seed(config["seed"])
+        unet = make_unet(config)
+        unet.train()
+        scheduler = make_scheduler(config)
+        ema = copy.deepcopy(unet).eval().requires_grad_(False)
+        ema_params = list(ema.parameters())
+        params = list(unet.parameters())
+
+        images, labels = digits_data.load("train")
+        x0_all = to_model_space(images, config["sample_size"])
+        n = x0_all.shape[0]
+        alphas_cumprod = scheduler.alphas_cumprod.float()
+
+        opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
+        steps, warmup = config["steps"], config["warmup"]
+
+        def lr_factor(step):
+            if step < warmup:
+                return (step + 1) / warmup
+            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
+        bs = config["batch_size"]
+        bar = tqdm(range(steps), desc="pretraining digits UNet (first use only)", disable=not progress)
+        running = None
+        for step in bar:
+            idx = torch.randint(0, n, (bs,), generator=gen)
+            x0, y = x0_all[idx], labels[idx].clone()
+            y[torch.rand(bs, generator=gen) < config["label_dropout"]] = NULL_CLASS
+            t = torch.randint(0, config["num_train_timesteps"], (bs,), generator=gen)
+            noise = torch.randn(x0.shape, generator=gen)
+            a = alphas_cumprod[t].view(-1, 1, 1, 1)
+            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+            pred = unet(xt, t, class_labels=y).sample
+            loss = F.mse_loss(pred, noise)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            sched.step()
+            decay = min(config["ema_decay"], (1 + step) / (10 + step))
+            with torch.no_grad():
+                torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            if step % 20 == 0 or step == steps - 1:
+                bar.set_postfix(loss=f"{running:.4f}")
+        # buffers (none with GroupNorm, but keep them in sync anyway)
+        for b_ema, b in zip(ema.buffers(), unet.buffers()):
+            b_ema.copy_(b)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        ema.save_pretrained(out_dir / "unet", safe_serialization=True)
+        scheduler.save_pretrained(out_dir / "scheduler")
+        return {"final_loss": running, "seconds": time.time() - start}
+    finally:
+        torch.set_num_threads(old_threads)
+
+
+def _build_model(folder: Path, unet, scheduler) -> DiffusionModel:
+    unet.eval().requires_grad_(False)
+    size = unet.config.sample_size
+
+    def device() -> torch.device:
+        return next(unet.parameters()).device
+
+    def encode_prompts(prompts: Sequence[str]) -> torch.Tensor:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        labels = [digits_data.parse_digit(p) for p in prompts]
+        return torch.tensor(labels, dtype=torch.long, device=device())
+
+    def null_condition(n: int) -> torch.Tensor:
+        return torch.full((n,), NULL_CLASS, dtype=torch.long, device=device())
+
+    def forward(denoiser, x, t, cond):
+        return denoiser(x, t, class_labels=cond).sample
+
+    def decode(x0: torch.Tensor) -> torch.Tensor:
+        img = (x0.clamp(-1, 1) + 1) / 2
+        if img.shape[-1] != 8:
+            img = F.adaptive_avg_pool2d(img, (8, 8))
+        return img
+
+    return DiffusionModel(
+        name="digits",
+        denoiser=unet,
+        scheduler=scheduler,
+        sample_shape=(1, size, size),
+        encode_prompts=encode_prompts,
+        forward=forward,
+        decode=decode,
+        null_condition=null_condition,
+        prompts=[str(d) for d in range(10)],
+        lora_targets=list(LORA_TARGETS),
+        guidance_scale=GUIDANCE_SCALE,
+        num_inference_steps=NUM_INFERENCE_STEPS,
+        path=str(folder),
+        info={"null_class": NULL_CLASS, "decode_size": (8, 8)},
+    )
+
+
+def _load(folder: Path, fix: str) -> DiffusionModel:
+    from diffusers import DDIMScheduler, UNet2DModel
+
+    if not folder.is_dir():
+        raise FileNotFoundError(f"digits model folder {str(folder)!r} does not exist; {fix}")
+    for rel in REQUIRED_FILES:
+        if not (folder / rel).is_file():
+            raise FileNotFoundError(f"digits model folder {str(folder)!r} is missing {rel!r}; {fix}")
+    try:
+        unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
+        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
+    except Exception as e:  # corrupt weights / config
+        raise RuntimeError(f"could not load the digits model from {str(folder)!r} ({type(e).__name__}: {e}); {fix}") from e
+    if unet.config.num_class_embeds != NUM_CLASSES or unet.config.in_channels != 1:
+        raise RuntimeError(
+            f"{str(folder)!r} is not a digits model (need in_channels=1, num_class_embeds={NUM_CLASSES}); {fix}"
+        )
+    return _build_model(folder, unet, scheduler)
+
+
+def load_from_folder(path) -> DiffusionModel:
+    """Load a digits model saved as `<path>/unet` + `<path>/scheduler` (e.g. your own fine-tune)."""
+    folder = Path(path).expanduser()
+    fix = (
+        "pass a folder holding 'unet/' (UNet2DModel.save_pretrained) and 'scheduler/' "
+        "(DDIMScheduler.save_pretrained), or use load() for the embedded pretrained model"
+    )
+    return _load(folder, fix)
+
+
+def load(progress: bool = True) -> DiffusionModel:
+    """The embedded digits model, pretrained (about 2 minutes on CPU) and cached on first use."""
+    folder = cached_dir("digits", DEFAULT_CONFIG, lambda p: pretrain(p, DEFAULT_CONFIG, progress=progress))
+    fix = f"the cache entry looks corrupt: delete the folder {str(folder)!r} and call load() again to re-pretrain"
+    return _load(folder, fix)
