@@ -95,48 +95,46 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     assert metrics == [0, 1, 2, 3]
 
 
-def _two_process_run(out):
-    from accelerate.state import AcceleratorState
+def _toy_yaml(tmp_path, **train):
+    import yaml
 
-    AcceleratorState._reset_state(True)
-    cfg, args = resolve_config(base=dict(TOY, train=dict(TOY["train"], epochs=2)))
-    train(cfg, args, out)
+    p = tmp_path / "toy.yaml"
+    # minibatches=1: each process splits only its own samples into minibatches, so only
+    # whole-batch steps are the same computation for any number of processes
+    p.write_text(yaml.safe_dump(dict(TOY, train=dict(TOY["train"], **train), args=dict(TOY["args"], minibatches=1))))
+    return p
+
+
+def _torchrun(*args, port):
+    torchrun = Path(sys.executable).with_name("torchrun")
+    return subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                           str(port), "-m", "diffalign.cli", *args], capture_output=True, text=True, timeout=600)
 
 
 def test_two_processes_match_one_process_with_same_global_batch(tmp_path):
-    from accelerate import debug_launcher
-
-    cfg, args = resolve_config(base=dict(TOY, train=dict(TOY["train"], epochs=2)))
+    """torchrun with 2 CPU processes (gloo): gradients synchronise, so the weights equal a
+    single-process run with the same global batch."""
+    cfg_path = _toy_yaml(tmp_path, epochs=2)
+    cfg, args = resolve_config(cfg_path)
     train(cfg, args, tmp_path / "one")
-    debug_launcher(_two_process_run, args=(tmp_path / "two",), num_processes=2)
+    r = _torchrun("train", str(cfg_path), "--out", str(tmp_path / "two"), port=29531)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     s2 = json.loads((tmp_path / "two" / "summary.json").read_text())
     assert s2["processes"] == 2 and s2["reward_queries"] == 16
     a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
     changed = [k for k in a if "lora_B" in k and a[k].abs().max() > 0]
     assert changed, "training moved the adapters"
     for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+        # float summation order differs across processes; Adam can amplify that near zero gradients
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def test_batch_not_divisible_by_processes(tmp_path):
-    from accelerate import debug_launcher
-
-    cfg_base = dict(TOY, train=dict(TOY["train"], batch_size=7))
-    errors = tmp_path / "err.txt"
-    debug_launcher(_expect_divisibility_error, args=(cfg_base, errors), num_processes=2)
-    assert "not divisible by the 2 processes" in errors.read_text()
+    cfg_path = _toy_yaml(tmp_path, batch_size=7)
+    r = _torchrun("train", str(cfg_path), "--out", str(tmp_path / "never"), port=29532)
+    assert r.returncode != 0
+    assert "'train.batch_size' = 7 is not divisible by the 2 processes" in r.stderr
     assert not (tmp_path / "never").exists()
-
-
-def _expect_divisibility_error(cfg_base, errors):
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    cfg, args = resolve_config(base=cfg_base)
-    try:
-        train(cfg, args, errors.parent / "never")
-    except ValueError as e:
-        errors.write_text(str(e))
 
 
 @pytest.mark.slow
@@ -145,7 +143,7 @@ def test_ddpo_raises_classifier_reward_on_digits(tmp_path):
     cfg, args = resolve_config(
         "configs/ddpo_digits.yaml" if Path("configs/ddpo_digits.yaml").exists() else
         Path(__file__).parents[1] / "configs" / "ddpo_digits.yaml",
-        ["train.epochs=4", "train.batch_size=32", "eval.per_prompt=6"],
+        ["train.epochs=4", "eval.per_prompt=6"],
     )
     s = train(cfg, args, tmp_path / "digits")
     assert s["final_reward_mean"] > s["base_reward_mean"] + 0.02, s

@@ -46,13 +46,21 @@ def resolve_config(path=None, overrides=None, base: dict | None = None) -> tuple
     return cfg, args
 
 
+def _use_cpu(device: str | None) -> bool:
+    """CPU when asked, or when no accelerator exists (accelerate then runs several CPU processes with gloo)."""
+    if device is not None:
+        return device == "cpu"
+    has_xpu = hasattr(torch, "xpu") and torch.xpu.is_available()
+    return not (torch.cuda.is_available() or has_xpu or torch.backends.mps.is_available())
+
+
 class Trainer:
     """Holds what the methods share: model, policy, reward, accelerator, counters."""
 
     def __init__(self, cfg: RunConfig, args, out_dir: str | Path, accelerator: Accelerator | None = None):
         self.cfg, self.args, self.out = cfg, args, Path(out_dir)
         self.method_cls = get_method(cfg.method)
-        self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=cfg.device == "cpu")
+        self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_use_cpu(cfg.device))
         P = self.acc.num_processes
         if cfg.train.batch_size % P:
             raise ConfigError(
@@ -79,6 +87,7 @@ class Trainer:
             self.model.encode_prompts([p])  # a bad prompt fails now, with the model's message
         self.lora_config = None
         den = self.model.denoiser
+        torch.manual_seed(seed_for(cfg.seed, "init"))  # adapter init is part of the run's seed
         if cfg.lora.enabled:
             targets = cfg.lora.targets or self.model.lora_targets
             self.lora_config = adapters.add_lora(den, targets, cfg.lora.rank, cfg.lora.alpha)
@@ -228,13 +237,14 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
     ckpt = checkpoint.latest(out / "checkpoints") if resume else None
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
-        acc.print(f"resuming {out} from {ckpt.name} (epoch {trainer.epoch} of {cfg.train.epochs})")
+        _say(acc, f"resuming {out} from {ckpt.name} (epoch {trainer.epoch} of {cfg.train.epochs})")
     metrics_path = out / "metrics.jsonl"
     if acc.is_main_process:
         _truncate_metrics(metrics_path, trainer.epoch)
 
     P = acc.num_processes
-    acc.print(
+    _say(
+        acc,
         f"method {cfg.method} | model {cfg.model} | reward {trainer.reward.name} | processes {P}\n"
         f"batch size {cfg.train.batch_size} ({trainer.local_batch} per process) x {cfg.train.batches_per_epoch} "
         f"batches = {cfg.train.batch_size * cfg.train.batches_per_epoch} samples per epoch, "
@@ -309,6 +319,11 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
         write_report_images(out)
     acc.wait_for_everyone()
     return summary
+
+
+def _say(acc, msg: str) -> None:
+    if acc.is_main_process:
+        print(msg, flush=True)
 
 
 def _truncate_metrics(path: Path, epoch: int) -> None:
