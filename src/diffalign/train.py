@@ -198,9 +198,11 @@ class Trainer:
         den = adapters.unwrap(self.policy.denoiser)
         if self.lora_config is not None:
             adapters.save_lora(den, folder, self.lora_config)
-        else:
+        elif hasattr(den, "save_pretrained"):  # full fine-tune: a diffusers `unet/` folder
             with checkpoint.atomic_dir(folder) as tmp:
-                den.save_pretrained(tmp / "unet") if hasattr(den, "save_pretrained") else None
+                den.save_pretrained(tmp / "unet")
+        else:
+            raise TypeError(f"cannot save a {type(den).__name__}: it has no save_pretrained")
 
 
 def start_run(cfg: RunConfig, out: Path, resume: bool) -> None:
@@ -226,7 +228,7 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
     `max_epochs` stops early after that many epochs in this call (for tests and
     time-boxed runs); the run can be resumed later.
     """
-    from .evaluate import evaluate, write_report_images
+    from .evaluate import evaluate, win_rate, write_report_images
 
     out = Path(out_dir)
     trainer = Trainer(cfg, args, out, accelerator)  # validates everything before writing
@@ -308,6 +310,8 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
             "final_reward_mean": final["reward_mean"],
             "base_eval_reward_mean": base.get("eval_reward_mean"),
             "final_eval_reward_mean": final.get("eval_reward_mean"),
+            "win_rate_vs_base": win_rate(base, final),
+            "eval_win_rate_vs_base": win_rate(base, final, "eval_sample_rewards"),
             "base": base,
             "final": final,
             "reward_queries": trainer.reward_queries,
