@@ -1,6 +1,6 @@
 import pytest
 
-from diffalign.config import ConfigError, RunConfig, dump_config, from_dict, load_config
+from diffalign.config import ConfigError, dump_config, load_config
 from diffalign.train import resolve_config
 
 

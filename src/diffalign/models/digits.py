@@ -16,9 +16,6 @@ so `load_from_folder(path)` also loads a user's own fine-tuned copy.
 
 from __future__ import annotations
 
-import copy
-import math
-import time
 from pathlib import Path
 from typing import Sequence
 
@@ -28,6 +25,7 @@ import torch.nn.functional as F
 from ..cache import cached_dir
 from ..data import digits as digits_data
 from .base import DiffusionModel
+from .pretraining import denoising_pretrain, load_folder
 
 NULL_CLASS = 10
 NUM_CLASSES = 11  # 0..9 + null
@@ -112,67 +110,30 @@ def pretrain(out_dir, config: dict = DEFAULT_CONFIG, progress: bool = True) -> d
     Deterministic for a given config (seeded init, batches, noise). Saves the EMA
     weights to `out_dir/unet` and the scheduler to `out_dir/scheduler`; returns stats.
     """
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(config["threads"], old_threads)))
-    start = time.time()
     try:
         torch.manual_seed(config["seed"])
         gen = torch.Generator().manual_seed(config["seed"])
         unet = make_unet(config)
-        unet.train()
         scheduler = make_scheduler(config)
-        ema = copy.deepcopy(unet).eval().requires_grad_(False)
-        ema_params = list(ema.parameters())
-        params = list(unet.parameters())
-
         images, labels = digits_data.load("train")
         x0_all = to_model_space(images, config["sample_size"])
-        n = x0_all.shape[0]
-        alphas_cumprod = scheduler.alphas_cumprod.float()
-
-        opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config["weight_decay"])
-        steps, warmup = config["steps"], config["warmup"]
-
-        def lr_factor(step):
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
         bs = config["batch_size"]
-        bar = tqdm(range(steps), desc="pretraining digits UNet (first use only)", disable=not progress)
-        running = None
-        for step in bar:
-            idx = torch.randint(0, n, (bs,), generator=gen)
-            x0, y = x0_all[idx], labels[idx].clone()
-            y[torch.rand(bs, generator=gen) < config["label_dropout"]] = NULL_CLASS
-            t = torch.randint(0, config["num_train_timesteps"], (bs,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            a = alphas_cumprod[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            pred = unet(xt, t, class_labels=y).sample
-            loss = F.mse_loss(pred, noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            decay = min(config["ema_decay"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if step % 20 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{running:.4f}")
-        # buffers (none with GroupNorm, but keep them in sync anyway)
-        for b_ema, b in zip(ema.buffers(), unet.buffers()):
-            b_ema.copy_(b)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ema.save_pretrained(out_dir / "unet", safe_serialization=True)
+
+        def batch(g):
+            idx = torch.randint(0, x0_all.shape[0], (bs,), generator=g)
+            y = labels[idx].clone()
+            y[torch.rand(bs, generator=g) < config["label_dropout"]] = NULL_CLASS  # for CFG
+            return x0_all[idx], y
+
+        stats = denoising_pretrain(
+            unet, scheduler, config, batch, lambda net, x, t, y: net(x, t, class_labels=y).sample, gen,
+            out_dir / "unet", "pretraining digits UNet (first use only)", progress,
+        )
         scheduler.save_pretrained(out_dir / "scheduler")
-        return {"final_loss": running, "seconds": time.time() - start}
+        return stats
     finally:
         torch.set_num_threads(old_threads)
 
@@ -223,16 +184,12 @@ def _build_model(folder: Path, unet, scheduler) -> DiffusionModel:
 def _load(folder: Path, fix: str) -> DiffusionModel:
     from diffusers import DDIMScheduler, UNet2DModel
 
-    if not folder.is_dir():
-        raise FileNotFoundError(f"digits model folder {str(folder)!r} does not exist; {fix}")
-    for rel in REQUIRED_FILES:
-        if not (folder / rel).is_file():
-            raise FileNotFoundError(f"digits model folder {str(folder)!r} is missing {rel!r}; {fix}")
-    try:
-        unet = UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True)
-        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-    except Exception as e:  # corrupt weights / config
-        raise RuntimeError(f"could not load the digits model from {str(folder)!r} ({type(e).__name__}: {e}); {fix}") from e
+    def read(folder):
+        return UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True), DDIMScheduler.from_pretrained(
+            folder / "scheduler"
+        )
+
+    unet, scheduler = load_folder("digits", folder, REQUIRED_FILES, fix, read)
     if unet.config.num_class_embeds != NUM_CLASSES or unet.config.in_channels != 1:
         raise RuntimeError(
             f"{str(folder)!r} is not a digits model (need in_channels=1, num_class_embeds={NUM_CLASSES}); {fix}"

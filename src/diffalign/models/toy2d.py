@@ -14,9 +14,7 @@ save_pretrained, safetensors) and `scheduler/` (DDIMScheduler).
 
 from __future__ import annotations
 
-import copy
 import math
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +25,7 @@ from torch import nn
 
 from ..cache import cached_dir
 from .base import DiffusionModel
+from .pretraining import denoising_pretrain, load_folder
 
 # Six components on a hexagon of radius 1.5, with different shapes and weights.
 MEANS = torch.tensor(
@@ -162,55 +161,20 @@ def make_scheduler(config: dict = DEFAULT_CONFIG):
 
 def pretrain(out_dir, config: dict = DEFAULT_CONFIG, progress: bool = True) -> dict:
     """Train the MLP on fresh mixture samples; save EMA weights to `out_dir/mlp` and the scheduler."""
-    from tqdm.auto import tqdm
-
     out_dir = Path(out_dir)
     old_threads = torch.get_num_threads()
     torch.set_num_threads(max(1, min(config["threads"], old_threads)))
-    start = time.time()
     try:
         torch.manual_seed(config["seed"])
         gen = torch.Generator().manual_seed(config["seed"])
         net = ToyMLP(hidden=config["hidden"], n_blocks=config["n_blocks"], time_dim=config["time_dim"])
-        net.train()
-        ema = copy.deepcopy(net).eval().requires_grad_(False)
-        params, ema_params = list(net.parameters()), list(ema.parameters())
         scheduler = make_scheduler(config)
-        alphas_cumprod = scheduler.alphas_cumprod.float()
-        opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=0.0)
-        steps, warmup = config["steps"], config["warmup"]
-
-        def lr_factor(step):
-            if step < warmup:
-                return (step + 1) / warmup
-            return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_factor)
-        bs = config["batch_size"]
-        bar = tqdm(range(steps), desc="pretraining toy2d MLP (first use only)", disable=not progress)
-        running = None
-        for step in bar:
-            x0 = sample_data(bs, gen)
-            t = torch.randint(0, config["num_train_timesteps"], (bs,), generator=gen)
-            noise = torch.randn(x0.shape, generator=gen)
-            a = alphas_cumprod[t].unsqueeze(-1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
-            loss = F.mse_loss(net(xt, t), noise)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
-            opt.step()
-            sched.step()
-            decay = min(config["ema_decay"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            if step % 50 == 0 or step == steps - 1:
-                bar.set_postfix(loss=f"{running:.4f}")
-        out_dir.mkdir(parents=True, exist_ok=True)
-        ema.save_pretrained(out_dir / "mlp", safe_serialization=True)
+        stats = denoising_pretrain(
+            net, scheduler, config, lambda g: (sample_data(config["batch_size"], g), None),
+            lambda net, x, t, cond: net(x, t), gen, out_dir / "mlp", "pretraining toy2d MLP (first use only)", progress,
+        )
         scheduler.save_pretrained(out_dir / "scheduler")
-        return {"final_loss": running, "seconds": time.time() - start}
+        return stats
     finally:
         torch.set_num_threads(old_threads)
 
@@ -238,16 +202,12 @@ def _build_model(folder: Path, net: ToyMLP, scheduler) -> DiffusionModel:
 def _load(folder: Path, fix: str) -> DiffusionModel:
     from diffusers import DDIMScheduler
 
-    if not folder.is_dir():
-        raise FileNotFoundError(f"toy2d model folder {str(folder)!r} does not exist; {fix}")
-    for rel in REQUIRED_FILES:
-        if not (folder / rel).is_file():
-            raise FileNotFoundError(f"toy2d model folder {str(folder)!r} is missing {rel!r}; {fix}")
-    try:
-        net = ToyMLP.from_pretrained(folder / "mlp", use_safetensors=True)
-        scheduler = DDIMScheduler.from_pretrained(folder / "scheduler")
-    except Exception as e:  # corrupt weights / config
-        raise RuntimeError(f"could not load the toy2d model from {str(folder)!r} ({type(e).__name__}: {e}); {fix}") from e
+    def read(folder):
+        return ToyMLP.from_pretrained(folder / "mlp", use_safetensors=True), DDIMScheduler.from_pretrained(
+            folder / "scheduler"
+        )
+
+    net, scheduler = load_folder("toy2d", folder, REQUIRED_FILES, fix, read)
     return _build_model(folder, net, scheduler)
 
 

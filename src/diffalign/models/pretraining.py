@@ -1,0 +1,90 @@
+"""Shared by the embedded models: the denoising pretraining loop and folder checks.
+
+`denoising_pretrain` is the epsilon-prediction objective with AdamW, linear warm-up
+then cosine decay, gradient clipping and an EMA copy (the EMA weights are saved).
+It is deterministic for a given config: the caller seeds model init, and every
+batch, timestep and noise draw comes from one generator.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+
+def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
+
+    return factor
+
+
+def denoising_pretrain(
+    net: torch.nn.Module,
+    scheduler,
+    config: dict,
+    batch: Callable[[torch.Generator], tuple[torch.Tensor, object]],
+    forward: Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, object], torch.Tensor],
+    gen: torch.Generator,
+    out: Path,
+    desc: str,
+    progress: bool = True,
+) -> dict:
+    """Train `net` to predict noise; `batch(gen)` returns (x0, cond). Saves EMA weights to `out`."""
+    from tqdm.auto import tqdm
+
+    start = time.time()
+    net.train()
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    params, ema_params = list(net.parameters()), list(ema.parameters())
+    alphas_cumprod = scheduler.alphas_cumprod.float()
+    opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config.get("weight_decay", 0.0))
+    steps = config["steps"]
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(config["warmup"], steps))
+    running = None
+    bar = tqdm(range(steps), desc=desc, disable=not progress)
+    for step in bar:
+        x0, cond = batch(gen)
+        bs = x0.shape[0]
+        t = torch.randint(0, config["num_train_timesteps"], (bs,), generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        a = alphas_cumprod[t].view(-1, *([1] * (x0.ndim - 1)))
+        xt = a.sqrt() * x0 + (1 - a).sqrt() * noise
+        loss = F.mse_loss(forward(net, xt, t, cond), noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        sched.step()
+        decay = min(config["ema_decay"], (1 + step) / (10 + step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        if step % 20 == 0 or step == steps - 1:
+            bar.set_postfix(loss=f"{running:.4f}")
+    for b_ema, b in zip(ema.buffers(), net.buffers()):
+        b_ema.copy_(b)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    ema.save_pretrained(out, safe_serialization=True)
+    return {"final_loss": running, "seconds": time.time() - start}
+
+
+def load_folder(name: str, folder: Path, required: tuple[str, ...], fix: str, load: Callable[[Path], object]):
+    """Check a model folder's files, then `load(folder)`; every failure names the folder and the fix."""
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{name} model folder {str(folder)!r} does not exist; {fix}")
+    for rel in required:
+        if not (folder / rel).is_file():
+            raise FileNotFoundError(f"{name} model folder {str(folder)!r} is missing {rel!r}; {fix}")
+    try:
+        return load(folder)
+    except Exception as e:  # corrupt weights / config
+        raise RuntimeError(f"could not load the {name} model from {str(folder)!r} ({type(e).__name__}: {e}); {fix}") from e
