@@ -47,10 +47,12 @@ def evaluate(model, trainer, grid_path: Path | None = None, label: str = "") -> 
     with torch.no_grad():
         r, info = trainer.reward(images, prompts)
         result = {"n": len(prompts), "reward_mean": float(r.mean()), "reward_std": float(r.std())}
+        result["sample_rewards"] = [round(float(v), 6) for v in r.flatten()]  # per fixed seed, for win rates
         result.update({f"reward_{k}": float(v) for k, v in info.items() if _is_number(v)})
         if trainer.eval_reward is not None:
             e, einfo = trainer.eval_reward(images, prompts)
             result.update({"eval_reward_mean": float(e.mean()), "eval_reward_std": float(e.std())})
+            result["eval_sample_rewards"] = [round(float(v), 6) for v in e.flatten()]
             result.update({f"eval_reward_{k}": float(v) for k, v in einfo.items() if _is_number(v)})
         per_prompt = {}
         for p in dict.fromkeys(prompts):
@@ -60,6 +62,15 @@ def evaluate(model, trainer, grid_path: Path | None = None, label: str = "") -> 
     if grid_path is not None:
         save_grid(images, prompts, grid_path, title=f"{label} {trainer.reward.name} = {result['reward_mean']:.3f}")
     return result
+
+
+def win_rate(base: dict, final: dict, key: str = "sample_rewards") -> float | None:
+    """Fraction of the fixed evaluation seeds/prompts where `final`'s sample beats `base`'s
+    (same noise, same prompt); ties count half. None when either lacks per-sample rewards."""
+    a, b = final.get(key), base.get(key)
+    if not a or not b or len(a) != len(b):
+        return None
+    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
 
 
 def _is_number(v) -> bool:
@@ -113,13 +124,27 @@ def write_report_images(run_dir: Path) -> Path | None:
     if not rows:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.2))
-    ax.plot([r["reward_queries"] for r in rows], [r["reward_mean"] for r in rows], marker=".", label="training batch")
-    ev = [(r["reward_queries"], r["eval_eval_reward_mean"]) for r in rows if "eval_eval_reward_mean" in r]
-    if ev:
-        ax.plot(*zip(*ev), marker="o", label="held-out (eval set)")
+    tr = [(r["reward_queries"], r["reward_mean"]) for r in rows if "reward_mean" in r]  # offline methods: none
+    if tr:
+        ax.plot(*zip(*tr), marker=".", label="training batch")
+    # the fixed evaluation set: base (0 queries), any evaluations during training, final
+    run = Path(run_dir)
+    points = []
+    if (run / "eval_base.json").exists():
+        points.append((0, json.loads((run / "eval_base.json").read_text())))
+    points += [(r["reward_queries"], {k[5:]: v for k, v in r.items() if k.startswith("eval_")}) for r in rows
+               if "eval_reward_mean" in r]
+    if (run / "summary.json").exists():
+        s = json.loads((run / "summary.json").read_text())
+        points.append((s["reward_queries"], s["final"]))
+    for key, label in (("reward_mean", "eval set: training reward"), ("eval_reward_mean", "eval set: held-out reward")):
+        pts = [(q, e[key]) for q, e in points if key in e]
+        if pts:
+            ax.plot(*zip(*pts), marker="o", linestyle="--", label=label)
     ax.set_xlabel("reward queries")
     ax.set_ylabel("reward")
-    ax.legend()
+    if tr or ev:
+        ax.legend()
     ax.grid(alpha=0.3)
     out = Path(run_dir) / "reward_curve.png"
     fig.savefig(out, dpi=120, bbox_inches="tight")

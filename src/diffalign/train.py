@@ -320,7 +320,7 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
             "finished": True,
         }
         checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
-        write_report_images(out)
+        write_report_images(out)  # after summary.json: the curve shows the final evaluation
     acc.wait_for_everyone()
     return summary
 
