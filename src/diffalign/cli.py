@@ -6,6 +6,8 @@
     diffalign methods | rewards | models
     diffalign bench sampler [--batch N] [--steps S]
     diffalign demo [--out DIR]
+    diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
+    diffalign data labels --pairs DIR/pairs.jsonl --out DIR
 """
 
 from __future__ import annotations
@@ -116,6 +118,27 @@ def _demo(a) -> int:
     return 0
 
 
+def _data(a) -> int:
+    from .data import feedback
+
+    if a.what == "pairs":
+        from .models import load_model
+        from .rewards import build_reward
+
+        reward = build_reward(a.reward)
+        model = load_model(a.model)
+        prompts = a.prompts.split(",") if a.prompts else model.prompts
+        stats = feedback.make_pairs(model, reward, prompts, a.n, a.out, seed=a.seed, bt_noise=a.bt_noise)
+        print(json.dumps(stats, indent=1))
+    else:
+        if not a.pairs:
+            raise SystemExit("usage: diffalign data labels --pairs DIR/pairs.jsonl --out DIR")
+        _, counts = feedback.labels_from_pairs(a.pairs, a.out)
+        print(f"{Path(a.out) / 'labels.jsonl'}: {counts['desirable']} desirable, {counts['undesirable']} undesirable"
+              f" ({counts['ties_dropped']} tied pairs dropped)")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="diffalign", description="Align diffusion models with rewards and preferences.")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -141,6 +164,17 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--config", default=str(Path("configs") / "ddpo_digits.yaml"))
     d.set_defaults(fn=_demo)
+    dt = sub.add_parser("data", help="build offline feedback sets (pairs, labels) for diffusion-dpo / diffusion-kto")
+    dt.add_argument("what", choices=["pairs", "labels"])
+    dt.add_argument("--out", required=True, help="output folder (pairs.jsonl / labels.jsonl + images)")
+    dt.add_argument("--model", default="digits")
+    dt.add_argument("--reward", default="classifier")
+    dt.add_argument("--n", type=int, default=512, help="number of pairs")
+    dt.add_argument("--bt-noise", type=float, default=None, help="Bradley-Terry temperature (default: argmax)")
+    dt.add_argument("--seed", type=int, default=0)
+    dt.add_argument("--prompts", default=None, help="comma-separated prompts (default: the model's)")
+    dt.add_argument("--pairs", help="pairs JSONL (for `data labels`)")
+    dt.set_defaults(fn=_data)
     return p
 
 

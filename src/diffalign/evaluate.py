@@ -143,7 +143,7 @@ def write_report_images(run_dir: Path) -> Path | None:
             ax.plot(*zip(*pts), marker="o", linestyle="--", label=label)
     ax.set_xlabel("reward queries")
     ax.set_ylabel("reward")
-    if tr or ev:
+    if ax.get_legend_handles_labels()[0]:
         ax.legend()
     ax.grid(alpha=0.3)
     out = Path(run_dir) / "reward_curve.png"

@@ -1,0 +1,321 @@
+"""Offline feedback sets for Diffusion-DPO (pairs) and Diffusion-KTO (binary labels).
+
+Files (image paths are relative to the JSONL file's folder; images are 8-bit PNG):
+
+    pairs.jsonl   {"prompt": str, "winner": "img/..png", "loser": "img/..png", "tie": bool?}
+    labels.jsonl  {"prompt": str, "image": "img/..png", "desirable": true|false}
+
+Loading validates every row first and raises one `FeedbackError` naming each bad
+row by line number (bad JSON, missing key, missing file, bad label, unreadable
+image), so a broken set fails before training, never mid-epoch. Ties are dropped
+and counted.
+
+Images are stored as the *decoded* image (what rewards see, [0, 1]) and mapped
+back into the model's sample space by `encode_images(model, imgs)`. For pixel
+models (digits, tiny test models) that is x = 2·img − 1. This is the hook for
+latent models: a model may provide `model.info["encode_images"]` (a callable
+imgs -> latents, e.g. a VAE encoder); the loaders call it once at load time, so
+the latents are cached in memory for the whole run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from ..seeding import generators, seed_for
+
+
+class FeedbackError(ValueError):
+    """A feedback set with bad rows; the message lists every bad row by line number."""
+
+
+# ---- images --------------------------------------------------------------------
+def save_png(img: torch.Tensor, path: Path) -> None:
+    """Save one decoded image (C, H, W) in [0, 1] as an 8-bit PNG (grayscale for C == 1)."""
+    from PIL import Image
+
+    a = (img.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
+    a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(a).save(path)
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """An 8-bit PNG as float (C, H, W) in [0, 1]."""
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.load()
+        a = np.asarray(im, dtype=np.float32) / 255.0
+    t = torch.from_numpy(a.copy())
+    return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
+
+
+def encode_images(model, imgs: torch.Tensor) -> torch.Tensor:
+    """Decoded images [0, 1] -> the model's sample space.
+
+    Uses `model.info["encode_images"]` when the model provides one (latent models:
+    VAE-encode once and cache); otherwise pixel space x = 2·img − 1, resized to
+    `model.sample_shape` if needed.
+    """
+    fn = (getattr(model, "info", None) or {}).get("encode_images")
+    if fn is not None:
+        return fn(imgs)
+    x = imgs * 2 - 1
+    shape = tuple(model.sample_shape)
+    if tuple(x.shape[1:]) != shape:
+        if x.shape[1] != shape[0]:
+            raise FeedbackError(f"images have {x.shape[1]} channels but model '{model.name}' samples {shape}")
+        x = torch.nn.functional.interpolate(x, size=shape[1:], mode="bilinear", align_corners=False)
+    return x
+
+
+# ---- loading ---------------------------------------------------------------------
+@dataclass
+class PairSet:
+    prompts: list[str]
+    winners: torch.Tensor  # (N, C, H, W) decoded images in [0, 1]
+    losers: torch.Tensor
+    ties_dropped: int = 0
+    path: Path | None = None
+    winner_paths: list[str] = field(default_factory=list)
+    loser_paths: list[str] = field(default_factory=list)
+
+    def __len__(self):
+        return len(self.prompts)
+
+
+@dataclass
+class LabelSet:
+    prompts: list[str]
+    images: torch.Tensor  # (N, C, H, W) in [0, 1]
+    desirable: torch.Tensor  # (N,) bool
+    path: Path | None = None
+
+    def __len__(self):
+        return len(self.prompts)
+
+    @property
+    def counts(self) -> dict:
+        d = int(self.desirable.sum())
+        return {"desirable": d, "undesirable": len(self) - d}
+
+
+def _read_rows(path: Path):
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feedback file {str(path)!r} does not exist")
+    rows, errors = [], []
+    for i, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as e:
+            errors.append(f"line {i}: invalid JSON ({e})")
+            continue
+        rows.append((i, row))
+    return path, rows, errors
+
+
+def _image(base: Path, rel, key: str, lineno: int, errors: list, shapes: set):
+    if not isinstance(rel, str) or not rel:
+        errors.append(f"line {lineno}: '{key}' must be an image path")
+        return None
+    p = base / rel
+    if not p.is_file():
+        errors.append(f"line {lineno}: '{key}' file {rel!r} not found")
+        return None
+    try:
+        img = load_png(p)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is a bad row
+        errors.append(f"line {lineno}: '{key}' file {rel!r} is not a readable image ({type(e).__name__})")
+        return None
+    shapes.add(tuple(img.shape))
+    return img
+
+
+def _raise(path: Path, errors: list[str], n_rows: int) -> None:
+    if errors:
+        shown = errors[:50] + ([f"... and {len(errors) - 50} more"] if len(errors) > 50 else [])
+        raise FeedbackError(f"{path}: {len(errors)} bad row(s):\n  " + "\n  ".join(shown))
+    if n_rows == 0:
+        raise FeedbackError(f"{path}: no usable rows")
+
+
+def load_pairs(path) -> PairSet:
+    """Load and validate a pairs JSONL; ties are dropped (counted in `ties_dropped`)."""
+    path, rows, errors = _read_rows(path)
+    base, shapes = path.parent, set()
+    prompts, W, L, wp, lp, ties = [], [], [], [], [], 0
+    for i, row in rows:
+        missing = [k for k in ("prompt", "winner", "loser") if k not in row]
+        if missing:
+            errors.append(f"line {i}: missing key(s) {', '.join(missing)}")
+            continue
+        if not isinstance(row["prompt"], str):
+            errors.append(f"line {i}: 'prompt' must be a string")
+            continue
+        tie = row.get("tie", False)
+        if not isinstance(tie, bool):
+            errors.append(f"line {i}: 'tie' must be true or false, got {tie!r}")
+            continue
+        n_err = len(errors)
+        w = _image(base, row["winner"], "winner", i, errors, shapes)
+        lo = _image(base, row["loser"], "loser", i, errors, shapes)
+        if len(errors) > n_err:
+            continue
+        if tie:
+            ties += 1
+            continue
+        prompts.append(row["prompt"]), W.append(w), L.append(lo), wp.append(row["winner"]), lp.append(row["loser"])
+    if len(shapes) > 1:
+        errors.append(f"images have different shapes: {sorted(shapes)}")
+    _raise(path, errors, len(prompts))
+    return PairSet(prompts, torch.stack(W), torch.stack(L), ties, path, wp, lp)
+
+
+def load_labels(path) -> LabelSet:
+    """Load and validate a labels JSONL."""
+    path, rows, errors = _read_rows(path)
+    base, shapes = path.parent, set()
+    prompts, imgs, labels = [], [], []
+    for i, row in rows:
+        missing = [k for k in ("prompt", "image", "desirable") if k not in row]
+        if missing:
+            errors.append(f"line {i}: missing key(s) {', '.join(missing)}")
+            continue
+        if not isinstance(row["prompt"], str):
+            errors.append(f"line {i}: 'prompt' must be a string")
+            continue
+        if not isinstance(row["desirable"], bool):
+            errors.append(f"line {i}: 'desirable' must be true or false, got {row['desirable']!r}")
+            continue
+        img = _image(base, row["image"], "image", i, errors, shapes)
+        if img is None:
+            continue
+        prompts.append(row["prompt"]), imgs.append(img), labels.append(row["desirable"])
+    if len(shapes) > 1:
+        errors.append(f"images have different shapes: {sorted(shapes)}")
+    _raise(path, errors, len(prompts))
+    return LabelSet(prompts, torch.stack(imgs), torch.tensor(labels, dtype=torch.bool), path)
+
+
+def load_feedback(path):
+    """A pairs or labels set, told apart by the first row's keys."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"feedback file {str(path)!r} does not exist")
+    for line in path.read_text().splitlines():
+        if line.strip():
+            try:
+                first = json.loads(line)
+            except ValueError:
+                break
+            if isinstance(first, dict) and "image" in first:
+                return load_labels(path)
+            break
+    return load_pairs(path)
+
+
+# ---- building sets from a base model and a reward ----------------------------------
+@torch.no_grad()
+def make_pairs(model, reward, prompts, n_pairs: int, out_dir, seed: int = 0, bt_noise: float | None = None,
+               num_steps: int | None = None, eta: float = 1.0, guidance_scale: float = 1.0,
+               batch_size: int = 128) -> dict:
+    """Sample two images per pair from `model`, rank them with `reward`, write out_dir/pairs.jsonl.
+
+    Pair i uses prompt prompts[i % len(prompts)] and noise seeded by (seed, i, a|b).
+    Without `bt_noise` the higher reward wins (exact ties are marked `tie`); with it the
+    winner is drawn by Bradley–Terry: P(a wins) = σ((r_a − r_b) / bt_noise).
+    Returns stats (counts, mean reward of winners/losers, label agreement with the reward).
+    """
+    from .. import trajectory
+
+    out = Path(out_dir)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    if bt_noise is not None and bt_noise <= 0:
+        raise ValueError("bt_noise (Bradley–Terry temperature) must be > 0")
+    num_steps = num_steps or model.num_inference_steps
+    prompts = list(prompts)
+    rng = torch.Generator().manual_seed(seed_for(seed, "bt"))
+    rows, rw, rl, agree, ties = [], [], [], 0, 0
+    for start in range(0, n_pairs, batch_size // 2 or 1):
+        idx = list(range(start, min(n_pairs, start + max(1, batch_size // 2))))
+        ps = [prompts[i % len(prompts)] for i in idx]
+        imgs = []
+        for side in ("a", "b"):
+            gens = [generators(model.device, "pairs", seed, side, indices=[i])[0] for i in idx]
+            traj = trajectory.sample(model, ps, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
+                                     generator=gens, with_logprob=False)
+            imgs.append(model.decode(traj.final).cpu())
+        # score the images as they will be loaded back (8-bit quantised)
+        qa, qb = [(x.clamp(0, 1) * 255).round() / 255 for x in imgs]
+        ra, _ = reward(qa.to(model.device), ps)
+        rb, _ = reward(qb.to(model.device), ps)
+        ra, rb = ra.float().cpu(), rb.float().cpu()
+        for j, i in enumerate(idx):
+            fa, fb = f"img/{i:06d}_a.png", f"img/{i:06d}_b.png"
+            save_png(qa[j], out / fa)
+            save_png(qb[j], out / fb)
+            d = float(ra[j] - rb[j])
+            if bt_noise is None:
+                a_wins, tie = d > 0, d == 0
+            else:
+                p = 1.0 / (1.0 + math.exp(-d / bt_noise)) if abs(d / bt_noise) < 700 else float(d > 0)
+                a_wins, tie = bool(torch.rand((), generator=rng) < p), False
+            w, lo = (fa, fb) if a_wins else (fb, fa)
+            row = {"prompt": ps[j], "winner": w, "loser": lo}
+            if tie:
+                row["tie"] = True
+                ties += 1
+            else:
+                rw.append(float(ra[j] if a_wins else rb[j]))
+                rl.append(float(rb[j] if a_wins else ra[j]))
+                agree += int(rw[-1] >= rl[-1])
+            rows.append(row)
+    path = out / "pairs.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    n = len(rows) - ties
+    stats = {"path": str(path), "pairs": len(rows), "ties": ties,
+             "winner_reward_mean": sum(rw) / max(1, n), "loser_reward_mean": sum(rl) / max(1, n),
+             "agreement_with_reward": agree / max(1, n), "bt_noise": bt_noise}
+    (out / "pairs_stats.json").write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+def labels_from_pairs(pairs, out_dir=None) -> tuple[list[dict], dict]:
+    """Binary labels from pairs by the Pick-a-Pic rule: an image preferred at least once
+    is desirable, every other image undesirable. Images are identified by their path.
+
+    `pairs` is a pairs JSONL path (or a PairSet loaded from one). With `out_dir`, writes
+    out_dir/labels.jsonl with image paths rewritten relative to out_dir. Returns
+    (rows, counts) with counts = {desirable, undesirable, ties_dropped}.
+    """
+    ps = pairs if isinstance(pairs, PairSet) else load_pairs(pairs)
+    src = ps.path.parent.resolve() if ps.path is not None else None
+    order: dict[str, str] = {}  # image -> prompt, in first-seen order
+    wins: set[str] = set()
+    for prompt, w, lo in zip(ps.prompts, ps.winner_paths, ps.loser_paths):
+        order.setdefault(w, prompt)
+        order.setdefault(lo, prompt)
+        wins.add(w)
+    rows = [{"prompt": p, "image": img, "desirable": img in wins} for img, p in order.items()]
+    if out_dir is not None:
+        import os
+
+        out = Path(out_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        for r in rows:
+            r["image"] = os.path.relpath(src / r["image"], out.resolve()) if src else r["image"]
+        (out / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = sum(r["desirable"] for r in rows)
+    return rows, {"desirable": d, "undesirable": len(rows) - d, "ties_dropped": ps.ties_dropped}

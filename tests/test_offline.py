@@ -1,0 +1,242 @@
+"""Offline preference methods (Diffusion-DPO, Diffusion-KTO) and their feedback sets."""
+
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from diffalign.data import feedback
+from diffalign.methods.offline import denoising_error, dpo_loss, kto_loss, labels_set_from_pairs
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+# ---- losses: hand-worked values ------------------------------------------------------
+def test_dpo_loss_hand_worked():
+    # e_w - e_l = 0.1 - 0.3 = -0.2 (policy), ref: 0.2 - 0.2 = 0 -> arg = -beta/2 * (-0.2) = 0.2 (beta = 2)
+    e_w, e_l = torch.tensor([0.1, 0.4]), torch.tensor([0.3, 0.2])
+    rw, rl = torch.tensor([0.2, 0.2]), torch.tensor([0.2, 0.2])
+    loss, info = dpo_loss(e_w, e_l, rw, rl, beta=2.0)
+    # second pair: (0.4 - 0.2) - 0 = 0.2 -> arg = -0.2
+    want = 0.5 * (-math.log(1 / (1 + math.exp(-0.2))) - math.log(1 / (1 + math.exp(0.2))))
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert info["implicit_acc"].item() == 0.5
+
+
+def test_denoising_error_is_mean_over_elements():
+    eps = torch.zeros(2, 1, 2, 2)
+    pred = torch.tensor([1.0, 1.0, 1.0, 1.0, 2.0, 0.0, 0.0, 0.0]).view(2, 1, 2, 2)
+    torch.testing.assert_close(denoising_error(pred, eps), torch.tensor([1.0, 1.0]))
+
+
+def test_kto_loss_hand_worked_and_reference_point():
+    e_theta = torch.tensor([0.1, 0.3])
+    e_ref = torch.tensor([0.2, 0.2])  # g = [0.1, -0.1], mean 0 -> z = 0
+    d = torch.tensor([True, False])
+    loss, info = kto_loss(e_theta, e_ref, d, beta=10.0, lambda_d=1.0, lambda_u=2.0)
+    s = lambda x: 1 / (1 + math.exp(-x))  # noqa: E731
+    # desirable: 1 - σ(10·0.1) ; undesirable: w = -1: 2·(1 - σ(-10·(-0.1)))
+    want = 0.5 * ((1 - s(1.0)) + 2 * (1 - s(1.0)))
+    assert loss.item() == pytest.approx(want, rel=1e-6)
+    assert info["kl_ref_point"].item() == 0.0
+    # reference point clamped at 0: mean g negative -> z = 0
+    _, info = kto_loss(torch.tensor([0.5, 0.5]), torch.tensor([0.2, 0.2]), d, beta=1.0)
+    assert info["kl_ref_point"].item() == 0.0
+    # positive mean g -> z = mean g; loss-averse utility = -λ log σ
+    loss, info = kto_loss(torch.tensor([0.0, 0.2]), torch.tensor([0.4, 0.4]), d, beta=1.0, utility="loss-averse")
+    z = 0.3  # g = [0.4, 0.2]
+    assert info["kl_ref_point"].item() == pytest.approx(z)
+    want = 0.5 * (-math.log(s(0.4 - z)) - math.log(s(-(0.2 - z))))
+    assert loss.item() == pytest.approx(want, rel=1e-5)
+
+
+def test_kto_reference_point_is_detached():
+    """No gradient flows through z: the gradient equals the one with z given as a constant."""
+    e_ref = torch.tensor([0.5, 0.5, 0.5])
+    d = torch.tensor([True, False, True])
+    e1 = torch.tensor([0.1, 0.2, 0.4], requires_grad=True)
+    loss, info = kto_loss(e1, e_ref, d, beta=3.0)
+    loss.backward()
+    z = info["kl_ref_point"]
+    assert z.item() > 0 and not z.requires_grad
+    e2 = e1.detach().clone().requires_grad_(True)
+    w = d.float() * 2 - 1
+    manual = (1 - torch.sigmoid(w * 3.0 * ((e_ref - e2) - z.item()))).mean()
+    manual.backward()
+    torch.testing.assert_close(e1.grad, e2.grad)
+
+
+# ---- DPO at initialisation -----------------------------------------------------------
+def test_dpo_at_init_is_log2_and_step_favours_winner(tiny):
+    torch.manual_seed(0)
+    ref = copy.deepcopy(tiny.denoiser).requires_grad_(False)
+    pol = tiny.denoiser
+    xw, xl = torch.randn(8, 1, 4, 4).clamp(-1, 1), torch.randn(8, 1, 4, 4).clamp(-1, 1)
+    cond = torch.tensor([0, 1, 2, 0, 1, 2, 0, 1])
+    ts = torch.randint(0, 1000, (8,))
+    eps = torch.randn(8, 1, 4, 4)
+    sch = tiny.scheduler
+    xwt, xlt = sch.add_noise(xw, eps, ts), sch.add_noise(xl, eps, ts)
+
+    def errs(net):
+        return denoising_error(net(xwt, ts, cond), eps), denoising_error(net(xlt, ts, cond), eps)
+
+    with torch.no_grad():
+        rw, rl = errs(ref)
+    e_w, e_l = errs(pol)
+    loss, info = dpo_loss(e_w, e_l, rw, rl, beta=100.0)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
+    assert info["implicit_acc"].item() == 0.0
+    opt = torch.optim.SGD(pol.parameters(), lr=1e-3)
+    loss.backward()
+    opt.step()
+    with torch.no_grad():
+        e_w2, e_l2 = errs(pol)
+        margin = ((e_w2 - e_l2) - (rw - rl)).mean()
+    assert margin.item() < 0, "the winner's denoising error must drop relative to the loser's"
+    loss2, _ = dpo_loss(e_w2, e_l2, rw, rl, beta=100.0)
+    assert loss2.item() < math.log(2)
+
+
+# ---- data sets -----------------------------------------------------------------------
+def _png(path, value=0.5):
+    feedback.save_png(torch.full((1, 8, 8), value), path)
+
+
+def test_png_roundtrip_and_encode(tiny):
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as d:
+        img = torch.rand(1, 8, 8)
+        feedback.save_png(img, Path(d) / "a.png")
+        back = feedback.load_png(Path(d) / "a.png")
+    assert back.shape == (1, 8, 8)
+    assert (back - img).abs().max() <= 0.5 / 255 + 1e-6
+    x = feedback.encode_images(tiny, back.unsqueeze(0))  # tiny samples (1, 4, 4): resized
+    assert x.shape == (1, 1, 4, 4) and x.min() >= -1 and x.max() <= 1
+    tiny.info["encode_images"] = lambda imgs: imgs * 0 + 7  # the latent-model hook
+    assert feedback.encode_images(tiny, back.unsqueeze(0)).eq(7).all()
+
+
+def test_pairs_validation_reports_every_bad_row_by_line(tmp_path):
+    for n in ("a", "b", "c"):
+        _png(tmp_path / "img" / f"{n}.png")
+    (tmp_path / "img" / "bad.png").write_text("not a png")
+    rows = [
+        {"prompt": "1", "winner": "img/a.png", "loser": "img/b.png"},
+        {"prompt": "2", "winner": "img/a.png", "loser": "img/missing.png"},  # line 2
+        {"prompt": "3", "winner": "img/bad.png", "loser": "img/c.png"},  # line 3
+        {"prompt": "4", "winner": "img/a.png"},  # line 4
+        {"prompt": "5", "winner": "img/a.png", "loser": "img/c.png", "tie": "yes"},  # line 5
+    ]
+    p = tmp_path / "pairs.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows) + "{oops\n")
+    with pytest.raises(feedback.FeedbackError) as e:
+        feedback.load_pairs(p)
+    msg = str(e.value)
+    for frag in ("line 2: 'loser' file 'img/missing.png' not found", "line 3: 'winner' file 'img/bad.png' is not a readable",
+                 "line 4: missing key(s) loser", "line 5: 'tie' must be true or false", "line 6: invalid JSON"):
+        assert frag in msg, msg
+    assert "  line 1:" not in msg
+    # ties are dropped and counted
+    p.write_text(json.dumps(rows[0]) + "\n" + json.dumps(dict(rows[0], tie=True)) + "\n")
+    ps = feedback.load_pairs(p)
+    assert len(ps) == 1 and ps.ties_dropped == 1 and ps.winners.shape == (1, 1, 8, 8)
+
+
+def test_labels_validation(tmp_path):
+    _png(tmp_path / "a.png")
+    rows = [{"prompt": "1", "image": "a.png", "desirable": True},
+            {"prompt": "1", "image": "a.png", "desirable": "maybe"},
+            {"prompt": "1", "image": "nope.png", "desirable": False}]
+    p = tmp_path / "labels.jsonl"
+    p.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with pytest.raises(feedback.FeedbackError, match=r"line 2: 'desirable' must be true or false") as e:
+        feedback.load_labels(p)
+    assert "line 3: 'image' file 'nope.png' not found" in str(e.value)
+
+
+def test_labels_from_pairs_pick_a_pic_rule(tmp_path):
+    for n in "abcd":
+        _png(tmp_path / "p" / f"{n}.png", value=0.1 * (ord(n) - 96))
+    rows = [{"prompt": "1", "winner": "a.png", "loser": "b.png"},
+            {"prompt": "1", "winner": "b.png", "loser": "c.png"},  # b preferred once -> desirable
+            {"prompt": "2", "winner": "d.png", "loser": "c.png", "tie": True}]  # dropped: d never counted
+    (tmp_path / "p" / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out_rows, counts = feedback.labels_from_pairs(tmp_path / "p" / "pairs.jsonl", tmp_path / "l")
+    assert counts == {"desirable": 2, "undesirable": 1, "ties_dropped": 1}
+    assert {Path(r["image"]).name: r["desirable"] for r in out_rows} == {"a.png": True, "b.png": True, "c.png": False}
+    ls = feedback.load_labels(tmp_path / "l" / "labels.jsonl")  # paths rewritten relative to the new folder
+    assert ls.counts == {"desirable": 2, "undesirable": 1}
+    mem = labels_set_from_pairs(feedback.load_pairs(tmp_path / "p" / "pairs.jsonl"))
+    assert mem.desirable.tolist() == [True, True, False]
+
+
+def test_bradley_terry_pairs_and_cli_labels(tmp_path, tiny):
+    """make_pairs on a tiny model with a reward = mean brightness; BT noise flips some pairs."""
+    from diffalign.cli import main
+
+    reward = lambda imgs, prompts: (imgs.flatten(1).mean(1), {})  # noqa: E731
+    s = feedback.make_pairs(tiny, reward, ["0", "1"], 16, tmp_path / "exact", seed=0, num_steps=4)
+    assert s["pairs"] == 16 and s["agreement_with_reward"] == 1.0
+    noisy = feedback.make_pairs(tiny, reward, ["0", "1"], 64, tmp_path / "bt", seed=0, num_steps=4, bt_noise=1e6)
+    assert 0.2 < noisy["agreement_with_reward"] < 0.8  # near coin flips at a huge temperature
+    assert main(["data", "labels", "--pairs", str(tmp_path / "exact" / "pairs.jsonl"), "--out",
+                 str(tmp_path / "lab")]) == 0
+    assert feedback.load_labels(tmp_path / "lab" / "labels.jsonl").counts["desirable"] == 16 - s["ties"]
+
+
+def test_method_refuses_bad_data_before_training(tmp_path):
+    from diffalign.train import resolve_config, train
+
+    (tmp_path / "pairs.jsonl").write_text(json.dumps({"prompt": "1", "winner": "x.png", "loser": "y.png"}) + "\n")
+    cfg, args = resolve_config("configs/diffusion_dpo_digits.yaml", [f"args.data={tmp_path / 'pairs.jsonl'}"])
+    with pytest.raises(feedback.FeedbackError, match="line 1: 'winner' file 'x.png' not found"):
+        train(cfg, args, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+# ---- end to end on digits ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def digits_pairs(tmp_path_factory):
+    from diffalign.models import load_model
+    from diffalign.rewards import build_reward
+
+    out = tmp_path_factory.mktemp("pairs")
+    stats = feedback.make_pairs(load_model("digits", progress=False), build_reward("classifier"),
+                                [str(d) for d in range(10)], 128, out, seed=123, num_steps=10)
+    return out / "pairs.jsonl", stats
+
+
+E2E = ["train.epochs=12", "eval.per_prompt=10", "sampling.num_steps=10", "optim.lr=3e-3"]
+
+
+@pytest.mark.parametrize("method", ["diffusion-dpo", "diffusion-kto"])
+def test_end_to_end_raises_heldout_reward_and_writes_win_rate(tmp_path, digits_pairs, method):
+    from diffalign.train import resolve_config, train
+
+    pairs, stats = digits_pairs
+    assert stats["winner_reward_mean"] > stats["loser_reward_mean"]
+    cfg_file = f"configs/{method.replace('-', '_')}_digits.yaml"
+    cfg, args = resolve_config(cfg_file, [f"args.data={pairs}", *E2E])  # KTO: pairs -> labels in memory
+    t0 = time.time()
+    s = train(cfg, args, tmp_path / "run")
+    wall = time.time() - t0
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    print(method, {k: summary[k] for k in ("base_eval_reward_mean", "final_eval_reward_mean", "win_rate_vs_base",
+                                           "eval_win_rate_vs_base")}, f"{wall:.0f}s")
+    assert s["reward_queries"] == 0 == summary["reward_queries"]
+    assert summary["final_eval_reward_mean"] > summary["base_eval_reward_mean"]
+    assert 0 <= summary["eval_win_rate_vs_base"] <= 1
+    assert summary["win_rate_vs_base"] > 0.5  # on the reward that labelled the pairs, same noise as the base
