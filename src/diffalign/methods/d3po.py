@@ -1,0 +1,75 @@
+"""D3PO (Yang et al. 2024): trajectory-level preference applied at every step (METHODS.md §2).
+
+Two trajectories per prompt start from the same x_T (one `latents` tensor passed to
+both samples, different noise generators). The final images are ranked by the
+training reward; that one label is applied to every denoising step: the pair at
+step i is (x_i^w -> x_{i+1}^w, x_i^l -> x_{i+1}^l), conditions *different* after the
+first step. Loss per step: `preference.clipped_dpo_loss` (β 0.1, ε 0.1 as the paper).
+Ties (equal rewards) give no pair.
+
+Decisions: `sampling.logprob: mean` (the reference implementation averages the
+per-element log-prob; its β and ε assume that scale). Reference log-probs are computed
+at collect time under `trainer.reference()` (frozen base). Human labels
+(`args.labels`) are not implemented yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from . import register
+from .preference import Pairs, PreferenceMethod, make_pairs, pair_metrics
+
+
+@register
+class D3PO(PreferenceMethod):
+    name = "d3po"
+    description = "D3PO: two trajectories from one x_T ranked by the reward, clipped DPO loss at every step (Yang et al. 2024)"
+    defaults = {"sampling.logprob": "mean", "optim.lr": 3e-5}
+
+    @dataclass
+    class Config:
+        beta: float = 0.1
+        clip: float = 0.1  # ratio clipped to [1 - clip, 1 + clip]
+        inner_epochs: int = 1
+        minibatches: int = 4  # optimizer steps per inner epoch (pairs split evenly)
+        timestep_fraction: float = 1.0  # fraction of the steps whose pairs are trained
+
+        def validate(self, where):
+            if not 0 < self.clip < 1:
+                raise ValueError(f"config key '{where}.clip' must be in (0, 1)")
+            if not 0 < self.timestep_fraction <= 1:
+                raise ValueError(f"config key '{where}.timestep_fraction' must be in (0, 1]")
+
+    def collect(self, epoch: int):
+        from diffusers.utils.torch_utils import randn_tensor
+
+        t, cfg = self.t, self.t.cfg
+        n = cfg.train.batch_size
+        pairs, rewards = [], []
+        for b in range(cfg.train.batches_per_epoch):
+            prompts = t.draw_prompts(epoch, b, n=n)
+            local = prompts[t.local_slice(n)]
+            x_T = randn_tensor((len(local), *t.model.sample_shape), device=t.device,
+                               generator=t.sample_generators("d3po-xT", epoch, b, n_global=n))
+            a = self.sample(local, t.sample_generators("d3po-a", epoch, b, n_global=n), latents=x_T.clone())
+            c = self.sample(local, t.sample_generators("d3po-b", epoch, b, n_global=n), latents=x_T.clone())
+            ra = t.score(t.model.decode(a.final), local)
+            rb = t.score(t.model.decode(c.final), local)
+            rewards += [ra, rb]
+            a_wins = (ra > rb).to(t.device)
+            keep = (ra != rb).to(t.device)
+            T = a.num_steps
+            g = torch.Generator().manual_seed(epoch * 1000 + b)
+            n_train = max(1, int(round(T * self.args.timestep_fraction)))
+            steps = torch.randperm(T, generator=g)[:n_train].sort().values.tolist()
+            sel = lambda u, v: torch.where(a_wins.view(-1, *[1] * (u.ndim - 1)), u, v)
+            for i in steps:
+                pairs.append(make_pairs(sel(a.latents[:, i], c.latents[:, i]), sel(c.latents[:, i], a.latents[:, i]),
+                                        sel(a.latents[:, i + 1], c.latents[:, i + 1]),
+                                        sel(c.latents[:, i + 1], a.latents[:, i + 1]),
+                                        a.timesteps[i], a.cond, keep))
+        pairs = self.add_reference(Pairs.cat(pairs))
+        return {"pairs": pairs, "epoch": epoch}, pair_metrics(pairs, torch.cat(rewards), t)
