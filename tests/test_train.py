@@ -147,3 +147,19 @@ def test_ddpo_raises_classifier_reward_on_digits(tmp_path):
     )
     s = train(cfg, args, tmp_path / "digits")
     assert s["final_reward_mean"] > s["base_reward_mean"] + 0.02, s
+
+
+@pytest.mark.parametrize("method, extra", [("spo", {"k": 3, "single_path_steps": 4, "temperature": 0.5, "minibatches": 8}),
+                                           ("d3po", {"minibatches": 2})])  # spo: 4 vs 6 pairs -> 4 vs 6 steps unpadded
+def test_preference_methods_finish_with_two_processes(tmp_path, method, extra):
+    """Pair counts differ between processes (SPO's gap rule, D3PO's ties); every process must
+    still take the same number of optimizer steps, or gradient sync would hang."""
+    import yaml
+
+    spec = dict(TOY, method=method, train=dict(TOY["train"], epochs=2), args=extra,
+                sampling={"num_steps": 8, "logprob": "mean"})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    r = _torchrun("train", str(p), "--out", str(tmp_path / "run"), port=29541 if method == "spo" else 29542)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["processes"] == 2

@@ -132,18 +132,28 @@ class PreferenceMethod:
 
     # ---- training --------------------------------------------------------------
     def micro_steps(self, data):
+        """The same number of optimizer steps on every process (DDP all-reduces each step):
+        pair counts can differ between processes (ties skipped, SPO's gap rule), so the
+        count comes from the largest, and a process out of pairs takes a zero-loss step
+        through the model (its gradient contribution is zero)."""
         pairs, epoch = data["pairs"], data["epoch"]
-        if pairs is None or len(pairs) == 0:
+        N = 0 if pairs is None else len(pairs)
+        n_max = int(self.t.gather(torch.tensor([N], device=self.t.device)).max())
+        if n_max == 0:
             return
-        N = len(pairs)
+        chunks = min(self.args.minibatches, n_max)
         for inner in range(self.args.inner_epochs):
             g = torch.Generator().manual_seed(seed_for(self.t.cfg.seed, f"{self.name}-perm", epoch, inner))
-            perm = torch.randperm(N, generator=g)
-            for rows in perm.chunk(min(self.args.minibatches, N)):
-                yield Micro(self._loss_fn(pairs.select(rows.to(pairs.x_w.device))), step=True)
+            parts = list(torch.randperm(N, generator=g).chunk(min(chunks, N))) if N else []
+            parts += [None] * (chunks - len(parts))
+            for rows in parts:
+                mb = None if rows is None else pairs.select(rows.to(pairs.x_w.device))
+                yield Micro(self._loss_fn(mb), step=True)
 
-    def _loss_fn(self, mb: Pairs):
+    def _loss_fn(self, mb: Pairs | None):
         def compute():
+            if mb is None:
+                return self._zero_loss(), {}
             s, pol = self.t.cfg.sampling, self.t.policy
             kw = dict(eta=s.eta, guidance_scale=s.guidance_scale, reduction=s.logprob, num_steps=s.num_steps)
             lp_w = step_logprob(pol, mb.x_t_w, mb.t, mb.cond, mb.x_w, **kw)
@@ -152,6 +162,14 @@ class PreferenceMethod:
             return loss, {"loss": loss.detach(), **info}
 
         return compute
+
+    def _zero_loss(self):
+        """A loss of exactly 0 that still runs the (wrapped) policy, so gradient sync happens."""
+        pol = self.t.policy
+        x = torch.zeros(1, *pol.sample_shape, device=self.t.device)
+        cond = pol.encode_prompts(self.t.prompts[:1])
+        t = torch.tensor([int(pol.scheduler.config.num_train_timesteps) // 2], device=self.t.device)
+        return 0.0 * pol.predict_noise(x, t, cond).sum()
 
     def state_dict(self) -> dict:
         return {}
