@@ -151,18 +151,25 @@ def _raise(path: Path, errors: list[str], n_rows: int) -> None:
         raise FeedbackError(f"{path}: no usable rows")
 
 
+def _has_keys(row: dict, keys: tuple[str, ...], i: int, errors: list) -> bool:
+    """Row i has every key and a string prompt; otherwise record why and return False."""
+    missing = [k for k in keys if k not in row]
+    if missing:
+        errors.append(f"line {i}: missing key(s) {', '.join(missing)}")
+        return False
+    if not isinstance(row["prompt"], str):
+        errors.append(f"line {i}: 'prompt' must be a string")
+        return False
+    return True
+
+
 def load_pairs(path) -> PairSet:
     """Load and validate a pairs JSONL; ties are dropped (counted in `ties_dropped`)."""
     path, rows, errors = _read_rows(path)
     base, shapes = path.parent, set()
     prompts, W, L, wp, lp, ties = [], [], [], [], [], 0
     for i, row in rows:
-        missing = [k for k in ("prompt", "winner", "loser") if k not in row]
-        if missing:
-            errors.append(f"line {i}: missing key(s) {', '.join(missing)}")
-            continue
-        if not isinstance(row["prompt"], str):
-            errors.append(f"line {i}: 'prompt' must be a string")
+        if not _has_keys(row, ("prompt", "winner", "loser"), i, errors):
             continue
         tie = row.get("tie", False)
         if not isinstance(tie, bool):
@@ -189,12 +196,7 @@ def load_labels(path) -> LabelSet:
     base, shapes = path.parent, set()
     prompts, imgs, labels = [], [], []
     for i, row in rows:
-        missing = [k for k in ("prompt", "image", "desirable") if k not in row]
-        if missing:
-            errors.append(f"line {i}: missing key(s) {', '.join(missing)}")
-            continue
-        if not isinstance(row["prompt"], str):
-            errors.append(f"line {i}: 'prompt' must be a string")
+        if not _has_keys(row, ("prompt", "image", "desirable"), i, errors):
             continue
         if not isinstance(row["desirable"], bool):
             errors.append(f"line {i}: 'desirable' must be true or false, got {row['desirable']!r}")
