@@ -163,3 +163,17 @@ def test_preference_methods_finish_with_two_processes(tmp_path, method, extra):
     r = _torchrun("train", str(p), "--out", str(tmp_path / "run"), port=29541 if method == "spo" else 29542)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert json.loads((tmp_path / "run" / "summary.json").read_text())["processes"] == 2
+
+
+def test_reward_budget_ends_training_without_exceeding_it(tmp_path):
+    """8 queries per epoch, budget 20: two epochs (16); a third would make 24. Resume changes nothing."""
+    spec = dict(TOY, train=dict(TOY["train"], epochs=50, reward_budget=20))
+    cfg, args = resolve_config(base=spec)
+    s = train(cfg, args, tmp_path / "run")
+    assert s["finished"] and s["reward_queries"] == 16 and s["epochs"] == 2 and s["reward_budget"] == 20
+    assert s["final"]["kl"] > 0 and "optimum_distance" in s["final"] and "diversity_rel" in s["final"]
+    before = (tmp_path / "run" / "summary.json").read_text()
+    again = train(cfg, args, tmp_path / "run", resume=True)
+    assert again["reward_queries"] == 16 and again["epochs"] == 2
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+    assert json.loads(before)["final"]["reward_mean"] == again["final"]["reward_mean"]

@@ -105,5 +105,6 @@ def load(path: Path, module: torch.nn.Module, optimizer) -> dict:
     with torch.no_grad():
         for n, t in tensors.items():
             params[n].copy_(t.to(params[n].device))
-    optimizer.load_state_dict(opt_state)
+    if optimizer is not None:  # None: weights only (evaluation)
+        optimizer.load_state_dict(opt_state)
     return state

@@ -4,7 +4,9 @@
     diffalign train --resume DIR
     diffalign pretrain digits|toy2d
     diffalign methods | rewards | models
+    diffalign eval RUN_DIR [--per-prompt N] [--seed S]
     diffalign bench sampler [--batch N] [--steps S]
+    diffalign bench suite --suite digits|toy2d [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
     diffalign demo [--out DIR]
     diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
     diffalign data labels --pairs DIR/pairs.jsonl --out DIR
@@ -66,6 +68,16 @@ def _pretrain(a) -> int:
     return 0
 
 
+def _eval(a) -> int:
+    from .eval import evaluate_run
+    from .eval.run import format_eval
+
+    result = evaluate_run(a.run, per_prompt=a.per_prompt, seed=a.seed)
+    print(format_eval(result))
+    print(f"written: {Path(a.run) / 'eval.json'}")
+    return 0
+
+
 def _list(kind: str) -> int:
     if kind == "methods":
         from .methods import list_methods
@@ -86,13 +98,26 @@ def _list(kind: str) -> int:
 
 
 def _bench(a) -> int:
-    if a.what != "sampler":
-        raise SystemExit(f"unknown benchmark {a.what!r}: available: sampler")
-    from .bench import bench_sampler
+    what = a.what or ("suite" if a.suite else None)
+    if what == "sampler":
+        from .bench import bench_sampler
 
-    r = bench_sampler(a.model, batch=a.batch, num_steps=a.steps, repeats=a.repeats)
-    print(json.dumps(r, indent=1))
-    print(f"sampling with log-probs / diffusers scheduler loop: {r['ratio']:.3f}x (target <= 1.15x)")
+        r = bench_sampler(a.model, batch=a.batch, num_steps=a.steps, repeats=a.repeats)
+        print(json.dumps(r, indent=1))
+        print(f"sampling with log-probs / diffusers scheduler loop: {r['ratio']:.3f}x (target <= 1.15x)")
+        return 0
+    if what != "suite" or not a.suite:
+        raise SystemExit("usage: diffalign bench --suite digits|toy2d [--methods a,b] [--seeds K] [--budget N] "
+                         "[--out DIR] [--quick]   or   diffalign bench sampler")
+    from .bench import run_bench
+    from .bench.report import summary_table
+
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+    out = a.out or f"runs/bench-{a.suite}{'-quick' if a.quick else ''}"
+    results = run_bench(a.suite, out, methods=methods, seeds=a.seeds, budget=a.budget, quick=a.quick,
+                        per_prompt=a.per_prompt, configs=a.configs, command="diffalign " + " ".join(sys.argv[1:]))
+    print(summary_table(results))
+    print(f"report: {Path(out) / 'report.md'}")
     return 0
 
 
@@ -153,9 +178,22 @@ def build_parser() -> argparse.ArgumentParser:
     pt.set_defaults(fn=_pretrain)
     for kind in ("methods", "rewards", "models"):
         sub.add_parser(kind, help=f"list registered {kind}").set_defaults(fn=lambda a, k=kind: _list(k))
-    b = sub.add_parser("bench", help="benchmarks (sampler)")
-    b.add_argument("what", choices=["sampler"])
-    b.add_argument("--model", default="digits")
+    e = sub.add_parser("eval", help="evaluate a run's aligned model against its base on fixed seeds (eval.json)")
+    e.add_argument("run", help="run folder (the --out of `diffalign train`)")
+    e.add_argument("--per-prompt", type=int, default=None, help="samples per prompt (default: the run's eval.per_prompt)")
+    e.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's eval.seed)")
+    e.set_defaults(fn=_eval)
+    b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d (methods at equal reward budget), or sampler")
+    b.add_argument("what", nargs="?", choices=["sampler", "suite"], help="sampler, or suite (implied by --suite)")
+    b.add_argument("--suite", help="digits or toy2d")
+    b.add_argument("--methods", help="comma-separated methods/config names (default: the suite's)")
+    b.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
+    b.add_argument("--budget", type=int, default=None, help="reward queries per run")
+    b.add_argument("--per-prompt", type=int, default=None, help="evaluation samples per prompt")
+    b.add_argument("--quick", action="store_true", help="the preset that finishes in about 10 minutes")
+    b.add_argument("--out", help="bench folder (default runs/bench-SUITE); rerun the command to resume")
+    b.add_argument("--configs", default="configs", help="folder with <method>_<suite>.yaml configs")
+    b.add_argument("--model", default="digits", help="(sampler) model")
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--steps", type=int, default=20)
     b.add_argument("--repeats", type=int, default=7)
@@ -179,9 +217,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .data.human import LabelsNeeded
+
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
+    except LabelsNeeded as e:  # not an error: the run waits for a person
+        print(f"diffalign: waiting for labels: {e}", file=sys.stderr)
+        return 3
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         # bad input: one clear line, no traceback (set DIFFALIGN_DEBUG=1 for one)
         import os

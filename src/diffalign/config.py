@@ -70,9 +70,11 @@ class TrainConfig:
     checkpoint_every: int = 1  # epochs between checkpoints
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     sample_grid_every: int = 0  # epochs between sample grids (0 = start and end only)
+    reward_budget: int = 0  # stop before an epoch would take the training reward queries past this (0 = off)
 
     def validate(self, where: str):
         _check(self.epochs >= 1, f"{where}.epochs", "must be >= 1")
+        _check(self.reward_budget >= 0, f"{where}.reward_budget", "must be >= 0 (0 = no budget)")
         _check(self.batch_size >= 1, f"{where}.batch_size", "must be >= 1")
         _check(self.batches_per_epoch >= 1, f"{where}.batches_per_epoch", "must be >= 1")
         _check(self.mixed_precision in ("no", "fp16", "bf16"), f"{where}.mixed_precision", "must be no, fp16 or bf16")
@@ -85,6 +87,11 @@ class EvalConfig:
     per_prompt: int = 8  # evaluation samples per prompt
     seed: int = 1234  # evaluation seed: base and final use the same noise
     every: int = 0  # epochs between evaluations during training (0 = start and end only)
+    beta: float = 1.0  # toy2d: beta of the exact optimum p* ∝ p_ref exp(r / beta) that samples are compared with
+
+    def validate(self, where: str):
+        _check(self.per_prompt >= 2, f"{where}.per_prompt", "must be >= 2 (diversity needs two samples per prompt)")
+        _check(self.beta > 0, f"{where}.beta", "must be > 0")
 
 
 @dataclass

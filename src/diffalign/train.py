@@ -57,7 +57,8 @@ def _use_cpu(device: str | None) -> bool:
 class Trainer:
     """Holds what the methods share: model, policy, reward, accelerator, counters."""
 
-    def __init__(self, cfg: RunConfig, args, out_dir: str | Path, accelerator: Accelerator | None = None):
+    def __init__(self, cfg: RunConfig, args, out_dir: str | Path, accelerator: Accelerator | None = None,
+                 build_method: bool = True):
         self.cfg, self.args, self.out = cfg, args, Path(out_dir)
         self.method_cls = get_method(cfg.method)
         self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=_use_cpu(cfg.device))
@@ -106,7 +107,7 @@ class Trainer:
         )
         wrapped, self.optimizer = self.acc.prepare(den, self.optimizer)
         self.policy = dataclasses.replace(self.model, denoiser=wrapped)  # for loss passes (gradient sync)
-        self.method = self.method_cls(self, args)
+        self.method = self.method_cls(self, args) if build_method else None  # None: evaluation only
         self.epoch = 0
         self.reward_queries = 0
         self.wall_prev = 0.0
@@ -228,7 +229,7 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
     `max_epochs` stops early after that many epochs in this call (for tests and
     time-boxed runs); the run can be resumed later.
     """
-    from .evaluate import evaluate, win_rate, write_report_images
+    from .eval import compare, evaluate, write_report_images
 
     out = Path(out_dir)
     trainer = Trainer(cfg, args, out, accelerator)  # validates everything before writing
@@ -250,7 +251,8 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
         f"method {cfg.method} | model {cfg.model} | reward {trainer.reward.name} | processes {P}\n"
         f"batch size {cfg.train.batch_size} ({trainer.local_batch} per process) x {cfg.train.batches_per_epoch} "
         f"batches = {cfg.train.batch_size * cfg.train.batches_per_epoch} samples per epoch, "
-        f"{cfg.train.epochs} epochs"
+        + (f"until {cfg.train.reward_budget} reward queries are spent" if cfg.train.reward_budget
+           else f"{cfg.train.epochs} epochs")
     )
 
     base_path = out / "eval_base.json"
@@ -267,10 +269,19 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
         writer = SummaryWriter(str(out / "tb"))
     t0 = time.time()
     stop = cfg.train.epochs if max_epochs is None else min(cfg.train.epochs, trainer.epoch + max_epochs)
-    bar = tqdm(range(trainer.epoch, stop), initial=trainer.epoch, total=cfg.train.epochs, desc=cfg.method,
-               disable=not acc.is_main_process)
-    for epoch in bar:
+    bar = tqdm(total=None if cfg.train.reward_budget else cfg.train.epochs, initial=trainer.epoch, desc=cfg.method,
+               unit="epoch", disable=not acc.is_main_process)
+    while trainer.epoch < stop and not budget_spent(trainer):
+        epoch = trainer.epoch
         m = trainer.train_epoch(epoch)
+        budget = cfg.train.reward_budget
+        if budget and epoch == 0 and trainer.reward_queries > budget:
+            raise ConfigError(
+                f"one epoch of '{cfg.method}' costs {trainer.reward_queries} reward queries, more than "
+                f"train.reward_budget = {budget}: lower train.batch_size or train.batches_per_epoch (or the "
+                "method's reward calls per sample, e.g. args.train_steps / args.k)"
+            )
+        bar.update(1)
         trainer.epoch = epoch + 1
         m.update(epoch=epoch, reward_queries=trainer.reward_queries, wall_s=trainer.wall_prev + time.time() - t0)
         if cfg.eval.every and trainer.epoch % cfg.eval.every == 0 and trainer.epoch < cfg.train.epochs:
@@ -286,32 +297,38 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
             for k, v in m.items():
                 if isinstance(v, (int, float)):
                     writer.add_scalar(k, v, trainer.reward_queries)
-            bar.set_postfix(reward=f"{m.get('reward_mean', float('nan')):.3f}")
-        if trainer.epoch % cfg.train.checkpoint_every == 0 or trainer.epoch == stop:
+            shown = "reward_mean" if "reward_mean" in m else "loss"
+            if shown in m:
+                bar.set_postfix({shown.split("_")[0]: f"{m[shown]:.3f}"})
+        if trainer.epoch % cfg.train.checkpoint_every == 0 or trainer.epoch == stop or budget_spent(trainer):
             trainer.wall_prev += time.time() - t0
             t0 = time.time()
             trainer.save_checkpoint()
+    bar.close()
     if writer is not None:
         writer.close()
-    if trainer.epoch < cfg.train.epochs:
+    if trainer.epoch < cfg.train.epochs and not budget_spent(trainer):
         return {"epoch": trainer.epoch, "finished": False}
 
     summary = {}
     if acc.is_main_process:
-        final = evaluate(trainer.model, trainer, grid_path=out / "samples" / "final.png", label="final")
+        final = evaluate(trainer.model, trainer, grid_path=out / "samples" / "final.png", label="final", kl=True)
+        final.update(compare(base, final))
         trainer.save_weights(out / "final")
         summary = {
             "method": cfg.method,
             "model": cfg.model,
             "reward": trainer.reward.name,
             "eval_reward": trainer.eval_reward.name if trainer.eval_reward else None,
-            "epochs": cfg.train.epochs,
+            "epochs": trainer.epoch,
+            "reward_budget": cfg.train.reward_budget or None,
             "base_reward_mean": base["reward_mean"],
             "final_reward_mean": final["reward_mean"],
             "base_eval_reward_mean": base.get("eval_reward_mean"),
             "final_eval_reward_mean": final.get("eval_reward_mean"),
-            "win_rate_vs_base": win_rate(base, final),
-            "eval_win_rate_vs_base": win_rate(base, final, "eval_sample_rewards"),
+            "win_rate_vs_base": final["win_rate"],
+            "eval_win_rate_vs_base": final["eval_win_rate"],
+            "kl": final["kl"],
             "base": base,
             "final": final,
             "reward_queries": trainer.reward_queries,
@@ -323,6 +340,18 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
         write_report_images(out)  # after summary.json: the curve shows the final evaluation
     acc.wait_for_everyone()
     return summary
+
+
+def budget_spent(trainer: Trainer) -> bool:
+    """True when another epoch would take the reward queries past `train.reward_budget`.
+
+    An epoch's cost is estimated as the mean cost of the epochs so far, so the first
+    epoch always runs; the budget is never exceeded after it."""
+    budget = trainer.cfg.train.reward_budget
+    if not budget or trainer.epoch == 0:
+        return False
+    per_epoch = trainer.reward_queries / trainer.epoch
+    return trainer.reward_queries + per_epoch > budget
 
 
 def _say(acc, msg: str) -> None:

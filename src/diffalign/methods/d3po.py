@@ -9,8 +9,12 @@ Ties (equal rewards) give no pair.
 
 Decisions: `sampling.logprob: mean` (the reference implementation averages the
 per-element log-prob; its β and ε assume that scale). Reference log-probs are computed
-at collect time under `trainer.reference()` (frozen base). Human labels
-(`args.labels`) are not implemented yet.
+at collect time under `trainer.reference()` (frozen base).
+
+Human labels (`args.labels: DIR`): instead of the reward, a person chooses between the
+two final samples, one round per epoch (`diffalign.data.human`): the run writes the
+round's pairs, stops, and trains on them once labels.json is there and it is resumed.
+No reward is queried for training then.
 """
 
 from __future__ import annotations
@@ -36,6 +40,7 @@ class D3PO(PreferenceMethod):
         inner_epochs: int = 1
         minibatches: int = 4  # optimizer steps per inner epoch (pairs split evenly)
         timestep_fraction: float = 1.0  # fraction of the steps whose pairs are trained
+        labels: str = ""  # folder of human label rounds (see diffalign.data.human); "" = rank by the reward
 
         def validate(self, where):
             if not 0 < self.clip < 1:
@@ -56,11 +61,14 @@ class D3PO(PreferenceMethod):
                                generator=t.sample_generators("d3po-xT", epoch, b, n_global=n))
             a = self.sample(local, t.sample_generators("d3po-a", epoch, b, n_global=n), latents=x_T.clone())
             c = self.sample(local, t.sample_generators("d3po-b", epoch, b, n_global=n), latents=x_T.clone())
-            ra = t.score(t.model.decode(a.final), local)
-            rb = t.score(t.model.decode(c.final), local)
-            rewards += [ra, rb]
-            a_wins = (ra > rb).to(t.device)
-            keep = (ra != rb).to(t.device)
+            if self.args.labels:
+                a_wins, keep = self.human_labels(epoch, b, local, a, c)
+            else:
+                ra = t.score(t.model.decode(a.final), local)
+                rb = t.score(t.model.decode(c.final), local)
+                rewards += [ra, rb]
+                a_wins, keep = ra > rb, ra != rb
+            a_wins, keep = a_wins.to(t.device), keep.to(t.device)
             T = a.num_steps
             g = torch.Generator().manual_seed(epoch * 1000 + b)
             n_train = max(1, int(round(T * self.args.timestep_fraction)))
@@ -72,4 +80,24 @@ class D3PO(PreferenceMethod):
                                         sel(c.latents[:, i + 1], a.latents[:, i + 1]),
                                         a.timesteps[i], a.cond, keep))
         pairs = self.add_reference(Pairs.cat(pairs))
-        return {"pairs": pairs, "epoch": epoch}, pair_metrics(pairs, torch.cat(rewards), t)
+        return {"pairs": pairs, "epoch": epoch}, pair_metrics(pairs, torch.cat(rewards) if rewards else None, t)
+
+    def human_labels(self, epoch, batch, prompts, a, c):
+        """(a_wins, keep) from the round's labels.json; without it, write the round and stop."""
+        from ..data import human
+
+        t = self.t
+        sl = t.local_slice(t.cfg.train.batch_size)
+        rows = [{"prompt": p, "a": ia, "b": ib}
+                for p, (ia, ib) in zip(prompts, human.image_ids(epoch, batch, range(sl.start, sl.stop)))]
+        folder = human.round_dir(self.args.labels, epoch)
+        labels = folder / "labels.json"
+        if labels.exists():
+            return human.read_labels(labels, rows)
+        human.write_round(folder, t.acc.process_index, t.acc.num_processes, rows, t.model.decode(a.final),
+                          t.model.decode(c.final))
+        raise human.LabelsNeeded(
+            f"epoch {epoch}: {t.cfg.train.batch_size * t.cfg.train.batches_per_epoch} pairs to label in {folder} "
+            f"(pairs{'' if t.acc.num_processes == 1 else '-*'}.json, images in img/). Write {labels} as a JSON list "
+            '[{"prompt": ..., "a": ..., "b": ..., "choice": "a" | "b" | "tie"}, ...] and resume the run '
+            f"with `diffalign train --resume {t.out}`")

@@ -82,6 +82,7 @@ def kto_loss(e_theta, e_ref, desirable, beta: float, lambda_d: float = 1.0, lamb
 
 # ---- shared machinery ----------------------------------------------------------------
 class _Offline:
+    offline_data = True  # learns from a fixed feedback file (args.data) and queries no reward while training
     requires_logprob = False
     requires_reference = True
     requires_differentiable_reward = False

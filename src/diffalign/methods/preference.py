@@ -178,7 +178,10 @@ class PreferenceMethod:
         pass
 
 
-def pair_metrics(pairs: Pairs | None, rewards: torch.Tensor, t) -> dict:
-    g = t.gather(rewards).cpu()
-    return {"reward_mean": float(g.mean()), "reward_std": float(g.std()),
-            "pairs": float(0 if pairs is None else len(pairs))}
+def pair_metrics(pairs: Pairs | None, rewards: torch.Tensor | None, t) -> dict:
+    """Pairs kept, and the training-batch reward (None: labels came from people, no reward)."""
+    m = {"pairs": float(0 if pairs is None else len(pairs))}
+    if rewards is not None:
+        g = t.gather(rewards).cpu()
+        m.update(reward_mean=float(g.mean()), reward_std=float(g.std()))
+    return m

@@ -8,8 +8,8 @@ import time
 
 import torch
 
-from . import trajectory
-from .models import load_model
+from .. import trajectory
+from ..models import load_model
 
 
 @torch.no_grad()

@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
-from . import trajectory
+from .. import trajectory
 
 
 def _generators(device, seed: int, n: int) -> list[torch.Generator]:
-    from .seeding import generators
+    from ..seeding import generators
 
     return generators(device, "eval", seed, indices=range(n))
 
@@ -40,10 +40,18 @@ def sample_eval(model, prompts: list[str], per_prompt: int, seed: int, sampling,
     return torch.cat(out), all_prompts
 
 
-def evaluate(model, trainer, grid_path: Path | None = None, label: str = "") -> dict:
-    """Training and held-out reward of `model` on the run's fixed evaluation set."""
+def evaluate(model, trainer, grid_path: Path | None = None, label: str = "", per_prompt: int | None = None,
+             seed: int | None = None, kl: bool = False) -> dict:
+    """Rewards and sample metrics of `model` on the run's fixed evaluation set.
+
+    Training and held-out reward (mean, std, per sample for win rates), and where the
+    model has an evaluation space (`spaces.py`): diversity within prompts, Fréchet
+    distance to real data, class histogram, on toy2d the distance to the exact optimum.
+    `kl=True` adds the path KL to the reference (`trainer.reference()`)."""
     cfg = trainer.cfg
-    images, prompts = sample_eval(model, trainer.prompts, cfg.eval.per_prompt, cfg.eval.seed, cfg.sampling)
+    per_prompt = per_prompt or cfg.eval.per_prompt
+    seed = cfg.eval.seed if seed is None else seed
+    images, prompts = sample_eval(model, trainer.prompts, per_prompt, seed, cfg.sampling)
     with torch.no_grad():
         r, info = trainer.reward(images, prompts)
         result = {"n": len(prompts), "reward_mean": float(r.mean()), "reward_std": float(r.std())}
@@ -54,23 +62,68 @@ def evaluate(model, trainer, grid_path: Path | None = None, label: str = "") -> 
             result.update({"eval_reward_mean": float(e.mean()), "eval_reward_std": float(e.std())})
             result["eval_sample_rewards"] = [round(float(v), 6) for v in e.flatten()]
             result.update({f"eval_reward_{k}": float(v) for k, v in einfo.items() if _is_number(v)})
-        per_prompt = {}
+        per_prompt_r = {}
         for p in dict.fromkeys(prompts):
             idx = [i for i, q in enumerate(prompts) if q == p]
-            per_prompt[p] = float(r[idx].mean())
-        result["per_prompt_reward"] = per_prompt
+            per_prompt_r[p] = float(r[idx].mean())
+        result["per_prompt_reward"] = per_prompt_r
+        result.update(sample_metrics(cfg.model, images, prompts, trainer.reward, cfg.eval.beta))
+    if kl:
+        from .kl import path_kl
+        from ..seeding import generators
+
+        all_prompts = [p for p in trainer.prompts for _ in range(per_prompt)]
+        gens = generators(model.device, "eval-kl", seed, indices=range(len(all_prompts)))
+        was_training = model.denoiser.training
+        model.denoiser.eval()
+        try:
+            k = path_kl(model, trainer.reference, all_prompts, gens, num_steps=cfg.sampling.num_steps,
+                        eta=cfg.sampling.eta, guidance_scale=cfg.sampling.guidance_scale)
+        finally:
+            model.denoiser.train(was_training)
+        result["kl"], result["kl_std"] = float(k.mean()), float(k.std())
     if grid_path is not None:
         save_grid(images, prompts, grid_path, title=f"{label} {trainer.reward.name} = {result['reward_mean']:.3f}")
     return result
 
 
+def sample_metrics(model_name: str, images: torch.Tensor, prompts: list[str], reward=None, beta: float = 1.0) -> dict:
+    """Diversity, Fréchet distance, class histogram (and toy2d's distance to p*) of decoded samples."""
+    from .metrics import class_histogram, frechet_distance, pairwise_diversity
+    from .spaces import get_space, real_features
+
+    space = get_space(model_name)
+    if space is None:
+        return {}
+    feats, real = space.features(images).cpu(), real_features(model_name)
+    out = {"diversity": pairwise_diversity(feats, prompts), "frechet": frechet_distance(feats, real)}
+    # the same distance for a random same-size subset of real data: what sampling error alone gives at this n
+    sub = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:len(feats)]
+    out["frechet_real"] = frechet_distance(real[sub], real)
+    if space.classes is not None:
+        out["class_histogram"] = class_histogram(space.classes(images), space.num_classes)
+    if model_name == "toy2d" and reward is not None and reward.name == "quadratic":
+        from .optimum import distance_to_optimum
+
+        d = distance_to_optimum(images.cpu(), beta, target=reward.fn.target, scale=reward.fn.scale)
+        out.update({"optimum_distance": d["distance"], "optimum_floor": d["floor"], "optimum_beta": beta})
+    return out
+
+
+def compare(base: dict, aligned: dict) -> dict:
+    """What only makes sense against the base: win rates (same seeds) and diversity ratio."""
+    out = {"win_rate": win_rate(base, aligned), "eval_win_rate": win_rate(base, aligned, "eval_sample_rewards")}
+    if base.get("diversity"):
+        out["diversity_rel"] = aligned["diversity"] / base["diversity"]
+    return out
+
+
 def win_rate(base: dict, final: dict, key: str = "sample_rewards") -> float | None:
     """Fraction of the fixed evaluation seeds/prompts where `final`'s sample beats `base`'s
     (same noise, same prompt); ties count half. None when either lacks per-sample rewards."""
-    a, b = final.get(key), base.get(key)
-    if not a or not b or len(a) != len(b):
-        return None
-    return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+    from .metrics import win_rate as rate
+
+    return rate(base.get(key), final.get(key))
 
 
 def _is_number(v) -> bool:

@@ -1,0 +1,180 @@
+"""report.md and figures from a bench's results.json.
+
+- a table like the seed papers' (mean ± sample std over seeds) for the base model and
+  every method: training reward, held-out reward, held-out win rate against the base,
+  diversity relative to the base, Fréchet distance, KL to the reference, reward
+  queries, wall time (and on toy2d the distance to the exact optimum p*);
+- reward_vs_queries.png: training-batch reward against reward queries, mean over seeds;
+- reward_vs_diversity.png: held-out (else training) reward against relative diversity, one
+  point per run;
+- samples.png: the first seed's final evaluation samples for every method.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from .. import checkpoint
+
+COLUMNS = [
+    ("reward_mean", "training reward", "{:.3f}"),
+    ("eval_reward_mean", "held-out reward", "{:.3f}"),
+    ("eval_win_rate", "held-out win rate", "{:.2f}"),
+    ("diversity_rel", "diversity (rel.)", "{:.2f}"),
+    ("frechet", "Fréchet dist.", "{:.2f}"),
+    ("kl", "KL (nats)", "{:.1f}"),
+    ("optimum_distance", "dist. to p*", "{:.3f}"),
+]
+
+
+def _mean_std(values, fmt: str) -> str:
+    values = [v for v in values if v is not None]
+    if not values:
+        return "–"
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return f"{fmt.format(statistics.mean(values))} ± {fmt.format(statistics.stdev(values))}"
+
+
+def summary_table(results: dict) -> str:
+    rows = results["rows"]
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    cols = [c for c in COLUMNS if any(r.get(f"aligned_{c[0]}") is not None for r in rows)]
+    head = ["method", *[c[1] for c in cols], "reward queries", "wall time (s)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    base = [r for r in rows if r["seed"] == rows[0]["seed"]][:1]  # the base is identical in every cell
+    for label, group, prefix in [("base", base, "base")] + [(m, [r for r in rows if r["method"] == m], "aligned")
+                                                            for m in methods]:
+        cells = [_mean_std([r.get(f"{prefix}_{k}") for r in group], fmt) for k, _, fmt in cols]
+        q = "0" if prefix == "base" else _mean_std([r["reward_queries"] for r in group], "{:.0f}")
+        w = "–" if prefix == "base" else _mean_std([r["wall_s"] for r in group], "{:.0f}")
+        lines.append("| " + " | ".join([label, *cells, q, w]) + " |")
+    return "\n".join(lines)
+
+
+def write_report(out: str | Path, results: dict) -> Path:
+    out = Path(out)
+    figs = [f for f in (reward_curves(out, results), reward_vs_diversity(out, results), sample_grids(out, results)) if f]
+    rows = results["rows"]
+    n_seeds = len({r["seed"] for r in rows})
+    lines = [
+        f"# Bench: suite `{results['suite']}`, {results['budget']} reward queries per run, {n_seeds} seed(s)",
+        "",
+        f"Command: `{results['command']}`  ",
+        f"Machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs, torch "
+        f"{results['machine']['torch']}; started {results['started']}, finished {results.get('finished', '–')}.",
+        "",
+        summary_table(results),
+        "",
+        f"Mean ± sample standard deviation over seeds. Every model is evaluated on the same "
+        f"{results['per_prompt']} fixed-noise samples per prompt. *Training reward* is the reward optimised; "
+        "*held-out reward* is a second, independently trained network. *Held-out win rate*: fraction of the fixed "
+        "seeds where the aligned sample beats the base sample from the same noise. *Diversity (rel.)*: mean pairwise "
+        "feature distance within a prompt, divided by the base's. *Fréchet dist.*: between samples and real data in "
+        "the evaluation feature space. *KL*: path KL to the base, summed over steps. *Reward queries* count every "
+        "call of the training reward on one image, including the pair set of the offline methods; *wall time* is "
+        "training time (plus building the pair set for offline methods) on this machine.",
+        "",
+    ]
+    real = [r.get("aligned_frechet_real") for r in rows if r.get("aligned_frechet_real") is not None]
+    if real:
+        lines.append(f"For scale: the Fréchet distance of a random real-data sample of the same size is {real[0]:.2f} "
+                     "(with fewer samples than feature dimensions the estimate carries a large small-sample bias; "
+                     "compare models with each other at equal size, not with zero).")
+    opt = [r for r in rows if r.get("aligned_optimum_floor") is not None]
+    if opt:
+        lines.append(f"Distance to the exact KL-regularised optimum p* (β = {opt[0]['aligned_optimum_beta']}), sliced "
+                     f"Wasserstein; floor between two exact samples of p*: {opt[0]['aligned_optimum_floor']:.3f}.")
+    lines += ["", *[f"![{f.stem}]({f.name})" for f in figs], ""]
+    path = out / "report.md"
+    checkpoint.atomic_write_text(path, "\n".join(lines))
+    return path
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def reward_curves(out: Path, results: dict) -> Path | None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 3.8))
+    drawn = False
+    for m in dict.fromkeys(r["method"] for r in results["rows"]):
+        curves = [r["curve"] for r in results["rows"] if r["method"] == m and r["curve"]]
+        if not curves:
+            continue
+        n = min(len(c) for c in curves)  # same query grid for every seed (the cost of an epoch is fixed)
+        xs = [statistics.mean(c[i][0] for c in curves) for i in range(n)]
+        ys = [statistics.mean(c[i][1] for c in curves) for i in range(n)]
+        ax.plot(xs, ys, marker=".", label=m)
+        drawn = True
+    if not drawn:
+        plt.close(fig)
+        return None
+    ax.set_xlabel("reward queries")
+    ax.set_ylabel("training reward (batch mean)")
+    ax.set_title("reward vs reward queries (mean over seeds)", fontsize=9)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = out / "reward_vs_queries.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def reward_vs_diversity(out: Path, results: dict) -> Path | None:
+    plt = _plt()
+    rows = results["rows"]
+    key = "eval_reward_mean" if any(r.get("aligned_eval_reward_mean") is not None for r in rows) else "reward_mean"
+    if not any(r.get("aligned_diversity_rel") is not None for r in rows):
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.8))
+    ax.scatter([1.0], [rows[0][f"base_{key}"]], marker="*", s=150, color="k", label="base")
+    for m in dict.fromkeys(r["method"] for r in rows):
+        g = [r for r in rows if r["method"] == m]
+        ax.scatter([r["aligned_diversity_rel"] for r in g], [r[f"aligned_{key}"] for r in g], label=m)
+    ax.set_xlabel("diversity relative to base")
+    ax.set_ylabel("held-out reward" if key == "eval_reward_mean" else "training reward")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7)
+    path = out / "reward_vs_diversity.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def sample_grids(out: Path, results: dict) -> Path | None:
+    plt = _plt()
+    rows = results["rows"]
+    first = {}
+    for r in rows:
+        first.setdefault(r["method"], r)
+    panels = [("base", Path(rows[0]["run"]) / "samples" / "base.png")] if rows else []
+    panels += [(m, Path(r["run"]) / "samples" / "final.png") for m, r in first.items()]
+    panels = [(m, p) for m, p in panels if p.exists()]
+    if not panels:
+        return None
+    cols = min(4, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(3.2 * cols, 3.4 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (m, p) in zip(axes.flat, panels):
+        ax.imshow(plt.imread(str(p)))
+        ax.set_title(m, fontsize=9)
+    path = out / "samples.png"
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def report_from_folder(out: str | Path) -> Path:
+    """Rewrite report.md and the figures from an existing results.json."""
+    return write_report(out, json.loads((Path(out) / "results.json").read_text()))

@@ -1,0 +1,184 @@
+"""`diffalign bench suite`: every method at the same budget of reward queries, over seeds.
+
+Each (method, seed) cell is an ordinary training run in OUT/runs/<method>/seed-<s>,
+made from `configs/<method>_<suite>.yaml` with the seed, the budget
+(`train.reward_budget`) and the evaluation size set by the bench. Online methods stop
+before an epoch would pass the budget; offline methods (Diffusion-DPO/KTO) learn from
+a pair set whose construction costs the budget (budget / 2 pairs of base samples,
+built once per seed in OUT/data/seed-<s> and shared by them).
+
+Resumable: a cell with summary.json is read, not rerun; an interrupted cell resumes
+from its newest checkpoint. results.json is rewritten after every cell; report.md and
+the figures are written at the end (`report.write_report`).
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from tqdm.auto import tqdm
+
+from .. import checkpoint
+
+
+@dataclass
+class Suite:
+    model: str
+    methods: list[str]
+    budget: int  # reward queries per cell
+    seeds: int
+    per_prompt: int  # evaluation samples per prompt (fixed seeds, base and aligned alike)
+    quick: dict = field(default_factory=dict)  # what --quick changes
+
+
+SUITES = {
+    "digits": Suite("digits", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "diffusion-dpo", "diffusion-kto"],
+                    budget=2048, seeds=3, per_prompt=20,
+                    quick={"methods": ["ddpo", "d3po", "tailorpo", "tailorpo-g"], "seeds": 1, "budget": 512}),
+    "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g"], budget=4096, seeds=3, per_prompt=1000,
+                   quick={"seeds": 1, "budget": 2048}),
+}
+
+METRICS = ["reward_mean", "eval_reward_mean", "reward_accuracy", "eval_reward_accuracy", "diversity", "diversity_rel",
+           "frechet", "frechet_real", "class_histogram", "win_rate", "eval_win_rate", "kl", "optimum_distance",
+           "optimum_floor", "optimum_beta"]
+
+
+def config_path(configs: Path, name: str, suite: str) -> Path:
+    exact = Path(configs) / f"{name}_{suite}.yaml"
+    path = exact if exact.exists() else Path(configs) / f"{name.replace('-', '_')}_{suite}.yaml"
+    if not path.exists():
+        have = sorted(p.stem[: -len(suite) - 1] for p in Path(configs).glob(f"*_{suite}.yaml"))
+        raise FileNotFoundError(f"no config for method '{name}' in suite '{suite}' ({path} is missing); "
+                                f"configs for {suite}: {', '.join(have) or 'none'} (or pass --configs DIR)")
+    return path
+
+
+def plan(suite: str, methods=None, seeds=None, budget=None, quick=False, per_prompt=None) -> dict:
+    if suite not in SUITES:
+        raise ValueError(f"unknown suite '{suite}': available: {', '.join(SUITES)}")
+    s = SUITES[suite]
+    q = s.quick if quick else {}
+    return {"suite": suite, "model": s.model,
+            "methods": list(methods or q.get("methods", s.methods)),
+            "seeds": int(seeds or q.get("seeds", s.seeds)),
+            "budget": int(budget or q.get("budget", s.budget)),
+            "per_prompt": int(per_prompt or q.get("per_prompt", s.per_prompt)),
+            "quick": bool(quick)}
+
+
+def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None, quick=False, per_prompt=None,
+              configs: str | Path = "configs", command: str | None = None) -> dict:
+    """Run (or resume) every cell of the plan; return results (also OUT/results.json)."""
+    from ..train import resolve_config
+    from .report import write_report
+
+    p = plan(suite, methods, seeds, budget, quick, per_prompt)
+    out = Path(out)
+    if p["budget"] < 1:
+        raise ValueError("--budget must be a positive number of reward queries")
+    for name in p["methods"]:  # every config is valid before anything runs
+        resolve_config(config_path(configs, name, suite), _overrides(p, 0, offline=False)[:2])
+    settings = out / "bench.json"
+    if settings.exists():
+        old = json.loads(settings.read_text())
+        for key in ("suite", "budget", "per_prompt"):
+            if old[key] != p[key]:
+                raise ValueError(f"{out} holds a bench with {key} = {old[key]}, not {p[key]}: "
+                                 "choose another --out (results at different settings must not mix)")
+    out.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(settings, json.dumps(p, indent=1))
+    results = {**p, "command": command or " ".join(sys.argv), "machine": _machine(),
+               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+    cells = [(m, s) for m in p["methods"] for s in range(p["seeds"])]
+    bar = tqdm(cells, desc=f"bench {suite}", unit="cell")
+    for name, seed in bar:
+        bar.set_postfix(method=name, seed=seed)
+        results["rows"].append(run_cell(p, out, name, seed, Path(configs)))
+        checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
+    write_report(out, results)
+    return results
+
+
+def _overrides(p: dict, seed: int, offline: bool) -> list[str]:
+    o = [f"seed={seed}", f"eval.per_prompt={p['per_prompt']}", "train.keep_checkpoints=1"]
+    if not offline:  # the budget ends training; the epoch count only caps it
+        o += [f"train.reward_budget={p['budget']}", "train.epochs=1000000"]
+    return o
+
+
+def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
+    from ..methods import get_method
+    from ..train import resolve_config, train
+
+    run = out / "runs" / name / f"seed-{seed}"
+    cfg, args = resolve_config(config_path(configs, name, p["suite"]))
+    offline = getattr(get_method(cfg.method), "offline_data", False)
+    data = ensure_pairs(p, out, seed, cfg) if offline else None
+    if not (run / "summary.json").exists():
+        if (run / "config.yaml").exists():
+            cfg, args = resolve_config(run / "config.yaml")
+            train(cfg, args, run, resume=True)
+        else:
+            extra = [f"args.data={data['path']}"] if data else []
+            cfg, args = resolve_config(config_path(configs, name, p["suite"]), _overrides(p, seed, offline) + extra)
+            train(cfg, args, run)
+    return make_row(name, seed, run, data)
+
+
+def ensure_pairs(p: dict, out: Path, seed: int, cfg) -> dict:
+    """The offline methods' feedback: budget / 2 pairs of base samples ranked by the training reward."""
+    from ..data import feedback
+    from ..models import load_model
+    from ..rewards import build_reward
+
+    folder = out / "data" / f"seed-{seed}"
+    stats_path = folder / "stats.json"
+    if not stats_path.exists():
+        start = time.time()
+        model = load_model(cfg.model)
+        with checkpoint.atomic_dir(folder) as tmp:
+            stats = feedback.make_pairs(model, build_reward(cfg.reward), cfg.prompts or model.prompts, p["budget"] // 2,
+                                        tmp, seed=1000 + seed, num_steps=cfg.sampling.num_steps, eta=cfg.sampling.eta,
+                                        guidance_scale=cfg.sampling.guidance_scale)
+            stats.update(wall_s=round(time.time() - start, 2), reward_queries=2 * (p["budget"] // 2))
+            (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
+    stats = json.loads(stats_path.read_text())
+    return {"path": str(folder.resolve() / "pairs.jsonl"), "wall_s": stats["wall_s"],
+            "reward_queries": stats["reward_queries"]}
+
+
+def make_row(name: str, seed: int, run: Path, data: dict | None) -> dict:
+    s = json.loads((run / "summary.json").read_text())
+    row = {"method": name, "algorithm": s["method"], "seed": seed, "run": str(run),
+           "reward_queries": s["reward_queries"] + (data["reward_queries"] if data else 0),
+           "wall_s": round(s["wall_s"] + (data["wall_s"] if data else 0.0), 2),
+           "epochs": s["epochs"], "offline": data is not None}
+    base = dict(s["base"], kl=0.0, win_rate=0.5, diversity_rel=1.0)
+    if "eval_sample_rewards" in base:
+        base["eval_win_rate"] = 0.5
+    for prefix, e in (("base", base), ("aligned", s["final"])):
+        for key in METRICS:
+            row[f"{prefix}_{key}"] = e.get(key)
+    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    row["curve"] = [[m["reward_queries"], m["reward_mean"]] for m in metrics if "reward_mean" in m]
+    return row
+
+
+def _machine() -> dict:
+    import os
+
+    import torch
+
+    return {"platform": platform.platform(), "python": platform.python_version(), "torch": torch.__version__,
+            "cpus": os.cpu_count(), "cuda": torch.cuda.is_available()}
+
+
+__all__ = ["SUITES", "Suite", "plan", "run_bench"]

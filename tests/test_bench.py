@@ -1,0 +1,87 @@
+"""`diffalign eval` and `diffalign bench` as a user runs them, on tiny settings."""
+
+import json
+import os
+
+import pytest
+import yaml
+
+from diffalign.cli import main
+
+TOY = {"model": "toy2d", "reward": "quadratic", "prompts": [""], "sampling": {"num_steps": 4},
+       "train": {"epochs": 2, "batch_size": 8, "batches_per_epoch": 1}, "optim": {"lr": 1e-3},
+       "eval": {"reward": None, "per_prompt": 50, "beta": 1.0}}
+ARGS = {"ddpo": {"clip_range": 0.2, "minibatches": 2}, "tailorpo": {"train_steps": [4, 2], "minibatches": 1}}
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)
+
+
+def _configs(tmp_path):
+    d = tmp_path / "configs"
+    d.mkdir()
+    for m, args in ARGS.items():
+        (d / f"{m}_toy2d.yaml").write_text(yaml.safe_dump(dict(TOY, method=m, args=args)))
+    return d
+
+
+def test_eval_command_writes_eval_json(tmp_path, capsys):
+    cfg = _configs(tmp_path) / "ddpo_toy2d.yaml"
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 0
+    capsys.readouterr()
+    assert main(["eval", str(tmp_path / "run"), "--per-prompt", "40", "--seed", "7"]) == 0
+    out = capsys.readouterr().out
+    assert "distance to p*" in out and "KL to reference" in out
+    e = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert e["per_prompt"] == 40 and e["seed"] == 7 and e["aligned"]["n"] == 40 and e["reward_queries"] == 16
+    assert e["base"]["kl"] == 0.0 and e["aligned"]["kl"] > 0
+    assert 0 <= e["aligned"]["win_rate"] <= 1 and e["aligned"]["optimum_floor"] > 0
+    # the same seed gives the same base numbers as the run's own evaluation at its size
+    assert main(["eval", str(tmp_path / "run")]) == 0
+    e2 = json.loads((tmp_path / "run" / "eval.json").read_text())
+    base = json.loads((tmp_path / "run" / "eval_base.json").read_text())
+    assert e2["base"]["reward_mean"] == pytest.approx(base["reward_mean"], abs=1e-6)
+    assert main(["eval", str(tmp_path)]) == 2
+    assert "not a run folder" in capsys.readouterr().err
+
+
+def test_bench_runs_every_cell_resumes_and_reports(tmp_path, capsys):
+    configs = _configs(tmp_path)
+    out = tmp_path / "bench"
+    argv = ["bench", "--suite", "toy2d", "--methods", "ddpo,tailorpo", "--seeds", "2", "--budget", "60",
+            "--per-prompt", "64", "--out", str(out), "--configs", str(configs)]
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| ddpo |" in printed and "| tailorpo |" in printed and "| base |" in printed
+    r = json.loads((out / "results.json").read_text())
+    assert [(x["method"], x["seed"]) for x in r["rows"]] == [("ddpo", 0), ("ddpo", 1), ("tailorpo", 0), ("tailorpo", 1)]
+    for row in r["rows"]:
+        assert 0 < row["reward_queries"] <= 60 and row["wall_s"] > 0
+        for key in ("reward_mean", "diversity", "frechet", "win_rate", "kl", "optimum_distance", "optimum_floor"):
+            assert row[f"base_{key}"] is not None and row[f"aligned_{key}"] is not None, key
+        assert row["base_kl"] == 0 and row["curve"]
+    ddpo = [x for x in r["rows"] if x["method"] == "ddpo"]
+    assert ddpo[0]["reward_queries"] == 56  # 8 per epoch: 7 epochs fit in 60
+    assert ddpo[0]["aligned_reward_mean"] != ddpo[1]["aligned_reward_mean"]  # seeds differ
+    for name in ("report.md", "reward_vs_queries.png", "reward_vs_diversity.png", "samples.png"):
+        assert (out / name).exists(), name
+    assert "dist. to p*" in (out / "report.md").read_text()
+
+    # rerun: every finished cell is read back, not trained again
+    stamp = {p: os.path.getmtime(p) for p in out.glob("runs/*/*/summary.json")}
+    assert main(argv) == 0
+    assert {p: os.path.getmtime(p) for p in out.glob("runs/*/*/summary.json")} == stamp
+    assert json.loads((out / "results.json").read_text())["rows"] == r["rows"]
+
+    # results at another budget never mix into this folder; unknown methods name the configs
+    assert main(argv[:-4] + ["--budget", "30", "--out", str(out), "--configs", str(configs)]) == 2
+    assert "budget = 60" in capsys.readouterr().err
+    assert main(["bench", "--suite", "toy2d", "--methods", "ddpoo", "--out", str(tmp_path / "b2"),
+                 "--configs", str(configs)]) == 2
+    assert "no config for method 'ddpoo'" in capsys.readouterr().err

@@ -1,0 +1,139 @@
+"""Evaluation metrics on cases with known answers, the path KL by hand, toy2d's exact optimum."""
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+from diffalign.eval import metrics
+from diffalign.eval.kl import path_kl
+from diffalign.eval.optimum import distance_to_optimum, optimum_log_prob, sample_optimum, tilted_mixture
+from diffalign.models import toy2d
+from diffalign.rewards.toy2d import quadratic
+from tiny_models import tiny_model
+
+
+def test_pairwise_diversity_known_answers():
+    x = torch.tensor([[0.0, 0.0], [3.0, 4.0]])
+    assert metrics.pairwise_diversity(x) == pytest.approx(5.0)
+    assert metrics.pairwise_diversity(torch.ones(6, 3)) == 0.0
+    # three points on a line 0, 1, 3: pair distances 1, 3, 2 -> mean 2
+    assert metrics.pairwise_diversity(torch.tensor([[0.0], [1.0], [3.0]])) == pytest.approx(2.0)
+    # per group, then averaged: group a spread 5, group b spread 0 -> 2.5 (never across groups)
+    y = torch.tensor([[0.0, 0.0], [3.0, 4.0], [100.0, 0.0], [100.0, 0.0]])
+    assert metrics.pairwise_diversity(y, ["a", "a", "b", "b"]) == pytest.approx(2.5)
+    assert metrics.pairwise_diversity(2 * y, ["a", "a", "b", "b"]) == pytest.approx(5.0)
+    with pytest.raises(ValueError, match="two samples"):
+        metrics.pairwise_diversity(y, ["a", "b", "c", "d"])
+    with pytest.raises(ValueError, match="group labels"):
+        metrics.pairwise_diversity(y, ["a"])
+
+
+def test_frechet_known_answers():
+    # diagonal covariances: ||dmu||^2 + sum (sqrt(a_i) - sqrt(b_i))^2 = 5 + (1-2)^2 + (2-1)^2 = 7
+    d = metrics.frechet_from_stats([0.0, 0.0], torch.diag(torch.tensor([1.0, 4.0])).numpy(),
+                                   [1.0, 2.0], torch.diag(torch.tensor([4.0, 1.0])).numpy())
+    assert d == pytest.approx(7.0, abs=1e-9)
+    g = torch.Generator().manual_seed(0)
+    a = torch.randn(4000, 3, generator=g)
+    assert metrics.frechet_distance(a, a) == pytest.approx(0.0, abs=1e-6)
+    # shifted Gaussians N(0, I) vs N(m, I): ||m||^2 = 4 (sampling error only)
+    b = torch.randn(20000, 3, generator=g) + torch.tensor([2.0, 0.0, 0.0])
+    c = torch.randn(20000, 3, generator=g)
+    assert metrics.frechet_distance(b, c) == pytest.approx(4.0, abs=0.1)
+    # fewer samples than dimensions: singular covariances still give a finite, nonnegative value
+    assert metrics.frechet_distance(torch.randn(5, 16, generator=g), torch.randn(7, 16, generator=g)) >= 0
+    with pytest.raises(ValueError, match="feature sizes"):
+        metrics.frechet_distance(torch.randn(5, 3), torch.randn(5, 4))
+
+
+def test_class_histogram_and_win_rate():
+    assert metrics.class_histogram(torch.tensor([0, 2, 2, 1]), 3) == [0.25, 0.25, 0.5]
+    assert metrics.class_histogram(torch.tensor([3, 3]), 4) == [0.0, 0.0, 0.0, 1.0]
+    assert metrics.win_rate([0.0, 1.0, 2.0, 3.0], [1.0, 1.0, 0.0, 5.0]) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+    assert metrics.win_rate([1.0], None) is None
+    assert metrics.win_rate([1.0, 2.0], [1.0]) is None
+
+
+class ConstEps(torch.nn.Module):
+    """eps = value everywhere, whatever x, t, c; `value` is switched by the reference context."""
+
+    def __init__(self, value):
+        super().__init__()
+        self.value = value
+        self.unused = torch.nn.Parameter(torch.zeros(1))  # the model finds its device from a parameter
+
+    def forward(self, x, t, c):
+        return torch.full_like(x, self.value)
+
+
+def test_path_kl_matches_hand_computation():
+    model = tiny_model()
+    model.denoiser = ConstEps(0.3)
+
+    @contextlib.contextmanager
+    def reference():
+        model.denoiser.value = 0.0
+        try:
+            yield
+        finally:
+            model.denoiser.value = 0.3
+
+    T, eta, c = 5, 1.0, 0.3
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    kl = path_kl(model, reference, ["0", "1", "2"], gens, num_steps=T, eta=eta, guidance_scale=1.0)
+    # DDIM mean = sqrt(a_prev) (x - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_prev - s^2) eps, so a constant
+    # eps difference c moves every element of the mean by coef * c, with the same std s for both models
+    s = model.scheduler
+    s.set_timesteps(T)
+    ac = s.alphas_cumprod.double()
+    expected = 0.0
+    for t in s.timesteps.tolist():
+        prev = t - s.config.num_train_timesteps // T
+        a_t, a_p = ac[t], ac[prev] if prev >= 0 else s.final_alpha_cumprod.double()
+        var = eta ** 2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+        coef = -math.sqrt(a_p) * math.sqrt(1 - a_t) / math.sqrt(a_t) + math.sqrt(1 - a_p - var)
+        expected += 16 * (coef * c) ** 2 / (2 * var)  # 16 elements per (1, 4, 4) sample
+    assert kl.shape == (3,)
+    assert torch.allclose(kl, torch.full((3,), float(expected), dtype=kl.dtype), rtol=1e-4)
+    # the same model on both sides: zero
+    assert path_kl(model, contextlib.nullcontext, ["0"], gens[:1], num_steps=T, eta=eta,
+                   guidance_scale=1.0).item() == 0.0
+    with pytest.raises(ValueError, match="eta > 0"):
+        path_kl(model, reference, ["0"], gens[:1], num_steps=T, eta=0.0, guidance_scale=1.0)
+
+
+def test_tilted_mixture_is_the_normalised_product():
+    """p* from the closed form equals p_ref * exp(r / beta), normalised on a fine grid."""
+    beta = 0.7
+    xs = torch.linspace(-4, 5, 451, dtype=torch.float64)
+    grid = torch.stack(torch.meshgrid(xs, xs, indexing="ij"), -1).reshape(-1, 2)
+    log_unnorm = toy2d.log_prob(grid.float()).double() + quadratic(grid).double() / beta
+    cell = float((xs[1] - xs[0]) ** 2)
+    log_z = torch.logsumexp(log_unnorm, 0) + math.log(cell)
+    pts = torch.tensor([[1.5, 0.0], [0.8, 1.2], [1.9, 1.8], [-0.5, 1.0]], dtype=torch.float64)
+    numeric = toy2d.log_prob(pts.float()).double() + quadratic(pts).double() / beta - log_z
+    assert torch.allclose(optimum_log_prob(pts, beta), numeric, atol=2e-3)
+    # a huge beta leaves p_ref unchanged; a small one puts the mass near the target
+    w, m, P = tilted_mixture(1e9)
+    assert torch.allclose(w, toy2d.WEIGHTS.double(), atol=1e-6)
+    assert torch.allclose(m, toy2d.MEANS.double(), atol=1e-6)
+    pts = sample_optimum(4000, 0.05, torch.Generator().manual_seed(0))
+    assert quadratic(pts).mean() > quadratic(toy2d.sample_data(4000, torch.Generator().manual_seed(0))).mean() + 2
+    # sample mean matches the closed-form mixture mean
+    w, m, _ = tilted_mixture(beta)
+    mean = (w[:, None] * m).sum(0)
+    assert torch.allclose(sample_optimum(50000, beta, torch.Generator().manual_seed(1)).mean(0).double(), mean, atol=0.02)
+    with pytest.raises(ValueError, match="beta"):
+        tilted_mixture(0.0)
+
+
+def test_distance_to_optimum_floor():
+    beta = 1.0
+    exact = sample_optimum(2000, beta, torch.Generator().manual_seed(5))
+    d = distance_to_optimum(exact, beta)
+    assert d["floor"] < 0.1
+    assert d["distance"] < 3 * d["floor"] + 0.02  # an exact sample sits at the floor
+    far = distance_to_optimum(toy2d.sample_data(2000, torch.Generator().manual_seed(5)), beta)
+    assert far["distance"] > 5 * far["floor"]  # the base distribution is far from p*
