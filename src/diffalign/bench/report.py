@@ -81,8 +81,8 @@ def write_report(out: str | Path, results: dict) -> Path:
     real = [r.get("aligned_frechet_real") for r in rows if r.get("aligned_frechet_real") is not None]
     if real:
         lines.append(f"For scale: the Fréchet distance of a random real-data sample of the same size is {real[0]:.2f} "
-                     "(with fewer samples than feature dimensions the estimate carries a large small-sample bias; "
-                     "compare models with each other at equal size, not with zero).")
+                     "(the estimate is biased upward at small sizes, most when there are fewer samples than feature "
+                     "dimensions: compare models with each other at equal size, not with zero).")
     opt = [r for r in rows if r.get("aligned_optimum_floor") is not None]
     if opt:
         lines.append(f"Distance to the exact KL-regularised optimum p* (β = {opt[0]['aligned_optimum_beta']}), sliced "

@@ -39,7 +39,7 @@ class Suite:
 SUITES = {
     "digits": Suite("digits", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "diffusion-dpo", "diffusion-kto"],
                     budget=2048, seeds=3, per_prompt=20,
-                    quick={"methods": ["ddpo", "d3po", "tailorpo", "tailorpo-g"], "seeds": 1, "budget": 512}),
+                    quick={"seeds": 1, "budget": 512}),
     "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g"], budget=4096, seeds=3, per_prompt=1000,
                    quick={"seeds": 1, "budget": 2048}),
 }
