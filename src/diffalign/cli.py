@@ -72,7 +72,22 @@ def _eval(a) -> int:
     from .eval import evaluate_run
     from .eval.run import format_eval
 
-    result = evaluate_run(a.run, per_prompt=a.per_prompt, seed=a.seed)
+    per_prompt = a.per_prompt
+    if a.n is not None:
+        if a.per_prompt is not None:
+            raise SystemExit("give either --n (total samples) or --per-prompt, not both")
+        from .train import resolve_config
+
+        if not (Path(a.run) / "config.yaml").exists():
+            raise FileNotFoundError(f"{a.run} is not a run folder (no config.yaml): pass the --out folder of `diffalign train`")
+        cfg, _ = resolve_config(Path(a.run) / "config.yaml")
+        n_prompts = len(cfg.prompts) if cfg.prompts else None
+        if n_prompts is None:
+            from .models import load_model
+
+            n_prompts = len(load_model(cfg.model).prompts)
+        per_prompt = max(2, -(-a.n // n_prompts))  # at least n samples, the same number for every prompt
+    result = evaluate_run(a.run, per_prompt=per_prompt, seed=a.seed)
     print(format_eval(result))
     print(f"written: {Path(a.run) / 'eval.json'}")
     return 0
@@ -180,6 +195,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_parser(kind, help=f"list registered {kind}").set_defaults(fn=lambda a, k=kind: _list(k))
     e = sub.add_parser("eval", help="evaluate a run's aligned model against its base on fixed seeds (eval.json)")
     e.add_argument("run", help="run folder (the --out of `diffalign train`)")
+    e.add_argument("--n", type=int, default=None, help="total samples (rounded up to a whole number per prompt)")
     e.add_argument("--per-prompt", type=int, default=None, help="samples per prompt (default: the run's eval.per_prompt)")
     e.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's eval.seed)")
     e.set_defaults(fn=_eval)

@@ -4,7 +4,8 @@
   every method: training reward, held-out reward, held-out win rate against the base,
   diversity relative to the base, Fréchet distance, KL to the reference, reward
   queries, wall time (and on toy2d the distance to the exact optimum p*);
-- reward_vs_queries.png: training-batch reward against reward queries, mean over seeds;
+- reward_vs_queries.png: training-batch reward against reward queries (mean over seeds), and
+  the fixed evaluation set's reward of base and final model against the queries spent;
 - reward_vs_diversity.png: held-out (else training) reward against relative diversity, one
   point per run;
 - samples.png: the first seed's final evaluation samples for every method.
@@ -103,26 +104,34 @@ def _plt():
 
 
 def reward_curves(out: Path, results: dict) -> Path | None:
+    """Left: training-batch reward per epoch (what each method saw; for the branching methods
+    these are their selected/guided paths, not plain policy samples). Right: the same reward
+    on the fixed evaluation set, base (0 queries) and final model — comparable across methods."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(6, 3.8))
-    drawn = False
-    for m in dict.fromkeys(r["method"] for r in results["rows"]):
-        curves = [r["curve"] for r in results["rows"] if r["method"] == m and r["curve"]]
-        if not curves:
-            continue
-        n = min(len(c) for c in curves)  # same query grid for every seed (the cost of an epoch is fixed)
-        xs = [statistics.mean(c[i][0] for c in curves) for i in range(n)]
-        ys = [statistics.mean(c[i][1] for c in curves) for i in range(n)]
-        ax.plot(xs, ys, marker=".", label=m)
-        drawn = True
-    if not drawn:
-        plt.close(fig)
-        return None
-    ax.set_xlabel("reward queries")
-    ax.set_ylabel("training reward (batch mean)")
-    ax.set_title("reward vs reward queries (mean over seeds)", fontsize=9)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7)
+    rows = results["rows"]
+    fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        g = [r for r in rows if r["method"] == m]
+        curves = [r["curve"] for r in g if r["curve"]]
+        color = f"C{i % 10}"
+        if curves:
+            n = min(len(c) for c in curves)  # same query grid for every seed (the cost of an epoch is fixed)
+            xs = [statistics.mean(c[i][0] for c in curves) for i in range(n)]
+            ys = [statistics.mean(c[i][1] for c in curves) for i in range(n)]
+            ax.plot(xs, ys, marker=".", label=m, color=color)
+        x = statistics.mean(r["reward_queries"] for r in g)
+        y0 = statistics.mean(r["base_reward_mean"] for r in g)
+        y1 = [r["aligned_reward_mean"] for r in g]
+        bx.errorbar([0, x], [y0, statistics.mean(y1)],
+                                yerr=[0, statistics.stdev(y1) if len(y1) > 1 else 0], marker="o", capsize=3,
+                                linestyle="--", color=color, label=m)
+    ax.set_title("training batches (branching methods: their chosen paths)", fontsize=9)
+    bx.set_title("fixed evaluation set: base → final (mean ± std over seeds)", fontsize=9)
+    for a in (ax, bx):
+        a.set_xlabel("reward queries")
+        a.grid(alpha=0.3)
+    ax.set_ylabel("training reward")
+    bx.legend(fontsize=7)
     path = out / "reward_vs_queries.png"
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -137,9 +146,10 @@ def reward_vs_diversity(out: Path, results: dict) -> Path | None:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.8))
     ax.scatter([1.0], [rows[0][f"base_{key}"]], marker="*", s=150, color="k", label="base")
-    for m in dict.fromkeys(r["method"] for r in rows):
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
         g = [r for r in rows if r["method"] == m]
-        ax.scatter([r["aligned_diversity_rel"] for r in g], [r[f"aligned_{key}"] for r in g], label=m)
+        ax.scatter([r["aligned_diversity_rel"] for r in g], [r[f"aligned_{key}"] for r in g], label=m,
+                   color=f"C{i % 10}")
     ax.set_xlabel("diversity relative to base")
     ax.set_ylabel("held-out reward" if key == "eval_reward_mean" else "training reward")
     ax.grid(alpha=0.3)

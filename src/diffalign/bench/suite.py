@@ -86,22 +86,25 @@ def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None
         resolve_config(config_path(configs, name, suite), _overrides(p, 0, offline=False)[:2])
     settings = out / "bench.json"
     if settings.exists():
-        old = json.loads(settings.read_text())
+        prev = json.loads(settings.read_text())
         for key in ("suite", "budget", "per_prompt"):
-            if old[key] != p[key]:
-                raise ValueError(f"{out} holds a bench with {key} = {old[key]}, not {p[key]}: "
+            if prev[key] != p[key]:
+                raise ValueError(f"{out} holds a bench with {key} = {prev[key]}, not {p[key]}: "
                                  "choose another --out (results at different settings must not mix)")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(settings, json.dumps(p, indent=1))
-    results = {**p, "command": command or " ".join(sys.argv), "machine": _machine(),
-               "started": time.strftime("%Y-%m-%d %H:%M:%S"), "rows": []}
+    old = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
+    started = old.get("started", time.strftime("%Y-%m-%d %H:%M:%S"))  # a resumed bench keeps its start time
+    results = {**p, "command": command or " ".join(sys.argv), "machine": _machine(), "started": started, "rows": []}
     cells = [(m, s) for m in p["methods"] for s in range(p["seeds"])]
+    done_before = all((out / "runs" / m / f"seed-{s}" / "summary.json").exists() for m, s in cells)
     bar = tqdm(cells, desc=f"bench {suite}", unit="cell")
     for name, seed in bar:
         bar.set_postfix(method=name, seed=seed)
         results["rows"].append(run_cell(p, out, name, seed, Path(configs)))
         checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
-    results["finished"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    # rerunning a finished bench only rewrites the report: it keeps the original finish time
+    results["finished"] = old["finished"] if done_before and "finished" in old else time.strftime("%Y-%m-%d %H:%M:%S")
     checkpoint.atomic_write_text(out / "results.json", json.dumps(results, indent=1))
     write_report(out, results)
     return results
