@@ -81,3 +81,10 @@ def test_full_fine_tuning_option(tmp_path, capsys):
     assert (tmp_path / "run" / "final" / "unet" / "diffusion_pytorch_model.safetensors").exists()
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["finished"]
+    assert summary["kl"] is None  # DDPO keeps no frozen copy when fully fine-tuning
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    assert main(["eval", str(tmp_path / "run")]) == 0  # eval rebuilds the base from the untouched weights
+    e = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert e["base"]["kl"] == 0 and e["aligned"]["kl"] > 0

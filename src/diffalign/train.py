@@ -133,6 +133,12 @@ class Trainer:
         self.reward_queries += len(prompts) * self.acc.num_processes
         return rewards.float()
 
+    @property
+    def has_reference(self) -> bool:
+        """LoRA (the adapter-free base) or a frozen copy; full fine-tuning by a method that
+        needs no reference keeps none (no second copy of the weights)."""
+        return self.ref_denoiser is not None or self.lora_config is not None
+
     @contextlib.contextmanager
     def reference(self):
         """Inside, `self.model`/`self.policy` compute the frozen base model."""
@@ -312,7 +318,8 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
 
     summary = {}
     if acc.is_main_process:
-        final = evaluate(trainer.model, trainer, grid_path=out / "samples" / "final.png", label="final", kl=True)
+        final = evaluate(trainer.model, trainer, grid_path=out / "samples" / "final.png", label="final",
+                         kl=trainer.has_reference)
         final.update(compare(base, final))
         trainer.save_weights(out / "final")
         summary = {
@@ -328,7 +335,7 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
             "final_eval_reward_mean": final.get("eval_reward_mean"),
             "win_rate_vs_base": final["win_rate"],
             "eval_win_rate_vs_base": final["eval_win_rate"],
-            "kl": final["kl"],
+            "kl": final.get("kl"),  # None: full fine-tuning without a reference copy (`diffalign eval` has it)
             "base": base,
             "final": final,
             "reward_queries": trainer.reward_queries,

@@ -29,6 +29,11 @@ def evaluate_run(run_dir: str | Path, per_prompt: int | None = None, seed: int |
     t = Trainer(cfg, args, run, build_method=False)
     from .. import adapters
 
+    if not t.has_reference:  # full fine-tuning: the base is the weights before the checkpoint is loaded
+        import copy
+
+        t.ref_denoiser = copy.deepcopy(adapters.unwrap(t.policy.denoiser)).requires_grad_(False).eval()
+
     state = checkpoint.load(ckpt, adapters.unwrap(t.policy.denoiser), None)
     start = time.time()
     per_prompt = per_prompt or cfg.eval.per_prompt
