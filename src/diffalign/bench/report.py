@@ -103,6 +103,12 @@ def _plt():
     return plt
 
 
+def _save(plt, fig, path: Path) -> Path:
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
 def reward_curves(out: Path, results: dict) -> Path | None:
     """Left: training-batch reward per epoch (what each method saw; for the branching methods
     these are their selected/guided paths, not plain policy samples). Right: the same reward
@@ -132,10 +138,7 @@ def reward_curves(out: Path, results: dict) -> Path | None:
         a.grid(alpha=0.3)
     ax.set_ylabel("training reward")
     bx.legend(fontsize=7)
-    path = out / "reward_vs_queries.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "reward_vs_queries.png")
 
 
 def reward_vs_diversity(out: Path, results: dict) -> Path | None:
@@ -154,10 +157,7 @@ def reward_vs_diversity(out: Path, results: dict) -> Path | None:
     ax.set_ylabel("held-out reward" if key == "eval_reward_mean" else "training reward")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
-    path = out / "reward_vs_diversity.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "reward_vs_diversity.png")
 
 
 def sample_grids(out: Path, results: dict) -> Path | None:
@@ -179,10 +179,7 @@ def sample_grids(out: Path, results: dict) -> Path | None:
     for ax, (m, p) in zip(axes.flat, panels):
         ax.imshow(plt.imread(str(p)))
         ax.set_title(m, fontsize=9)
-    path = out / "samples.png"
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return _save(plt, fig, out / "samples.png")
 
 
 def report_from_folder(out: str | Path) -> Path:
