@@ -54,6 +54,14 @@ def format_summary(s: dict) -> str:
     for key, label in (("eval_reward_accuracy", "held-out accuracy"), ("reward_accuracy", "training-classifier accuracy")):
         if key in s["base"]:
             rows.append((label, f"{s['base'][key]:.3f}", f"{s['final'][key]:.3f}"))
+    b, f = s["base"], s["final"]
+    if f.get("eval_win_rate") is not None:
+        rows.append(("held-out win rate vs base (same noise)", "", f"{f['eval_win_rate']:.2f}"))
+    if f.get("diversity") is not None:
+        rows.append(("diversity within a prompt", f"{b['diversity']:.3f}", f"{f['diversity']:.3f}"))
+        rows.append(("Fréchet distance to real data", f"{b['frechet']:.3f}", f"{f['frechet']:.3f}"))
+    if f.get("kl") is not None:
+        rows.append(("KL to base (nats, path)", "0", f"{f['kl']:.1f}"))
     w = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
     lines.append(f"{s['method']} on {s['model']}: {s['reward_queries']} reward queries, {s['wall_s']:.0f} s")
