@@ -16,3 +16,13 @@ def tiny():
     from tiny_models import tiny_model
 
     return tiny_model()
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """accelerate keeps process-wide state; every test starts (and ends) without it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(True)
+    yield
+    AcceleratorState._reset_state(True)

@@ -14,14 +14,6 @@ TOY = {"model": "toy2d", "reward": "quadratic", "prompts": [""], "sampling": {"n
 ARGS = {"ddpo": {"clip_range": 0.2, "minibatches": 2}, "tailorpo": {"train_steps": [4, 2], "minibatches": 1}}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 def _configs(tmp_path):
     d = tmp_path / "configs"

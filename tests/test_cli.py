@@ -8,14 +8,6 @@ import yaml
 from diffalign.cli import main
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 def test_listings(capsys):
     assert main(["methods"]) == 0

@@ -15,14 +15,6 @@ TOY = {"method": "d3po", "model": "toy2d", "reward": "quadratic", "prompts": [""
        "eval": {"reward": None, "per_prompt": 16}, "args": {"minibatches": 2}}
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 def label_like_the_reward(folder, tie_first=False):
     """A 'person' who prefers the point nearer the target (what the quadratic reward ranks)."""

@@ -13,14 +13,6 @@ from diffalign.data import feedback
 from diffalign.methods.offline import denoising_error, dpo_loss, kto_loss, labels_set_from_pairs
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 # ---- losses: hand-worked values ------------------------------------------------------
 def test_dpo_loss_hand_worked():

@@ -20,14 +20,6 @@ ROOT = Path(__file__).resolve().parents[1]
 LOG2 = math.log(2.0)
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 # ---- the shared loss ---------------------------------------------------------------
 def _loss(lw, ll, beta, clip):

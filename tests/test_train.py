@@ -27,14 +27,6 @@ TOY = {
 }
 
 
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-
-    AcceleratorState._reset_state(True)
-    yield
-    AcceleratorState._reset_state(True)
-
 
 def _weights(run: Path) -> dict:
     return load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
