@@ -80,22 +80,7 @@ def _eval(a) -> int:
     from .eval import evaluate_run
     from .eval.run import format_eval
 
-    per_prompt = a.per_prompt
-    if a.n is not None:
-        if a.per_prompt is not None:
-            raise SystemExit("give either --n (total samples) or --per-prompt, not both")
-        from .train import resolve_config
-
-        if not (Path(a.run) / "config.yaml").exists():
-            raise FileNotFoundError(f"{a.run} is not a run folder (no config.yaml): pass the --out folder of `diffalign train`")
-        cfg, _ = resolve_config(Path(a.run) / "config.yaml")
-        n_prompts = len(cfg.prompts) if cfg.prompts else None
-        if n_prompts is None:
-            from .models import load_model
-
-            n_prompts = len(load_model(cfg.model).prompts)
-        per_prompt = max(2, -(-a.n // n_prompts))  # at least n samples, the same number for every prompt
-    result = evaluate_run(a.run, per_prompt=per_prompt, seed=a.seed)
+    result = evaluate_run(a.run, per_prompt=a.per_prompt, seed=a.seed, n=a.n)
     print(format_eval(result))
     print(f"written: {Path(a.run) / 'eval.json'}")
     return 0

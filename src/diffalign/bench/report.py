@@ -18,6 +18,7 @@ import statistics
 from pathlib import Path
 
 from .. import checkpoint
+from ..eval.core import pyplot
 
 COLUMNS = [
     ("reward_mean", "training reward", "{:.3f}"),
@@ -94,15 +95,6 @@ def write_report(out: str | Path, results: dict) -> Path:
     return path
 
 
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(plt, fig, path: Path) -> Path:
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
@@ -113,7 +105,7 @@ def reward_curves(out: Path, results: dict) -> Path | None:
     """Left: training-batch reward per epoch (what each method saw; for the branching methods
     these are their selected/guided paths, not plain policy samples). Right: the same reward
     on the fixed evaluation set, base (0 queries) and final model — comparable across methods."""
-    plt = _plt()
+    plt = pyplot()
     rows = results["rows"]
     fig, (ax, bx) = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
     for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
@@ -142,7 +134,7 @@ def reward_curves(out: Path, results: dict) -> Path | None:
 
 
 def reward_vs_diversity(out: Path, results: dict) -> Path | None:
-    plt = _plt()
+    plt = pyplot()
     rows = results["rows"]
     key = "eval_reward_mean" if any(r.get("aligned_eval_reward_mean") is not None for r in rows) else "reward_mean"
     if not any(r.get("aligned_diversity_rel") is not None for r in rows):
@@ -161,7 +153,7 @@ def reward_vs_diversity(out: Path, results: dict) -> Path | None:
 
 
 def sample_grids(out: Path, results: dict) -> Path | None:
-    plt = _plt()
+    plt = pyplot()
     rows = results["rows"]
     first = {}
     for r in rows:

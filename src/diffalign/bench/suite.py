@@ -24,6 +24,7 @@ from pathlib import Path
 from tqdm.auto import tqdm
 
 from .. import checkpoint
+from ..eval.core import as_baseline
 
 
 @dataclass
@@ -164,10 +165,7 @@ def make_row(name: str, seed: int, run: Path, data: dict | None) -> dict:
            "reward_queries": s["reward_queries"] + (data["reward_queries"] if data else 0),
            "wall_s": round(s["wall_s"] + (data["wall_s"] if data else 0.0), 2),
            "epochs": s["epochs"], "offline": data is not None}
-    base = dict(s["base"], kl=0.0, win_rate=0.5, diversity_rel=1.0)
-    if "eval_sample_rewards" in base:
-        base["eval_win_rate"] = 0.5
-    for prefix, e in (("base", base), ("aligned", s["final"])):
+    for prefix, e in (("base", as_baseline(s["base"])), ("aligned", s["final"])):
         for key in METRICS:
             row[f"{prefix}_{key}"] = e.get(key)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -36,14 +36,18 @@ class FeedbackError(ValueError):
 
 
 # ---- images --------------------------------------------------------------------
-def save_png(img: torch.Tensor, path: Path) -> None:
-    """Save one decoded image (C, H, W) in [0, 1] as an 8-bit PNG (grayscale for C == 1)."""
+def save_png(img: torch.Tensor, path: Path, scale: int = 1) -> None:
+    """Save one decoded image (C, H, W) in [0, 1] as an 8-bit PNG (grayscale for C == 1),
+    enlarged `scale` times with nearest-neighbour pixels (for people to look at)."""
     from PIL import Image
 
     a = (img.detach().float().cpu().clamp(0, 1) * 255).round().to(torch.uint8).numpy()
     a = a[0] if a.shape[0] == 1 else a.transpose(1, 2, 0)
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(a).save(path)
+    im = Image.fromarray(a)
+    if scale != 1:
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+    im.save(path)
 
 
 def load_png(path: Path) -> torch.Tensor:

@@ -22,6 +22,8 @@ from pathlib import Path
 
 import torch
 
+from .feedback import save_png
+
 CHOICES = ("a", "b", "tie")
 
 
@@ -47,7 +49,7 @@ def write_round(folder: Path, rank: int, nproc: int, rows: list[dict], images_a:
         for side, x in (("a", xa), ("b", xb)):
             if x.ndim == 3:  # an image (C, H, W) in [0, 1]
                 rel = Path("img") / f"{row[side]}.png"
-                _save_png(x, folder / rel)
+                save_png(x, folder / rel, scale=8)
                 row[f"{side}_file"] = str(rel)
             else:
                 row[f"{side}_value"] = [round(float(v), 6) for v in x.flatten()]
@@ -55,15 +57,6 @@ def write_round(folder: Path, rank: int, nproc: int, rows: list[dict], images_a:
     path = folder / ("pairs.json" if nproc == 1 else f"pairs-{rank}.json")
     path.write_text(json.dumps(out, indent=1))
     return path
-
-
-def _save_png(x: torch.Tensor, path: Path, scale: int = 8) -> None:
-    from PIL import Image
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    a = (x.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
-    img = Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a)
-    img.resize((img.width * scale, img.height * scale), Image.NEAREST).save(path)
 
 
 def read_labels(path: Path, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ set always draws from a generator seeded by (eval seed, i).
 
 from __future__ import annotations
 
+import contextlib
 import json
 from pathlib import Path
 
@@ -14,29 +15,37 @@ import torch
 from .. import trajectory
 
 
-def _generators(device, seed: int, n: int) -> list[torch.Generator]:
+def eval_set(device, prompts: list[str], per_prompt: int, seed: int, purpose: str = "eval"):
+    """Each prompt repeated `per_prompt` times, and one generator per sample seeded by (purpose, seed, i)."""
     from ..seeding import generators
 
-    return generators(device, "eval", seed, indices=range(n))
+    all_prompts = [p for p in prompts for _ in range(per_prompt)]
+    return all_prompts, generators(device, purpose, seed, indices=range(len(all_prompts)))
+
+
+@contextlib.contextmanager
+def eval_mode(model):
+    """The denoiser in eval mode inside, back to its previous mode after."""
+    was_training = model.denoiser.training
+    model.denoiser.eval()
+    try:
+        yield
+    finally:
+        model.denoiser.train(was_training)
 
 
 @torch.no_grad()
 def sample_eval(model, prompts: list[str], per_prompt: int, seed: int, sampling, batch_size: int = 128):
     """Decoded samples (N, ...) for each prompt repeated `per_prompt` times, on fixed noise."""
-    all_prompts = [p for p in prompts for _ in range(per_prompt)]
-    gens = _generators(model.device, seed, len(all_prompts))
-    was_training = model.denoiser.training
-    model.denoiser.eval()
+    all_prompts, gens = eval_set(model.device, prompts, per_prompt, seed)
     out = []
-    try:
+    with eval_mode(model):
         for i in range(0, len(all_prompts), batch_size):
             traj = trajectory.sample(
                 model, all_prompts[i:i + batch_size], num_steps=sampling.num_steps, eta=sampling.eta,
                 guidance_scale=sampling.guidance_scale, generator=gens[i:i + batch_size], with_logprob=False,
             )
             out.append(model.decode(traj.final))
-    finally:
-        model.denoiser.train(was_training)
     return torch.cat(out), all_prompts
 
 
@@ -70,17 +79,11 @@ def evaluate(model, trainer, grid_path: Path | None = None, label: str = "", per
         result.update(sample_metrics(cfg.model, images, prompts, trainer.reward, cfg.eval.beta))
     if kl:
         from .kl import path_kl
-        from ..seeding import generators
 
-        all_prompts = [p for p in trainer.prompts for _ in range(per_prompt)]
-        gens = generators(model.device, "eval-kl", seed, indices=range(len(all_prompts)))
-        was_training = model.denoiser.training
-        model.denoiser.eval()
-        try:
+        all_prompts, gens = eval_set(model.device, trainer.prompts, per_prompt, seed, "eval-kl")
+        with eval_mode(model):
             k = path_kl(model, trainer.reference, all_prompts, gens, num_steps=cfg.sampling.num_steps,
                         eta=cfg.sampling.eta, guidance_scale=cfg.sampling.guidance_scale)
-        finally:
-            model.denoiser.train(was_training)
         result["kl"], result["kl_std"] = float(k.mean()), float(k.std())
     if grid_path is not None:
         save_grid(images, prompts, grid_path, title=f"{label} {trainer.reward.name} = {result['reward_mean']:.3f}")
@@ -118,6 +121,12 @@ def compare(base: dict, aligned: dict) -> dict:
     return out
 
 
+def as_baseline(base: dict) -> dict:
+    """The base model's evaluation with the comparison keys filled in against itself
+    (win rates 0.5 or None, diversity ratio 1, KL 0), so it reads like an aligned row."""
+    return {**base, **compare(base, base), "kl": 0.0}
+
+
 def win_rate(base: dict, final: dict, key: str = "sample_rewards") -> float | None:
     """Fraction of the fixed evaluation seeds/prompts where `final`'s sample beats `base`'s
     (same noise, same prompt); ties count half. None when either lacks per-sample rewards."""
@@ -130,12 +139,19 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)
 
 
-def save_grid(images: torch.Tensor, prompts: list[str], path: Path, title: str = "") -> Path:
-    """One row per prompt: an image grid for NCHW images, a scatter plot for 2-D points."""
+def pyplot():
+    """matplotlib.pyplot with the file-only Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_grid(images: torch.Tensor, prompts: list[str], path: Path, title: str = "") -> Path:
+    """One row per prompt: an image grid for NCHW images, a scatter plot for 2-D points."""
+    plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -165,10 +181,7 @@ def save_grid(images: torch.Tensor, prompts: list[str], path: Path, title: str =
 
 def write_report_images(run_dir: Path) -> Path | None:
     """reward_curve.png: training reward per epoch against reward queries."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():

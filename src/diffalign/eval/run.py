@@ -7,16 +7,19 @@ import time
 from pathlib import Path
 
 from .. import checkpoint
-from .core import compare, evaluate
+from .core import as_baseline, compare, evaluate
 
 
 def evaluate_run(run_dir: str | Path, per_prompt: int | None = None, seed: int | None = None,
-                 write: bool = True, base: dict | None = None) -> dict:
+                 write: bool = True, base: dict | None = None, n: int | None = None) -> dict:
     """Evaluate the newest checkpoint of the run in `run_dir` against its base model.
 
     Both models sample the same prompts from the same noise (`seed`, default the run's
-    eval.seed); `per_prompt` samples per prompt (default the run's eval.per_prompt).
+    eval.seed); `per_prompt` samples per prompt (default the run's eval.per_prompt), or
+    `n` samples in all (rounded up to the same number for every prompt, at least 2).
     `base` reuses an earlier base evaluation with the same settings. Writes eval.json."""
+    if n is not None and per_prompt is not None:
+        raise ValueError("give either n (total samples) or per_prompt, not both")
     from ..train import Trainer, resolve_config
 
     run = Path(run_dir)
@@ -36,13 +39,13 @@ def evaluate_run(run_dir: str | Path, per_prompt: int | None = None, seed: int |
 
     state = checkpoint.load(ckpt, adapters.unwrap(t.policy.denoiser), None)
     start = time.time()
+    if n is not None:
+        per_prompt = max(2, -(-n // len(t.prompts)))
     per_prompt = per_prompt or cfg.eval.per_prompt
     seed = cfg.eval.seed if seed is None else seed
     if base is None:
         with t.reference():
-            base = evaluate(t.model, t, per_prompt=per_prompt, seed=seed)
-        base.update(kl=0.0, win_rate=0.5, eval_win_rate=0.5 if "eval_sample_rewards" in base else None,
-                    diversity_rel=1.0 if "diversity" in base else None)
+            base = as_baseline(evaluate(t.model, t, per_prompt=per_prompt, seed=seed))
     aligned = evaluate(t.model, t, per_prompt=per_prompt, seed=seed, kl=True)
     aligned.update(compare(base, aligned))
     result = {"run": str(run), "method": cfg.method, "model": cfg.model, "reward": t.reward.name,

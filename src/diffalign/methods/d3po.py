@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from . import register
-from .preference import Pairs, PreferenceMethod, make_pairs, pair_metrics
+from .preference import Pairs, PreferenceConfig, PreferenceMethod, make_pairs, pair_metrics
 
 
 @register
@@ -34,17 +34,12 @@ class D3PO(PreferenceMethod):
     defaults = {"sampling.logprob": "mean", "optim.lr": 3e-5}
 
     @dataclass
-    class Config:
-        beta: float = 0.1
-        clip: float = 0.1  # ratio clipped to [1 - clip, 1 + clip]
-        inner_epochs: int = 1
-        minibatches: int = 4  # optimizer steps per inner epoch (pairs split evenly)
+    class Config(PreferenceConfig):
         timestep_fraction: float = 1.0  # fraction of the steps whose pairs are trained
         labels: str = ""  # folder of human label rounds (see diffalign.data.human); "" = rank by the reward
 
         def validate(self, where):
-            if not 0 < self.clip < 1:
-                raise ValueError(f"config key '{where}.clip' must be in (0, 1)")
+            super().validate(where)
             if not 0 < self.timestep_fraction <= 1:
                 raise ValueError(f"config key '{where}.timestep_fraction' must be in (0, 1]")
 

@@ -53,6 +53,21 @@ def step_logprob(model, x_t, t, cond, x_prev, *, eta, guidance_scale, reduction,
 
 
 @dataclass
+class PreferenceConfig:
+    """The `args:` every online preference method shares; a method's Config subclasses it
+    (overriding defaults, adding its own keys, extending `validate`)."""
+
+    beta: float = 0.1
+    clip: float = 0.1  # ratio clipped to [1 - clip, 1 + clip]
+    inner_epochs: int = 1
+    minibatches: int = 4  # optimizer steps per inner epoch (pairs split evenly)
+
+    def validate(self, where):
+        if not 0 < self.clip < 1:
+            raise ValueError(f"config key '{where}.clip' must be in (0, 1)")
+
+
+@dataclass
 class Pairs:
     """N step-level preference pairs (all tensors have N rows)."""
 
@@ -92,8 +107,7 @@ def make_pairs(x_t_w, x_t_l, x_w, x_l, t, cond, keep=None) -> Pairs:
 
 
 class PreferenceMethod:
-    """Base of the DPO-style online methods. Subclass Config must have beta, clip,
-    inner_epochs, minibatches. `self.pairs_collected` counts pairs for metrics."""
+    """Base of the DPO-style online methods. Subclass Config extends `PreferenceConfig`. `self.pairs_collected` counts pairs for metrics."""
 
     requires_logprob = True
     requires_reference = True

@@ -24,7 +24,7 @@ import torch
 
 from . import register
 from ..seeding import seed_for
-from .preference import Pairs, PreferenceMethod, make_pairs, pair_metrics
+from .preference import Pairs, PreferenceConfig, PreferenceMethod, make_pairs, pair_metrics
 
 
 @register
@@ -34,21 +34,17 @@ class SPO(PreferenceMethod):
     defaults = {"sampling.logprob": "mean", "optim.lr": 3e-5}
 
     @dataclass
-    class Config:
+    class Config(PreferenceConfig):
         beta: float = 10.0
-        clip: float = 0.1
         k: int = 4
         single_path_steps: int = 10
         threshold: float = 0.3
         temperature: float = 1.0
-        inner_epochs: int = 1
-        minibatches: int = 4
 
         def validate(self, where):
             if self.k < 2:
                 raise ValueError(f"config key '{where}.k' must be >= 2")
-            if not 0 < self.clip < 1:
-                raise ValueError(f"config key '{where}.clip' must be in (0, 1)")
+            super().validate(where)
 
     def choose_fn(self, prompts, cond, timesteps, gen):
         def choose(br):

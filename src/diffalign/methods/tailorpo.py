@@ -36,14 +36,11 @@ import torch
 
 from ..config import ConfigError
 from . import register
-from .preference import Pairs, PreferenceMethod, make_pairs, pair_metrics
+from .preference import Pairs, PreferenceConfig, PreferenceMethod, make_pairs, pair_metrics
 
 
 @dataclass
-class TailorConfig:
-    beta: float = 0.1
-    clip: float = 0.1
-    inner_epochs: int = 1
+class TailorConfig(PreferenceConfig):
     minibatches: int = 2
     train_steps: list[int] = field(default_factory=lambda: [20, 16, 12, 8, 4])  # remaining steps t of num_steps
     same_condition: bool = True  # false: ablation (1), two independent paths ranked per step
@@ -53,8 +50,7 @@ class TailorConfig:
     eta_max: float = 0.2
 
     def validate(self, where):
-        if not 0 < self.clip < 1:
-            raise ValueError(f"config key '{where}.clip' must be in (0, 1)")
+        super().validate(where)
         if not self.train_steps or min(self.train_steps) < 1:
             raise ValueError(f"config key '{where}.train_steps' must be remaining-step counts >= 1")
 
