@@ -87,3 +87,21 @@ def test_image_rounds_are_png_files(tmp_path):
     written = json.loads((tmp_path / "pairs.json").read_text())
     img = Image.open(tmp_path / written[0]["a_file"])
     assert img.size == (64, 64) and "a_value" not in written[0]
+
+
+def test_a_round_covers_every_batch_of_the_epoch(tmp_path):
+    """With two sampling batches per epoch, one round lists both batches' pairs and trains on them."""
+    spec = dict(TOY, train=dict(TOY["train"], epochs=1, batch_size=4, batches_per_epoch=2),
+                args=dict(TOY["args"], labels=str(tmp_path / "labels")))
+    cfg, args = resolve_config(base=spec)
+    run = tmp_path / "run"
+    with pytest.raises(LabelsNeeded, match="8 pairs to label"):
+        train(cfg, args, run)
+    r0 = tmp_path / "labels" / "epoch-0000"
+    rows = json.loads((r0 / "pairs.json").read_text())
+    assert [r["a"][:9] for r in rows] == ["e0000-b00"] * 4 + ["e0000-b01"] * 4
+    labels = label_like_the_reward(r0)
+    s = train(cfg, args, run, resume=True)
+    assert s["finished"]
+    m = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert m["pairs"] == 4 * sum(lab["choice"] != "tie" for lab in labels)

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..data import human
 from . import register
 from .preference import Pairs, PreferenceConfig, PreferenceMethod, make_pairs, pair_metrics
 
@@ -48,7 +49,7 @@ class D3PO(PreferenceMethod):
 
         t, cfg = self.t, self.t.cfg
         n = cfg.train.batch_size
-        pairs, rewards = [], []
+        pairs, rewards, unlabelled = [], [], []
         for b in range(cfg.train.batches_per_epoch):
             prompts = t.draw_prompts(epoch, b, n=n)
             local = prompts[t.local_slice(n)]
@@ -57,7 +58,12 @@ class D3PO(PreferenceMethod):
             a = self.sample(local, t.sample_generators("d3po-a", epoch, b, n_global=n), latents=x_T.clone())
             c = self.sample(local, t.sample_generators("d3po-b", epoch, b, n_global=n), latents=x_T.clone())
             if self.args.labels:
-                a_wins, keep = self.human_labels(epoch, b, local, a, c)
+                rows = self.label_rows(epoch, b, local)
+                labels = self.labels_file(epoch)
+                if not labels.exists():  # the round covers every batch of the epoch: gather, write once below
+                    unlabelled.append((rows, t.model.decode(a.final), t.model.decode(c.final)))
+                    continue
+                a_wins, keep = human.read_labels(labels, rows)
             else:
                 ra = t.score(t.model.decode(a.final), local)
                 rb = t.score(t.model.decode(c.final), local)
@@ -74,25 +80,29 @@ class D3PO(PreferenceMethod):
                                         sel(a.latents[:, i + 1], c.latents[:, i + 1]),
                                         sel(c.latents[:, i + 1], a.latents[:, i + 1]),
                                         a.timesteps[i], a.cond, keep))
+        if unlabelled:
+            self.ask_for_labels(epoch, unlabelled)
         pairs = self.add_reference(Pairs.cat(pairs))
         return {"pairs": pairs, "epoch": epoch}, pair_metrics(pairs, torch.cat(rewards) if rewards else None, t)
 
-    def human_labels(self, epoch, batch, prompts, a, c):
-        """(a_wins, keep) from the round's labels.json; without it, write the round and stop."""
-        from ..data import human
+    def labels_file(self, epoch: int):
+        return human.round_dir(self.args.labels, epoch) / "labels.json"
 
-        t = self.t
-        sl = t.local_slice(t.cfg.train.batch_size)
-        rows = [{"prompt": p, "a": ia, "b": ib}
+    def label_rows(self, epoch, batch, prompts) -> list[dict]:
+        """This process's pairs of one batch: prompt and the two image ids."""
+        sl = self.t.local_slice(self.t.cfg.train.batch_size)
+        return [{"prompt": p, "a": ia, "b": ib}
                 for p, (ia, ib) in zip(prompts, human.image_ids(epoch, batch, range(sl.start, sl.stop)))]
-        folder = human.round_dir(self.args.labels, epoch)
-        labels = folder / "labels.json"
-        if labels.exists():
-            return human.read_labels(labels, rows)
-        human.write_round(folder, t.acc.process_index, t.acc.num_processes, rows, t.model.decode(a.final),
-                          t.model.decode(c.final))
+
+    def ask_for_labels(self, epoch, unlabelled):
+        """Write the epoch's round (all batches) and stop the run until labels.json exists."""
+        t = self.t
+        labels = self.labels_file(epoch)
+        rows = [r for rs, _, _ in unlabelled for r in rs]
+        human.write_round(labels.parent, t.acc.process_index, t.acc.num_processes, rows,
+                          torch.cat([x for _, x, _ in unlabelled]), torch.cat([x for _, _, x in unlabelled]))
         raise human.LabelsNeeded(
-            f"epoch {epoch}: {t.cfg.train.batch_size * t.cfg.train.batches_per_epoch} pairs to label in {folder} "
-            f"(pairs{'' if t.acc.num_processes == 1 else '-*'}.json, images in img/). Write {labels} as a JSON list "
-            '[{"prompt": ..., "a": ..., "b": ..., "choice": "a" | "b" | "tie"}, ...] and resume the run '
-            f"with `diffalign train --resume {t.out}`")
+            f"epoch {epoch}: {t.cfg.train.batch_size * t.cfg.train.batches_per_epoch} pairs to label in "
+            f"{labels.parent} (pairs{'' if t.acc.num_processes == 1 else '-*'}.json, images in img/). Write {labels} "
+            'as a JSON list [{"prompt": ..., "a": ..., "b": ..., "choice": "a" | "b" | "tie"}, ...] and resume the '
+            f"run with `diffalign train --resume {t.out}`")
