@@ -11,6 +11,7 @@ from diffalign.eval.kl import path_kl
 from diffalign.eval.optimum import distance_to_optimum, optimum_log_prob, sample_optimum, tilted_mixture
 from diffalign.models import toy2d
 from diffalign.rewards.toy2d import quadratic
+from diffalign.sampler import Sampler
 from tiny_models import tiny_model
 
 
@@ -81,8 +82,9 @@ def test_path_kl_matches_hand_computation():
             model.denoiser.value = 0.3
 
     T, eta, c = 5, 1.0, 0.3
+    S = Sampler(num_steps=T, eta=eta, guidance_scale=1.0)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    kl = path_kl(model, reference, ["0", "1", "2"], gens, num_steps=T, eta=eta, guidance_scale=1.0)
+    kl = path_kl(model, S, reference, S, ["0", "1", "2"], gens)
     # DDIM mean = sqrt(a_prev) (x - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_prev - s^2) eps, so a constant
     # eps difference c moves every element of the mean by coef * c, with the same std s for both models
     s = model.scheduler
@@ -98,10 +100,31 @@ def test_path_kl_matches_hand_computation():
     assert kl.shape == (3,)
     assert torch.allclose(kl, torch.full((3,), float(expected), dtype=kl.dtype), rtol=1e-4)
     # the same model on both sides: zero
-    assert path_kl(model, contextlib.nullcontext, ["0"], gens[:1], num_steps=T, eta=eta,
-                   guidance_scale=1.0).item() == 0.0
+    assert path_kl(model, S, contextlib.nullcontext, S, ["0"], gens[:1]).item() == 0.0
     with pytest.raises(ValueError, match="eta > 0"):
-        path_kl(model, reference, ["0"], gens[:1], num_steps=T, eta=0.0, guidance_scale=1.0)
+        path_kl(model, S.replace(eta=0.0), reference, S.replace(eta=0.0), ["0"], gens[:1])
+    # the aligned model is (weights, sampler): a score correction s moves eps by -sqrt(1 - a_t) s, so
+    # the same weights with a corrected sampler are at KL sum 16 (coef sqrt(1 - a_t) s)^2 / (2 var)
+    corr = 0.5
+    corrected = S.replace(correction=lambda m, x, t, cond: torch.full_like(x, corr))
+    kl = path_kl(model, corrected, contextlib.nullcontext, S, ["0", "1"], gens[:2])
+    expected = 0.0
+    for t in s.timesteps.tolist():
+        prev = t - s.config.num_train_timesteps // T
+        a_t, a_p = ac[t], ac[prev] if prev >= 0 else s.final_alpha_cumprod.double()
+        var = eta ** 2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+        coef = -math.sqrt(a_p) * math.sqrt(1 - a_t) / math.sqrt(a_t) + math.sqrt(1 - a_p - var)
+        expected += 16 * (coef * math.sqrt(1 - a_t) * corr) ** 2 / (2 * var)
+    assert torch.allclose(kl, torch.full((2,), float(expected), dtype=kl.dtype), rtol=1e-4)
+
+
+def test_gaussian_step_kl_with_different_stds():
+    """KL(N(m1, s1^2) || N(m2, s2^2)) per element: log(s2/s1) + (s1^2 + (m1 - m2)^2) / (2 s2^2) - 1/2."""
+    m1, m2 = torch.tensor([[0.0, 1.0]]), torch.tensor([[1.0, 1.0]])
+    s1, s2 = torch.tensor([0.5]), torch.tensor([2.0])
+    want = 2 * (math.log(4) + 0.25 / 8 - 0.5) + 1 / 8
+    assert metrics.gaussian_step_kl(m1, m2, s1, s2).item() == pytest.approx(want, rel=1e-9)
+    assert metrics.gaussian_step_kl(m1, m2, s2, s2).item() == pytest.approx(metrics.gaussian_step_kl(m1, m2, s2).item())
 
 
 def test_tilted_mixture_is_the_normalised_product():

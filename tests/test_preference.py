@@ -9,38 +9,17 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from diffalign import trajectory
 from diffalign.config import ConfigError
-from diffalign.methods.preference import clipped_dpo_loss, step_logprob
+from diffalign.losses import dpo_loss
+from diffalign.methods.preference import step_reward
 from diffalign.methods.tailorpo import TailorConfig, TailorPO
+from diffalign.sampler import Sampler
 from diffalign.train import Trainer, resolve_config, train
 from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG2 = math.log(2.0)
 
-
-
-# ---- the shared loss ---------------------------------------------------------------
-def _loss(lw, ll, beta, clip):
-    z = torch.zeros(1)
-    return clipped_dpo_loss(torch.tensor([lw]), z, torch.tensor([ll]), z, beta, clip)[0].item()
-
-
-def test_loss_hand_values_and_clipping():
-    assert _loss(0.0, 0.0, 0.1, 0.1) == pytest.approx(LOG2)
-    # inside the clip: z = beta (0.05 - (-0.02)) = 0.07 -> log(1 + e^-0.07)
-    assert _loss(0.05, -0.02, 1.0, 0.1) == pytest.approx(math.log1p(math.exp(-0.07)), abs=1e-6)
-    # clipped: log r_w -> log 1.1, log r_l -> log 0.9, beta 10
-    z = 10 * (math.log(1.1) - math.log(0.9))
-    assert _loss(0.5, -0.5, 10.0, 0.1) == pytest.approx(math.log1p(math.exp(-z)), abs=1e-6)
-    # winner ratio clipped at 1 - eps from below
-    z = 2 * (math.log(0.9) - 0.03)
-    assert _loss(-3.0, 0.03, 2.0, 0.1) == pytest.approx(math.log1p(math.exp(-z)), abs=1e-6)
-    # outside the clip range the gradient vanishes
-    lw = torch.tensor([0.5], requires_grad=True)
-    clipped_dpo_loss(lw, torch.zeros(1), torch.zeros(1), torch.zeros(1), 1.0, 0.1)[0].backward()
-    assert lw.grad.item() == 0.0
 
 
 TOY = {
@@ -64,7 +43,7 @@ def test_loss_is_log2_before_any_update(tmp_path, method, args):
     loss, info = micro.compute()
     assert loss.item() == pytest.approx(LOG2, abs=1e-5)
     assert info["logratio_w"] == pytest.approx(0.0, abs=1e-5)
-    p = data["pairs"]
+    p = data.pairs
     if method in ("spo", "tailorpo") and args.get("same_condition", True):
         assert torch.equal(p.x_t_w, p.x_t_l)  # same condition
     if method == "d3po" or not args.get("same_condition", True):
@@ -74,10 +53,10 @@ def test_loss_is_log2_before_any_update(tmp_path, method, args):
 def test_d3po_skips_ties(tmp_path):
     cfg, a = resolve_config(base=dict(TOY, method="d3po"))
     tr = Trainer(cfg, a, tmp_path)
-    tr.score = lambda images, prompts, metadata=None: torch.zeros(len(prompts))  # every pair tied
+    tr.run.score = lambda images, prompts, metadata=None: torch.zeros(len(prompts))  # every pair tied
     with torch.no_grad():
         data, m = tr.method.collect(0)
-    assert data["pairs"] is None and list(tr.method.micro_steps(data)) == []
+    assert data.pairs is None and list(tr.method.micro_steps(data)) == []
 
 
 def test_tailorpo_g_refuses_non_differentiable_reward(tmp_path):
@@ -87,7 +66,7 @@ def test_tailorpo_g_refuses_non_differentiable_reward(tmp_path):
 
 
 # ---- gradient direction (METHODS.md Eq. 11) ------------------------------------------
-KW = dict(eta=1.0, guidance_scale=1.0, reduction="sum", num_steps=10)
+SAMPLER = Sampler(num_steps=10, eta=1.0, guidance_scale=1.0, reduction="sum")
 
 
 def _setup():
@@ -100,19 +79,16 @@ def _setup():
 
 def _mean(m, x_t, t, cond):
     with torch.no_grad():
-        eps = trajectory.predict_eps(m, x_t, t, cond, 1.0)
-        from diffalign.sampling import step_with_logprob
-
-        return step_with_logprob(m.scheduler, eps, t, x_t, eta=1.0, prev_sample=x_t).mean
+        return SAMPLER.step(m, x_t, t, cond, prev_sample=x_t).mean
 
 
 def _sgd_step(m, ref, x_t_w, x_t_l, x_w, x_l, t, cond, params, lr):
     with torch.no_grad():
-        rw = step_logprob(ref, x_t_w, t, cond, x_w, **KW)
-        rl = step_logprob(ref, x_t_l, t, cond, x_l, **KW)
-    lw = step_logprob(m, x_t_w, t, cond, x_w, **KW)
-    ll = step_logprob(m, x_t_l, t, cond, x_l, **KW)
-    loss, _ = clipped_dpo_loss(lw, rw, ll, rl, beta=0.1, clip=0.5)
+        rw = SAMPLER.logprob(ref, x_t_w, t, cond, x_w)
+        rl = SAMPLER.logprob(ref, x_t_l, t, cond, x_l)
+    lw = SAMPLER.logprob(m, x_t_w, t, cond, x_w)
+    ll = SAMPLER.logprob(m, x_t_l, t, cond, x_l)
+    loss = dpo_loss(lw - rw, ll - rl, beta=0.1, clip=0.5)[0].mean()
     assert loss.item() == pytest.approx(LOG2, abs=1e-6)
     opt = torch.optim.SGD(params, lr=lr)
     opt.zero_grad()
@@ -153,8 +129,8 @@ def test_d3po_with_different_conditions_can_point_the_other_way():
     assert (moved2 * (x_w - x_l2)).sum() > 0
 
 
-# ---- branching and guidance with a fake trainer ---------------------------------------
-def _fake(reward_fn, **args):
+# ---- branching and guidance on a tiny model, with a stand-in run ---------------------
+def _fake(reward_fn, cls=TailorPO, **args):
     m = tiny_model()
     calls = []
 
@@ -162,48 +138,70 @@ def _fake(reward_fn, **args):
         calls.append(len(prompts))
         return reward_fn(images)
 
-    t = SimpleNamespace(model=m, score=score, cfg=SimpleNamespace(sampling=SimpleNamespace(
-        num_steps=10, eta=1.0, guidance_scale=1.0, logprob="sum")), device="cpu")
-    meth = object.__new__(TailorPO)
-    meth.t, meth.args = t, TailorConfig(**args)
+    run = SimpleNamespace(model=m, score=score, device="cpu", local_slice=lambda n: slice(0, n),
+                          generator=lambda *parts: torch.Generator().manual_seed(0),
+                          cfg=SimpleNamespace(train=SimpleNamespace(batch_size=12)))
+    meth = object.__new__(cls)
+    meth.run, meth.args, meth.sampler = run, cls.Config(**args), SAMPLER
     return meth, calls
 
 
 def test_branching_children_share_x_t_and_winner_continues():
     meth, calls = _fake(lambda im: im.flatten(1).mean(1))  # brighter is better
-    m = meth.t.model
-    m.scheduler.set_timesteps(10)
+    meth.steps = [0, 5]
     prompts = ["0", "1", "2"]
-    cond = m.encode_prompts(prompts)
-    traj = trajectory.sample(m, prompts, num_steps=10, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
-                             branch_steps=[0, 5], k=2, choose=meth.make_choose(prompts, cond, m.scheduler.timesteps, {}))
-    assert len(traj.branches) == 2 and sum(calls) == 2 * 2 * 3
-    for br in traj.branches:
+    gens = [torch.Generator().manual_seed(i) for i in range(3)]
+    traj, pairs, branches = meth.rollout(prompts, gens, batch=0, log={})
+    assert len(branches) == 2 and len(calls) == 2 * 2 + 0 and sum(calls) == 2 * 2 * 3  # 2 children scored per step
+    rows = torch.arange(3)
+    for br in branches:
         assert torch.equal(br.x_t, traj.latents[:, br.step])  # both children come from this x_t
-        s = br.info["scores"]
-        assert torch.equal(br.chosen, s.argmax(1))
-        rows = torch.arange(3)
+        assert torch.equal(br.chosen, br.scores.argmax(1))
         assert torch.equal(traj.latents[:, br.step + 1], br.children[rows, br.chosen])  # the winner continued
+    keep = [br.scores.max(1).values != br.scores.min(1).values for br in branches]
+    assert len(pairs) == 2 and all(len(p) == int(k.sum()) for p, k in zip(pairs, keep))
+    assert torch.equal(pairs[0].x_t_w, pairs[0].x_t_l)  # same condition
+    # every stored log-prob is the re-scored transition (ratio 1)
+    for i in range(traj.num_steps):
+        torch.testing.assert_close(SAMPLER.rescore(meth.run.model, traj, i), traj.log_probs[:, i])
+
+
+def test_guided_winner_continues_with_its_own_log_prob():
+    """TailorPO-G moves the winner: the rollout stores the moved state's log-prob, not the child's."""
+    target = torch.linspace(0, 1, 16).view(1, 1, 4, 4)
+    meth, _ = _fake(lambda im: -((im - target) ** 2).flatten(1).sum(1), guidance=True, eta_min=0.5, eta_max=1.0)
+    meth.steps = [6, 8]
+    gens = [torch.Generator().manual_seed(i) for i in range(2)]
+    log = {}
+    traj, pairs, branches = meth.rollout(["0", "1"], gens, batch=0, log=log)
+    moved = torch.stack(log["guided"])
+    assert moved.sum() > 0
+    rows = torch.arange(2)
+    for br, p, m in zip(branches, pairs, log["guided"]):
+        unguided = br.children[rows, br.chosen]
+        assert m == 0 or not torch.equal(traj.latents[:, br.step + 1], unguided)  # the guided state continued ...
+        keep = br.scores.max(1).values != br.scores.min(1).values
+        torch.testing.assert_close(p.x_w, traj.latents[:, br.step + 1][keep])  # ... and is the pair's winner
+    for i in range(traj.num_steps):
+        torch.testing.assert_close(SAMPLER.rescore(meth.run.model, traj, i), traj.log_probs[:, i])
 
 
 def test_guidance_raises_winner_reward_and_zero_gradient_changes_nothing():
     target = torch.linspace(0, 1, 16).view(1, 1, 4, 4)
     meth, calls = _fake(lambda im: -((im - target) ** 2).flatten(1).sum(1), guidance=True, eta_min=0.5, eta_max=1.0)
-    m = meth.t.model
-    m.scheduler.set_timesteps(10)
-    ts = m.scheduler.timesteps
+    ts = SAMPLER.timesteps(meth.run.model)
     prompts = ["0", "1"]
-    cond = m.encode_prompts(prompts)
+    cond = meth.run.model.encode_prompts(prompts)
     x = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(3)) * 0.3
     with torch.no_grad():
-        r0 = meth.step_reward(x, 6, cond, prompts, ts)
+        r0 = step_reward(meth.run, SAMPLER, x, 6, ts, cond, prompts)
         x_new, r_new, moved = meth.guide(x, 6, cond, prompts, ts, r0)
     assert moved.all() and (r_new > r0).all()
     assert not torch.equal(x_new, x)
     # zero reward gradient: nothing moves
     meth0, _ = _fake(lambda im: im.sum((1, 2, 3)) * 0.0, guidance=True)
     with torch.no_grad():
-        r0 = meth0.step_reward(x, 6, cond, prompts, ts)
+        r0 = step_reward(meth0.run, SAMPLER, x, 6, ts, cond, prompts)
         x0, r0b, moved0 = meth0.guide(x, 6, cond, prompts, ts, r0)
     assert not moved0.any() and torch.equal(x0, x) and torch.equal(r0b, r0)
     # cosine schedule: larger steps at small t
@@ -214,36 +212,35 @@ def test_guidance_raises_winner_reward_and_zero_gradient_changes_nothing():
 def test_spo_pairs_best_worst_gap_and_random_continuation():
     from diffalign.methods.spo import SPO
 
-    meth, calls = _fake(lambda im: im.flatten(1).mean(1) * 20)
-    spo = object.__new__(SPO)
-    spo.t, spo.args = meth.t, SPO.Config(k=4, threshold=0.3, temperature=1.0)
-    m = spo.t.model
-    m.scheduler.set_timesteps(10)
+    spo, calls = _fake(lambda im: im.flatten(1).mean(1) * 20, cls=SPO, k=4, threshold=0.3, temperature=1.0,
+                       single_path_steps=6)
     prompts = ["0", "1", "2"] * 4
-    cond = m.encode_prompts(prompts)
-    traj = trajectory.sample(m, prompts, num_steps=10, guidance_scale=1.0, generator=torch.Generator().manual_seed(0),
-                             branch_steps=range(6, 10), k=4,
-                             choose=spo.choose_fn(prompts, cond, m.scheduler.timesteps, torch.Generator().manual_seed(0)))
-    assert sum(calls) == 4 * 4 * 12  # every candidate scored through trainer.score
-    not_best = 0
-    for br in traj.branches:
-        s, info = br.info["scores"], br.info
-        assert torch.equal(info["best"], s.argmax(1)) and torch.equal(info["worst"], s.argmin(1))
-        p = torch.softmax(s, 1)
-        assert torch.equal(info["keep"], (p.max(1).values - p.min(1).values) > 0.3)
-        not_best += int((br.chosen != info["best"]).sum())
+    gens = [torch.Generator().manual_seed(i) for i in range(12)]
+    traj, pairs, branches = spo.rollout(prompts, gens, batch=0, epoch=0)
+    assert sum(calls) == 4 * 4 * 12  # every candidate scored through run.score
+    not_best, rows = 0, torch.arange(12)
+    for br, p in zip(branches, pairs):
+        s = br.scores
+        keep = (torch.softmax(s, 1).max(1).values - torch.softmax(s, 1).min(1).values) > 0.3
+        assert len(p) == int(keep.sum())
+        torch.testing.assert_close(p.x_w, br.children[rows, s.argmax(1)][keep])
+        torch.testing.assert_close(p.x_l, br.children[rows, s.argmin(1)][keep])
+        assert torch.equal(traj.latents[:, br.step + 1], br.children[rows, br.chosen])
+        not_best += int((br.chosen != s.argmax(1)).sum())
     assert not_best > 0  # continuation is random, not the best
+    for i in range(traj.num_steps):
+        torch.testing.assert_close(SAMPLER.rescore(spo.run.model, traj, i), traj.log_probs[:, i])
 
 
 # ---- end to end ------------------------------------------------------------------------
 UNTUNED = pytest.mark.xfail(strict=False, reason="digits config not yet tuned/verified to raise the reward in 4 epochs")
 E2E = {
-    "d3po": ["train.epochs=12"],  # the config's 32 epochs are the bench budget; 12 show the direction
+    "d3po": [],  # the config's 32 epochs (the bench budget): 12 epochs gain 0.004 on average over 3 seeds
     "spo": [],
     "tailorpo": [],
     "tailorpo_g": [],
 }
-SEEDS = {"tailorpo": [0, 1, 2]}
+SEEDS = {"tailorpo": [0, 1, 2], "d3po": [0, 1]}
 E2E_MARKS: dict = {}  # e.g. {"spo": [UNTUNED]} for a config not yet tuned
 
 
@@ -253,9 +250,9 @@ def test_method_raises_classifier_reward_on_digits(tmp_path, name):
     # TailorPO varies a lot between seeds (the bench: seed 0 lowers the training reward, seeds 1 and 2
     # raise it a lot), so its claim is the bench's measurement: the mean over three seeds on the bench's
     # 200 evaluation samples. (On 60 samples the mean gain is -0.006: too few to see it.) The other
-    # methods hold on seed 0 and 60 samples.
+    # methods hold on seed 0 and 60 samples; D3PO's gain is measured on two seeds (seed 0 alone: +0.025).
     gains = []
-    per_prompt = 20 if name in SEEDS else 6
+    per_prompt = 20 if name == "tailorpo" else 6
     for seed in SEEDS.get(name, [0]):
         cfg, args = resolve_config(ROOT / "configs" / f"{name}_digits.yaml",
                                    [f"eval.per_prompt={per_prompt}", f"seed={seed}", *E2E[name]])

@@ -67,16 +67,19 @@ def adapters_disabled(denoiser: torch.nn.Module):
                 p.requires_grad_(grads[id(p)])
 
 
+def write_lora(denoiser: torch.nn.Module, folder: str | Path, config: LoraConfig | None = None) -> None:
+    """Write the adapters (diffusers layout) into the existing `folder`."""
+    state = get_peft_model_state_dict(unwrap(denoiser))
+    save_file({PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}, str(Path(folder) / LORA_FILE))
+    if config is not None:
+        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+        (Path(folder) / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+
+
 def save_lora(denoiser: torch.nn.Module, folder: str | Path, config: LoraConfig | None = None) -> Path:
     """Write the adapters (diffusers layout) into `folder`, atomically."""
-    state = get_peft_model_state_dict(unwrap(denoiser))
-    state = {PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}
     with atomic_dir(folder) as tmp:
-        save_file(state, str(tmp / LORA_FILE))
-        if config is not None:
-            cfg = config.to_dict()
-            cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in cfg.items()}
-            (tmp / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+        write_lora(denoiser, tmp, config)
     return Path(folder)
 
 

@@ -2,13 +2,16 @@
 
 A checkpoint folder `checkpoints/epoch-000012/` holds everything needed to continue
 after epoch 12 exactly as an uninterrupted run would:
-- `trainable.safetensors`: the trainable parameters (LoRA adapters, or all weights);
+- `modules/<name>.safetensors`: each trainable module's trainable parameters (and its
+  buffers), by the name the method gave it (`denoiser` = the LoRA adapters, or all
+  weights when fully fine-tuning);
 - `optimizer.pt`: the optimizer state (read back with `torch.load(weights_only=True)`);
-- `state.json`: next epoch, counters, and the method's own state (e.g. DDPO's
-  per-prompt reward buffers).
-Folders are written under a temporary name and renamed into place, so a crash
-mid-write leaves the previous checkpoint intact and no half-written one.
-Randomness needs no saved state: every epoch reseeds from (run seed, epoch).
+- `method.safetensors`: the tensors of the method's state, if any;
+- `state.json`: next epoch, counters, the LR schedule's state, and the method's state
+  (tensors replaced by references into method.safetensors).
+Folders are written under a temporary name and renamed into place, so a crash mid-write
+leaves the previous checkpoint intact and no half-written one. Randomness needs no saved
+state: every epoch reseeds from (run seed, epoch).
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 PATTERN = re.compile(r"^epoch-(\d+)$")
+TENSOR = "__tensor__"
 
 
 @contextlib.contextmanager
@@ -56,17 +60,50 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {n: p.detach().cpu().contiguous() for n, p in module.named_parameters() if p.requires_grad}
+def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Trainable parameters and buffers of a module (CPU, contiguous)."""
+    out = {n: p for n, p in module.named_parameters() if p.requires_grad}
+    out.update(dict(module.named_buffers()))
+    return {n: t.detach().cpu().contiguous() for n, t in out.items()}
 
 
-def save(folder: Path, module: torch.nn.Module, optimizer, state: dict, keep: int = 2) -> Path:
+def split_tensors(obj, tensors: dict, path: str = "state"):
+    """`obj` with every tensor replaced by a reference; the tensors go into `tensors`."""
+    if torch.is_tensor(obj):
+        tensors[path] = obj.detach().cpu().contiguous()
+        return {TENSOR: path}
+    if isinstance(obj, dict):
+        return {k: split_tensors(v, tensors, f"{path}.{k}") for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [split_tensors(v, tensors, f"{path}.{i}") for i, v in enumerate(obj)]
+    return obj
+
+
+def join_tensors(obj, tensors: dict):
+    """The inverse of `split_tensors`."""
+    if isinstance(obj, dict):
+        if set(obj) == {TENSOR}:
+            return tensors[obj[TENSOR]]
+        return {k: join_tensors(v, tensors) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [join_tensors(v, tensors) for v in obj]
+    return obj
+
+
+def save(folder: Path, modules: dict[str, torch.nn.Module], optimizer, state: dict, method_state: dict | None = None,
+         keep: int = 2) -> Path:
     """Write checkpoint `folder/epoch-{state['epoch']:06d}` and keep the newest `keep`."""
     final = Path(folder) / f"epoch-{state['epoch']:06d}"
     with atomic_dir(final) as tmp:
-        save_file(trainable_state(module), str(tmp / "trainable.safetensors"))
+        (tmp / "modules").mkdir()
+        for name, module in modules.items():
+            save_file(module_state(module), str(tmp / "modules" / f"{name}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        (tmp / "state.json").write_text(json.dumps(state, indent=1))
+        tensors: dict = {}
+        method_json = split_tensors(method_state or {}, tensors)
+        if tensors:
+            save_file(tensors, str(tmp / "method.safetensors"))
+        (tmp / "state.json").write_text(json.dumps({**state, "method": method_json}, indent=1))
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
     return final
@@ -85,26 +122,36 @@ def latest(folder: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def load(path: Path, module: torch.nn.Module, optimizer) -> dict:
-    """Restore parameters and optimizer from a checkpoint folder; return its state.json."""
+def load(path: Path, modules: dict[str, torch.nn.Module], optimizer=None) -> tuple[dict, dict]:
+    """Restore every module (and the optimizer, if given) from a checkpoint folder;
+    return (state, method_state)."""
     path = Path(path)
-    needed = ["trainable.safetensors", "optimizer.pt", "state.json"]
+    if (path / "trainable.safetensors").exists():
+        raise ValueError(f"checkpoint {path} was written by diffalign < 0.2 (trainable.safetensors): "
+                         "this version cannot resume it; start the run again")
+    needed = [f"modules/{n}.safetensors" for n in modules] + ["optimizer.pt", "state.json"]
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
-        raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to resume from the previous one")
+        raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to "
+                                "resume from the previous one")
     try:
-        tensors = load_file(str(path / "trainable.safetensors"))
+        saved = {n: load_file(str(path / "modules" / f"{n}.safetensors")) for n in modules}
         opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         state = json.loads((path / "state.json").read_text())
+        tensors = load_file(str(path / "method.safetensors")) if (path / "method.safetensors").exists() else {}
     except Exception as e:  # corrupt file: say which checkpoint and what to do
-        raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to resume from the previous one") from e
-    params = dict(module.named_parameters())
-    unknown = [n for n in tensors if n not in params]
-    if unknown:
-        raise ValueError(f"checkpoint {path} has parameters this model lacks, e.g. {unknown[:3]}: was it written by another config?")
-    with torch.no_grad():
-        for n, t in tensors.items():
-            params[n].copy_(t.to(params[n].device))
-    if optimizer is not None:  # None: weights only (evaluation)
+        raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to resume from the "
+                         "previous one") from e
+    for name, module in modules.items():
+        own = dict(module.named_parameters()) | dict(module.named_buffers())
+        unknown = [k for k in saved[name] if k not in own or own[k].shape != saved[name][k].shape]
+        if unknown:
+            raise ValueError(f"checkpoint {path}: module '{name}' has tensors this run's lacks or shapes differently, "
+                             f"e.g. {unknown[:3]}: was it written by another config?")
+        with torch.no_grad():
+            for k, t in saved[name].items():
+                own[k].copy_(t.to(own[k].device))
+    if optimizer is not None:
         optimizer.load_state_dict(opt_state)
-    return state
+    method_state = join_tensors(state.pop("method", {}), tensors)
+    return state, method_state

@@ -2,10 +2,12 @@
 
     diffalign train CONFIG.yaml [--set key=value ...] [--out DIR]
     diffalign train --resume DIR
-    diffalign pretrain digits|toy2d
+    diffalign pretrain MODEL
     diffalign methods | rewards | models
     diffalign eval RUN_DIR [--per-prompt N] [--seed S]
+    diffalign sample RUN_DIR --out PATH [--n N] [--prompts P ...] [--seed S] [--base]
     diffalign bench sampler [--batch N] [--steps S]
+    diffalign bench step [--methods a,b] [--repeats R]
     diffalign bench suite --suite digits|toy2d [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
     diffalign demo [--out DIR]
     diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
@@ -86,6 +88,15 @@ def _eval(a) -> int:
     return 0
 
 
+def _sample(a) -> int:
+    from .eval import sample_run
+
+    r = sample_run(a.run, a.out, n=a.n, prompts=a.prompts, seed=a.seed, base=a.base)
+    print(f"{r['n']} samples of the {r['model']} model ({r['checkpoint']}), {r['per_prompt']} per prompt: "
+          f"{r['path']} (tensors: {r['tensors']})")
+    return 0
+
+
 def _list(kind: str) -> int:
     if kind == "methods":
         from .methods import list_methods
@@ -96,9 +107,9 @@ def _list(kind: str) -> int:
 
         rows = [(n, f"{'[differentiable] ' if d else ''}{desc}") for n, desc, d in list_rewards()]
     else:
-        from .models import MODELS
+        from .models import list_models
 
-        rows = sorted(MODELS.items())
+        rows = list_models()
     w = max(len(n) for n, _ in rows)
     for name, desc in rows:
         print(f"{name.ljust(w)}  {desc}")
@@ -107,6 +118,13 @@ def _list(kind: str) -> int:
 
 def _bench(a) -> int:
     what = a.what or ("suite" if a.suite else None)
+    if what == "step":
+        from .bench.step import bench_step, format_step
+
+        methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
+        r = bench_step(methods, configs=a.configs, suite=a.suite or "digits", repeats=a.repeats, out=a.out)
+        print(format_step(r))
+        return 0
     if what == "sampler":
         from .bench import bench_sampler
 
@@ -116,7 +134,7 @@ def _bench(a) -> int:
         return 0
     if what != "suite" or not a.suite:
         raise SystemExit("usage: diffalign bench --suite digits|toy2d [--methods a,b] [--seeds K] [--budget N] "
-                         "[--out DIR] [--quick]   or   diffalign bench sampler")
+                         "[--out DIR] [--quick]   or   diffalign bench sampler   or   diffalign bench step")
     from .bench import run_bench
     from .bench.report import summary_table
 
@@ -161,7 +179,11 @@ def _data(a) -> int:
         reward = build_reward(a.reward)
         model = load_model(a.model)
         prompts = a.prompts.split(",") if a.prompts else model.prompts
-        stats = feedback.make_pairs(model, reward, prompts, a.n, a.out, seed=a.seed, bt_noise=a.bt_noise)
+        from .sampler import Sampler
+
+        sampler = Sampler(num_steps=a.steps or model.num_inference_steps, eta=a.eta, guidance_scale=a.guidance)
+        stats = feedback.make_pairs(model, reward, prompts, a.n, a.out, seed=a.seed, bt_noise=a.bt_noise,
+                                    sampler=sampler)
         print(json.dumps(stats, indent=1))
     else:
         if not a.pairs:
@@ -182,7 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="DIR", help="resume the run in DIR from its newest checkpoint")
     t.set_defaults(fn=_train)
     pt = sub.add_parser("pretrain", help="pretrain and cache an embedded base model")
-    pt.add_argument("model", choices=["digits", "toy2d"])
+    pt.add_argument("model", help="a registered model (`diffalign models`)")
     pt.set_defaults(fn=_pretrain)
     for kind in ("methods", "rewards", "models"):
         sub.add_parser(kind, help=f"list registered {kind}").set_defaults(fn=lambda a, k=kind: _list(k))
@@ -192,8 +214,17 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--per-prompt", type=int, default=None, help="samples per prompt (default: the run's eval.per_prompt)")
     e.add_argument("--seed", type=int, default=None, help="evaluation seed (default: the run's eval.seed)")
     e.set_defaults(fn=_eval)
-    b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d (methods at equal reward budget), or sampler")
-    b.add_argument("what", nargs="?", choices=["sampler", "suite"], help="sampler, or suite (implied by --suite)")
+    sm = sub.add_parser("sample", help="sample a finished run's aligned model (or --base): PNG grid / .npy + safetensors")
+    sm.add_argument("run", help="run folder (the --out of `diffalign train`)")
+    sm.add_argument("--out", required=True, help="output file: .png for images, .npy for 2-D points")
+    sm.add_argument("--n", type=int, default=None, help="total samples (rounded up to a whole number per prompt)")
+    sm.add_argument("--prompts", nargs="+", default=None, help="prompts (default: the run's)")
+    sm.add_argument("--seed", type=int, default=0, help="noise seed (the same for --base and the aligned model)")
+    sm.add_argument("--base", action="store_true", help="sample the base model instead of the aligned one")
+    sm.set_defaults(fn=_sample)
+    b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d (methods at equal reward budget), sampler, step")
+    b.add_argument("what", nargs="?", choices=["sampler", "suite", "step"],
+                   help="sampler, step (one update vs bare forward+backward), or suite (implied by --suite)")
     b.add_argument("--suite", help="digits or toy2d")
     b.add_argument("--methods", help="comma-separated methods/config names (default: the suite's)")
     b.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
@@ -205,7 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="digits", help="(sampler) model")
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--steps", type=int, default=20)
-    b.add_argument("--repeats", type=int, default=7)
+    b.add_argument("--repeats", type=int, default=7, help="(sampler, step) timed repeats")
     b.set_defaults(fn=_bench)
     d = sub.add_parser("demo", help="align the digits model with DDPO and report before/after")
     d.add_argument("--out", default="runs/demo")
@@ -220,6 +251,9 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--bt-noise", type=float, default=None, help="Bradley-Terry temperature (default: argmax)")
     dt.add_argument("--seed", type=int, default=0)
     dt.add_argument("--prompts", default=None, help="comma-separated prompts (default: the model's)")
+    dt.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
+    dt.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
+    dt.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     dt.add_argument("--pairs", help="pairs JSONL (for `data labels`)")
     dt.set_defaults(fn=_data)
     return p

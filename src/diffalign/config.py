@@ -49,16 +49,27 @@ class LoraSection:
         _check(self.rank >= 1, f"{where}.rank", "must be >= 1")
 
 
+SCHEDULES = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
 @dataclass
 class OptimConfig:
-    lr: float = 3e-4  # AdamW learning rate
+    lr: float = 3e-4  # AdamW learning rate (a method's module may set its own)
     weight_decay: float = 1e-4  # AdamW weight decay
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])  # AdamW betas
-    grad_clip: float = 1.0  # max gradient norm (0 = off)
+    grad_clip: float = 1.0  # max gradient norm of each trained module (0 = off)
+    schedule: str = "constant"  # learning-rate schedule (diffusers.optimization.get_scheduler), per optimizer step
+    warmup_steps: int = 0  # linear warm-up steps of the schedule
+    total_steps: int = 0  # optimizer steps the schedule spans (needed by linear, cosine, polynomial)
 
     def validate(self, where: str):
         _check(self.lr > 0, f"{where}.lr", "must be > 0")
         _check(len(self.betas) == 2, f"{where}.betas", "must be two numbers")
+        _check(self.schedule in SCHEDULES, f"{where}.schedule", f"must be one of {', '.join(SCHEDULES)}")
+        _check(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
+        decays = self.schedule not in ("constant", "constant_with_warmup")
+        _check(not decays or self.total_steps > self.warmup_steps, f"{where}.total_steps",
+               f"must be set above warmup_steps for the '{self.schedule}' schedule (optimizer steps in the run)")
 
 
 @dataclass
@@ -97,7 +108,7 @@ class EvalConfig:
 @dataclass
 class RunConfig:
     method: str = "ddpo"  # registered method name (`diffalign methods`)
-    model: str = "digits"  # base model (`digits`, `toy2d`)
+    model: str = "digits"  # base model by name (`diffalign models`)
     reward: Any = "classifier"  # reward name, 'module:function', or {name: weight}
     prompts: list[str] | None = None  # training prompts; None = the model's defaults
     seed: int = 0  # run seed: every epoch's randomness derives from (seed, epoch)

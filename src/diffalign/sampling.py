@@ -203,8 +203,43 @@ def step_with_logprob(
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, x0_pred=x0, eps_pred=eps)
 
 
-def x0_from_eps(scheduler, sample: torch.Tensor, eps: torch.Tensor, timestep) -> torch.Tensor:
-    """Tweedie / DDIM prediction x0_hat = (x_t - sqrt(1 - a_bar_t) eps) / sqrt(a_bar_t)."""
+def alpha_bar(scheduler, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """a_bar_t per sample, shaped (B, 1, ...) against `sample`."""
     t = _timesteps(timestep, sample)
-    a_t = _per_sample(scheduler.alphas_cumprod.to(sample.device)[t.to(sample.device)].to(sample.dtype), sample)
-    return (sample - (1 - a_t).sqrt() * eps) / a_t.sqrt()
+    return _per_sample(scheduler.alphas_cumprod.to(sample.device)[t.to(sample.device)].to(sample.dtype), sample)
+
+
+def x0_from_output(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """Tweedie / DDIM prediction x0_hat from the raw model output, read by the scheduler's
+    `prediction_type` (for 'epsilon': (x_t - sqrt(1 - a_bar_t) eps) / sqrt(a_bar_t)). Not clipped:
+    the estimate itself, differentiable in x_t everywhere."""
+    return _predictions(scheduler, model_output, sample, alpha_bar(scheduler, timestep, sample))[0]
+
+
+def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
+    """What the denoiser is trained to output at x_t = add_noise(x0, noise, t): the noise for
+    'epsilon', the velocity sqrt(a_bar) noise - sqrt(1 - a_bar) x0 for 'v_prediction', x0 for 'sample'."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(x0, noise, _timesteps(timestep, x0).to(x0.device))
+    if kind == "sample":
+        return x0
+    raise ValueError(f"unsupported prediction_type {kind!r}: use 'epsilon', 'sample' or 'v_prediction'")
+
+
+def output_shift(scheduler, d_eps: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """The change of the raw model output that changes the implied noise by `d_eps` at fixed x_t.
+
+    From x0 = (x_t - sqrt(1 - a) eps) / sqrt(a): 'epsilon' d_eps, 'v_prediction' d_eps / sqrt(a)
+    (v = eps / sqrt(a) - sqrt(1 - a) x_t / sqrt(a)), 'sample' -sqrt(1 - a) d_eps / sqrt(a)."""
+    kind = scheduler.config.prediction_type
+    a = alpha_bar(scheduler, timestep, sample)
+    if kind == "epsilon":
+        return d_eps
+    if kind == "v_prediction":
+        return d_eps / a.sqrt()
+    if kind == "sample":
+        return -(1 - a).sqrt() * d_eps / a.sqrt()
+    raise ValueError(f"unsupported prediction_type {kind!r}: use 'epsilon', 'sample' or 'v_prediction'")

@@ -142,6 +142,7 @@ def ensure_pairs(p: dict, out: Path, seed: int, cfg) -> dict:
     from ..data import feedback
     from ..models import load_model
     from ..rewards import build_reward
+    from ..sampler import Sampler
 
     folder = out / "data" / f"seed-{seed}"
     stats_path = folder / "stats.json"
@@ -150,8 +151,7 @@ def ensure_pairs(p: dict, out: Path, seed: int, cfg) -> dict:
         model = load_model(cfg.model)
         with checkpoint.atomic_dir(folder) as tmp:
             stats = feedback.make_pairs(model, build_reward(cfg.reward), cfg.prompts or model.prompts, p["budget"] // 2,
-                                        tmp, seed=1000 + seed, num_steps=cfg.sampling.num_steps, eta=cfg.sampling.eta,
-                                        guidance_scale=cfg.sampling.guidance_scale)
+                                        tmp, seed=1000 + seed, sampler=Sampler.from_config(cfg.sampling, model))
             stats.update(wall_s=round(time.time() - start, 2), reward_queries=2 * (p["budget"] // 2))
             (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     stats = json.loads(stats_path.read_text())

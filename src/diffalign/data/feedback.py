@@ -11,11 +11,9 @@ image), so a broken set fails before training, never mid-epoch. Ties are dropped
 and counted.
 
 Images are stored as the *decoded* image (what rewards see, [0, 1]) and mapped
-back into the model's sample space by `encode_images(model, imgs)`. For pixel
-models (digits, tiny test models) that is x = 2·img − 1. This is the hook for
-latent models: a model may provide `model.info["encode_images"]` (a callable
-imgs -> latents, e.g. a VAE encoder); the loaders call it once at load time, so
-the latents are cached in memory for the whole run.
+back into the model's sample space by the model's `encode_images` (pixel models:
+x = 2·img − 1; latent models: their VAE), once when a method starts, so the
+latents are cached in memory for the whole run.
 """
 
 from __future__ import annotations
@@ -59,25 +57,6 @@ def load_png(path: Path) -> torch.Tensor:
         a = np.asarray(im, dtype=np.float32) / 255.0
     t = torch.from_numpy(a.copy())
     return t.unsqueeze(0) if t.ndim == 2 else t.permute(2, 0, 1)
-
-
-def encode_images(model, imgs: torch.Tensor) -> torch.Tensor:
-    """Decoded images [0, 1] -> the model's sample space.
-
-    Uses `model.info["encode_images"]` when the model provides one (latent models:
-    VAE-encode once and cache); otherwise pixel space x = 2·img − 1, resized to
-    `model.sample_shape` if needed.
-    """
-    fn = (getattr(model, "info", None) or {}).get("encode_images")
-    if fn is not None:
-        return fn(imgs)
-    x = imgs * 2 - 1
-    shape = tuple(model.sample_shape)
-    if tuple(x.shape[1:]) != shape:
-        if x.shape[1] != shape[0]:
-            raise FeedbackError(f"images have {x.shape[1]} channels but model '{model.name}' samples {shape}")
-        x = torch.nn.functional.interpolate(x, size=shape[1:], mode="bilinear", align_corners=False)
-    return x
 
 
 # ---- loading ---------------------------------------------------------------------
@@ -235,22 +214,22 @@ def load_feedback(path):
 # ---- building sets from a base model and a reward ----------------------------------
 @torch.no_grad()
 def make_pairs(model, reward, prompts, n_pairs: int, out_dir, seed: int = 0, bt_noise: float | None = None,
-               num_steps: int | None = None, eta: float = 1.0, guidance_scale: float = 1.0,
-               batch_size: int = 128) -> dict:
-    """Sample two images per pair from `model`, rank them with `reward`, write out_dir/pairs.jsonl.
+               sampler=None, batch_size: int = 128) -> dict:
+    """Sample two images per pair from `model` with `sampler` (default: the model's own number
+    of steps, eta 1, no guidance), rank them with `reward`, write out_dir/pairs.jsonl.
 
     Pair i uses prompt prompts[i % len(prompts)] and noise seeded by (seed, i, a|b).
     Without `bt_noise` the higher reward wins (exact ties are marked `tie`); with it the
     winner is drawn by Bradley–Terry: P(a wins) = σ((r_a − r_b) / bt_noise).
     Returns stats (counts, mean reward of winners/losers, label agreement with the reward).
     """
-    from .. import trajectory
+    from ..sampler import Sampler
 
+    sampler = sampler or Sampler(num_steps=model.num_inference_steps, guidance_scale=1.0)
     out = Path(out_dir)
     (out / "img").mkdir(parents=True, exist_ok=True)
     if bt_noise is not None and bt_noise <= 0:
         raise ValueError("bt_noise (Bradley–Terry temperature) must be > 0")
-    num_steps = num_steps or model.num_inference_steps
     prompts = list(prompts)
     rng = torch.Generator().manual_seed(seed_for(seed, "bt"))
     rows, rw, rl, agree, ties = [], [], [], 0, 0
@@ -260,8 +239,7 @@ def make_pairs(model, reward, prompts, n_pairs: int, out_dir, seed: int = 0, bt_
         imgs = []
         for side in ("a", "b"):
             gens = [generators(model.device, "pairs", seed, side, indices=[i])[0] for i in idx]
-            traj = trajectory.sample(model, ps, num_steps=num_steps, eta=eta, guidance_scale=guidance_scale,
-                                     generator=gens, with_logprob=False)
+            traj = sampler.sample(model, ps, generator=gens, with_logprob=False)
             imgs.append(model.decode(traj.final).cpu())
         # score the images as they will be loaded back (8-bit quantised)
         qa, qb = [(x.clamp(0, 1) * 255).round() / 255 for x in imgs]

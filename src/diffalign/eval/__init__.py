@@ -1,12 +1,16 @@
-"""Evaluation: fixed-seed sampling, metrics, the path KL, toy2d's exact optimum, plots.
+"""Evaluation: fixed-seed sampling, metrics, the path KL, plots, and loading run folders.
 
-`evaluate(model, trainer, ...)` measures one model on a run's fixed evaluation set;
-`evaluate_run(run_dir)` (the `diffalign eval` command) measures a run's base and
-aligned models side by side and writes eval.json.
+`evaluate(run, sampler, ...)` measures one model (the run's weights drawn by a sampler)
+on a run's fixed evaluation set; `evaluate_run(run_dir)` (the `diffalign eval` command)
+measures a run's base and aligned models side by side and writes eval.json;
+`sample_run(run_dir, out)` (`diffalign sample`) draws from a run's aligned model.
+Nothing here imports the training loop.
 """
 
-from .core import compare, evaluate, sample_eval, sample_metrics, save_grid, win_rate, write_report_images
-from .run import evaluate_run
+from .core import (as_baseline, base_context, compare, evaluate, sample_eval, sample_metrics, save_grid, win_rate,
+                   write_report_images)
+from .run import evaluate_run, load_run
+from .sample import sample_run
 
-__all__ = ["compare", "evaluate", "evaluate_run", "sample_eval", "sample_metrics", "save_grid", "win_rate",
-           "write_report_images"]
+__all__ = ["as_baseline", "base_context", "compare", "evaluate", "evaluate_run", "load_run", "sample_eval",
+           "sample_metrics", "sample_run", "save_grid", "win_rate", "write_report_images"]

@@ -1,5 +1,6 @@
 """Evaluation on fixed seeds and prompts, sample grids and reward curves.
 
+A model is measured as a user samples it: the run's weights drawn by a `Sampler`.
 Base and final models are measured on identical noise: sample i of the evaluation
 set always draws from a generator seeded by (eval seed, i).
 """
@@ -11,8 +12,6 @@ import json
 from pathlib import Path
 
 import torch
-
-from .. import trajectory
 
 
 def eval_set(device, prompts: list[str], per_prompt: int, seed: int, purpose: str = "eval"):
@@ -34,40 +33,49 @@ def eval_mode(model):
         model.denoiser.train(was_training)
 
 
+def base_context(run):
+    """Inside, `run.model` is the base model: the reference (adapters off, or the frozen copy);
+    a full fine-tune that keeps no copy is the base only before its first update."""
+    return run.reference() if run.has_reference else contextlib.nullcontext()
+
+
 @torch.no_grad()
-def sample_eval(model, prompts: list[str], per_prompt: int, seed: int, sampling, batch_size: int = 128):
-    """Decoded samples (N, ...) for each prompt repeated `per_prompt` times, on fixed noise."""
-    all_prompts, gens = eval_set(model.device, prompts, per_prompt, seed)
-    out = []
+def sample_eval(model, sampler, prompts: list[str], per_prompt: int, seed: int, batch_size: int = 128,
+                purpose: str = "eval"):
+    """(decoded samples (N, ...), final samples in model space, prompts) for each prompt repeated
+    `per_prompt` times, on fixed noise seeded by (purpose, seed, i)."""
+    all_prompts, gens = eval_set(model.device, prompts, per_prompt, seed, purpose)
+    images, finals = [], []
     with eval_mode(model):
         for i in range(0, len(all_prompts), batch_size):
-            traj = trajectory.sample(
-                model, all_prompts[i:i + batch_size], num_steps=sampling.num_steps, eta=sampling.eta,
-                guidance_scale=sampling.guidance_scale, generator=gens[i:i + batch_size], with_logprob=False,
-            )
-            out.append(model.decode(traj.final))
-    return torch.cat(out), all_prompts
+            traj = sampler.sample(model, all_prompts[i:i + batch_size], generator=gens[i:i + batch_size],
+                                  with_logprob=False)
+            finals.append(traj.final)
+            images.append(model.decode(traj.final))
+    return torch.cat(images), torch.cat(finals), all_prompts
 
 
-def evaluate(model, trainer, grid_path: Path | None = None, label: str = "", per_prompt: int | None = None,
+def evaluate(run, sampler, grid_path: Path | None = None, label: str = "", per_prompt: int | None = None,
              seed: int | None = None, kl: bool = False) -> dict:
-    """Rewards and sample metrics of `model` on the run's fixed evaluation set.
+    """Rewards and sample metrics of the model `run.model` sampled by `sampler`, on the run's
+    fixed evaluation set.
 
-    Training and held-out reward (mean, std, per sample for win rates), and where the
-    model has an evaluation space (`spaces.py`): diversity within prompts, Fréchet
-    distance to real data, class histogram, on toy2d the distance to the exact optimum.
-    `kl=True` adds the path KL to the reference (`trainer.reference()`)."""
-    cfg = trainer.cfg
+    Training and held-out reward (mean, std, per sample for win rates), and where the model
+    has an evaluation space (`model.eval_space()`): diversity within prompts, Fréchet
+    distance to real data, class histogram, and the space's extras (toy2d: the distance to
+    the exact optimum). `kl=True` adds the path KL to the reference: `run.reference()`
+    sampled by the run's plain sampler."""
+    cfg = run.cfg
     per_prompt = per_prompt or cfg.eval.per_prompt
     seed = cfg.eval.seed if seed is None else seed
-    images, prompts = sample_eval(model, trainer.prompts, per_prompt, seed, cfg.sampling)
+    images, _, prompts = sample_eval(run.model, sampler, run.prompts, per_prompt, seed)
     with torch.no_grad():
-        r, info = trainer.reward(images, prompts)
+        r, info = run.reward(images, prompts)
         result = {"n": len(prompts), "reward_mean": float(r.mean()), "reward_std": float(r.std())}
         result["sample_rewards"] = [round(float(v), 6) for v in r.flatten()]  # per fixed seed, for win rates
         result.update({f"reward_{k}": float(v) for k, v in info.items() if _is_number(v)})
-        if trainer.eval_reward is not None:
-            e, einfo = trainer.eval_reward(images, prompts)
+        if run.eval_reward is not None:
+            e, einfo = run.eval_reward(images, prompts)
             result.update({"eval_reward_mean": float(e.mean()), "eval_reward_std": float(e.std())})
             result["eval_sample_rewards"] = [round(float(v), 6) for v in e.flatten()]
             result.update({f"eval_reward_{k}": float(v) for k, v in einfo.items() if _is_number(v)})
@@ -76,40 +84,36 @@ def evaluate(model, trainer, grid_path: Path | None = None, label: str = "", per
             idx = [i for i, q in enumerate(prompts) if q == p]
             per_prompt_r[p] = float(r[idx].mean())
         result["per_prompt_reward"] = per_prompt_r
-        result.update(sample_metrics(cfg.model, images, prompts, trainer.reward, cfg.eval.beta))
+        result.update(sample_metrics(run.model, images, prompts, run.reward, cfg.eval.beta))
     if kl:
         from .kl import path_kl
 
-        all_prompts, gens = eval_set(model.device, trainer.prompts, per_prompt, seed, "eval-kl")
-        with eval_mode(model):
-            k = path_kl(model, trainer.reference, all_prompts, gens, num_steps=cfg.sampling.num_steps,
-                        eta=cfg.sampling.eta, guidance_scale=cfg.sampling.guidance_scale)
+        all_prompts, gens = eval_set(run.model.device, run.prompts, per_prompt, seed, "eval-kl")
+        with eval_mode(run.model):
+            k = path_kl(run.model, sampler, run.reference, run.sampler, all_prompts, gens)
         result["kl"], result["kl_std"] = float(k.mean()), float(k.std())
     if grid_path is not None:
-        save_grid(images, prompts, grid_path, title=f"{label} {trainer.reward.name} = {result['reward_mean']:.3f}")
+        save_grid(images, prompts, grid_path, title=f"{label} {run.reward.name} = {result['reward_mean']:.3f}")
     return result
 
 
-def sample_metrics(model_name: str, images: torch.Tensor, prompts: list[str], reward=None, beta: float = 1.0) -> dict:
-    """Diversity, Fréchet distance, class histogram (and toy2d's distance to p*) of decoded samples."""
+def sample_metrics(model, images: torch.Tensor, prompts: list[str], reward=None, beta: float = 1.0) -> dict:
+    """Diversity, Fréchet distance, class histogram (and the space's extras) of decoded samples."""
     from .metrics import class_histogram, frechet_distance, pairwise_diversity
     from .spaces import get_space, real_features
 
-    space = get_space(model_name)
+    space = get_space(model)
     if space is None:
         return {}
-    feats, real = space.features(images).cpu(), real_features(model_name)
+    feats, real = space.features(images).cpu(), real_features(model)
     out = {"diversity": pairwise_diversity(feats, prompts), "frechet": frechet_distance(feats, real)}
     # the same distance for a random same-size subset of real data: what sampling error alone gives at this n
     sub = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:len(feats)]
     out["frechet_real"] = frechet_distance(real[sub], real)
     if space.classes is not None:
         out["class_histogram"] = class_histogram(space.classes(images), space.num_classes)
-    if model_name == "toy2d" and reward is not None and reward.name == "quadratic":
-        from .optimum import distance_to_optimum
-
-        d = distance_to_optimum(images.cpu(), beta, target=reward.fn.target, scale=reward.fn.scale)
-        out.update({"optimum_distance": d["distance"], "optimum_floor": d["floor"], "optimum_beta": beta})
+    if space.extra is not None and reward is not None:
+        out.update(space.extra(images, reward, beta))
     return out
 
 

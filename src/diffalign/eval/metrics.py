@@ -86,8 +86,14 @@ def win_rate(base: list[float] | None, other: list[float] | None) -> float | Non
     return sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(other, base)) / len(other)
 
 
-def gaussian_step_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
-    """KL(N(mean_p, std^2 I) || N(mean_q, std^2 I)) per sample: sum ||dmu||^2 / (2 std^2)."""
+def gaussian_step_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tensor,
+                     std_q: torch.Tensor | None = None) -> torch.Tensor:
+    """KL(N(mean_p, std^2 I) || N(mean_q, std_q^2 I)) per sample, stds one per sample:
+    sum ||dmu||^2 / (2 std^2) when std_q is None (the same std), else
+    d·(log(std_q/std) + std^2/(2 std_q^2) - 1/2) + ||dmu||^2 / (2 std_q^2) over d elements."""
     d = (mean_p - mean_q).flatten(1).double()
     s = torch.as_tensor(std, dtype=torch.float64, device=d.device).flatten()
-    return (d ** 2).sum(1) / (2 * s ** 2)
+    if std_q is None:
+        return (d ** 2).sum(1) / (2 * s ** 2)
+    q = torch.as_tensor(std_q, dtype=torch.float64, device=d.device).flatten()
+    return d.shape[1] * (torch.log(q / s) + s ** 2 / (2 * q ** 2) - 0.5) + (d ** 2).sum(1) / (2 * q ** 2)

@@ -1,18 +1,31 @@
-"""Method registry. A method is one file in this package that defines a class
-decorated with `@register`; importing the package finds them all, so adding a
+"""Method registry and protocol. A method is one file in this package defining a class
+decorated with `@register` (or, outside the package, any class named in a config as
+`method: mypackage.module:MyMethod`); importing the package finds them all, so adding a
 method is one new file plus a config.
 
-A method class provides (see `ddpo.py` for a complete example):
-- `name`, `description` (one line), `Config` (dataclass of its `args:` options);
-- `requires_logprob` (eta > 0 needed), `requires_reference` (the frozen base is
-  used), `requires_differentiable_reward`;
-- `defaults`: config values the method prefers, applied under the user's config;
-- `__init__(self, trainer, args)`;
-- `collect(self, epoch) -> (data, metrics)`: sampling and reward queries, no grad;
-- `micro_steps(self, data) -> iterable of Micro`: each Micro computes one loss;
-  the loop runs backward on it and steps the optimizer after a Micro with
-  `step=True`;
-- `state_dict()` / `load_state_dict(d)`: JSON-able state kept in checkpoints.
+A method class provides (`ddpo.py` is a complete example):
+
+- `name`, `description` (one line), `Config` (dataclass of its `args:`, one comment per field);
+- `requires_logprob` (eta > 0 needed), `requires_reference` (the frozen base is used),
+  `requires_differentiable_reward`; `offline_data` (learns from a file, queries no reward);
+- `defaults`: config values it prefers, applied under the user's config (dotted keys);
+- `__init__(self, run, args)`: cheap — checks and module construction only. Evaluation
+  builds the method too (for its modules and sampler), so heavy work goes in `start`;
+- `start(self)` (optional): called once before training, e.g. to load and validate a
+  data set; an error here stops the run before anything is written;
+- `modules(self) -> dict[str, Trainable]` (optional): the trainable modules by name, each
+  with its own learning rate and weight decay (default: `{"denoiser": Trainable(the
+  denoiser or its LoRA)}`). The loop moves, optimises, clips and checkpoints each one;
+- `sampler` (optional attribute): the `Sampler` the aligned model samples with (default:
+  the run's plain sampler). Evaluation, `diffalign sample` and the benchmark use it;
+- `collect(self, epoch) -> (batch, metrics)`: sampling and reward queries, no gradients;
+- `micro_steps(self, batch) -> iterable of Micro`: each Micro computes one loss; the loop
+  runs backward on it and takes an optimizer step after a Micro with `step=True`;
+- `state_dict()` / `load_state_dict(d)` (optional): state kept in checkpoints; values may
+  be tensors (saved with safetensors) or JSON-able.
+
+A method's file reads top to bottom: the loss math lives in `diffalign.losses`, shared
+pieces (pair building, step rewards) are functions; no class hierarchies.
 """
 
 from __future__ import annotations
@@ -23,15 +36,30 @@ import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
+from torch import nn
+
 METHODS: dict[str, type] = {}
 
 
 @dataclass
 class Micro:
-    """One micro-batch loss: `compute()` -> (loss tensor, metrics dict of floats)."""
+    """One micro-batch loss: `compute()` -> (loss tensor or None, metrics dict of floats).
+
+    None (or a loss without gradient) means this process holds nothing of the minibatch:
+    the loop skips its backward, and its gradient counts as zero in the average over processes."""
 
     compute: Callable
-    step: bool = True  # step the optimizer after this micro-batch's backward
+    step: bool = True  # take an optimizer step after this micro-batch's backward
+
+
+@dataclass
+class Trainable:
+    """A module the loop trains: its parameters with requires_grad are optimised."""
+
+    module: nn.Module
+    lr: float | None = None  # None: optim.lr
+    weight_decay: float | None = None  # None: optim.weight_decay
+    grad_clip: float | None = None  # max gradient norm of this module; None: optim.grad_clip (0 = off)
 
 
 def register(cls: type) -> type:
@@ -41,6 +69,14 @@ def register(cls: type) -> type:
     return cls
 
 
+def register_variant(cls: type, **attributes) -> type:
+    """Register `cls` again under another name with some class attributes changed (e.g. a
+    `Config` with other defaults), without writing a subclass by hand."""
+    variant = type(attributes["name"].title().replace("-", ""), (cls,), attributes)
+    variant.__module__ = cls.__module__
+    return register(variant)
+
+
 def _discover() -> None:
     for info in pkgutil.iter_modules(__path__):
         if not info.name.startswith("_"):
@@ -48,6 +84,18 @@ def _discover() -> None:
 
 
 def get_method(name: str) -> type:
+    """A registered method by name, or a user's class given as 'package.module:Class'."""
+    if ":" in name:
+        mod, _, attr = name.partition(":")
+        try:
+            cls = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"method {name!r} cannot be imported ({type(e).__name__}: {e}): give "
+                             "'package.module:Class' importable from the current Python path") from e
+        missing = [a for a in ("Config", "collect", "micro_steps") if not hasattr(cls, a)]
+        if missing:
+            raise ValueError(f"method {name!r} lacks {', '.join(missing)}: see the protocol in diffalign.methods")
+        return cls
     _discover()
     if name not in METHODS:
         close = difflib.get_close_matches(name, METHODS, n=1)
@@ -59,3 +107,46 @@ def get_method(name: str) -> type:
 def list_methods() -> list[tuple[str, str]]:
     _discover()
     return [(n, METHODS[n].description) for n in sorted(METHODS)]
+
+
+def resolve_config(path=None, overrides=None, base: dict | None = None):
+    """Load a config, apply the method's defaults under it, validate everything -> (cfg, args)."""
+    from ..config import ConfigError, RunConfig, from_dict, load_raw, merge_under
+
+    raw = load_raw(path, overrides, base)
+    method_cls = get_method(from_dict(RunConfig, raw).method)  # validates keys and types first
+    cfg = from_dict(RunConfig, merge_under(getattr(method_cls, "defaults", {}), raw))
+    args = from_dict(method_cls.Config, cfg.args, "args")
+    if getattr(method_cls, "requires_logprob", False) and cfg.sampling.eta <= 0:
+        raise ConfigError(
+            f"method '{cfg.method}' needs step log-probabilities, but sampling.eta = {cfg.sampling.eta} makes "
+            "every step deterministic: set sampling.eta > 0 (1.0 = DDPM variance)"
+        )
+    return cfg, args
+
+
+def build(run, args):
+    """The method of `run.cfg`, built on the run."""
+    return get_method(run.cfg.method)(run, args)
+
+
+def modules_of(method, run) -> dict[str, Trainable]:
+    """The method's trainable modules by name (default: the denoiser / its LoRA)."""
+    if hasattr(method, "modules"):
+        mods = method.modules()
+        if "denoiser" in mods and mods["denoiser"].module is not run.model.denoiser:
+            raise ValueError("a method's 'denoiser' module must be the run's denoiser (run.model.denoiser)")
+        return mods
+    return {"denoiser": Trainable(run.model.denoiser)}
+
+
+def sampler_of(method, run):
+    """The sampler of the aligned model: the method's own, or the run's plain one."""
+    return getattr(method, "sampler", None) or run.sampler
+
+
+def run_needs(name: str) -> dict:
+    """What the method asks of its run context (`Run` keyword arguments)."""
+    cls = get_method(name)
+    return {"keep_reference": bool(getattr(cls, "requires_reference", False)),
+            "differentiable_reward": bool(getattr(cls, "requires_differentiable_reward", False))}

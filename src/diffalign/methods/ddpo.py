@@ -1,13 +1,17 @@
 """DDPO (Black et al. 2023): policy-gradient RL on the denoising chain (METHODS.md §1).
 
-Per stored step: ratio = exp(log pi_theta - log pi_old), loss
-mean(max(-A * ratio, -A * clip(ratio, 1 - eps, 1 + eps))), advantages from per-prompt
-reward normalisation (buffer 32, min count 16), clipped to [-adv_clip, adv_clip].
+Per stored step: ratio = exp(log π_θ - log π_old), loss
+mean(max(-A·ratio, -A·clip(ratio, 1 - ε, 1 + ε))) (`losses.ppo_clip_loss`), advantages
+from per-prompt reward normalisation (buffer 32, min count 16), clipped to
+[-adv_clip, adv_clip].
 
-Decisions: the reference code averages log-probs over elements, and its tiny clip
-range (1e-4) assumes that scale, so this method defaults to `sampling.logprob:
-mean`. The loss of one optimizer step is the mean over the trained timesteps of
-the minibatch (the reference code's accumulation over timesteps).
+Decisions: the reference code averages log-probs over elements, and its tiny clip range
+(1e-4) assumes that scale, so this method defaults to `sampling.logprob: mean`. The
+loss of one optimizer step is the mean over the trained timesteps of the minibatch (the
+reference code's accumulation over timesteps). The trained steps are one random subset
+for the whole epoch's samples, or (`per_sample_timesteps: true`, as the reference code)
+one subset per sample; with `timestep_fraction: 1` the two differ only in float order.
+Minibatches are global (`Run.minibatches`): any number of processes gives the same update.
 """
 
 from __future__ import annotations
@@ -16,23 +20,20 @@ from dataclasses import dataclass
 
 import torch
 
-from .. import trajectory
+from ..losses import ppo_clip_loss
 from ..stats import PerPromptStatTracker
-from ..seeding import seed_for
+from ..trajectory import Trajectory
 from . import Micro, register
 
 
-def ddpo_loss(log_prob, old_log_prob, advantages, clip_range: float):
-    """Clipped surrogate loss and diagnostics for one timestep of a batch."""
-    ratio = torch.exp(log_prob - old_log_prob)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = torch.mean(torch.maximum(unclipped, clipped))
-    info = {
-        "approx_kl": 0.5 * torch.mean((log_prob - old_log_prob) ** 2).detach(),
-        "clipfrac": torch.mean((torch.abs(ratio - 1.0) > clip_range).float()).detach(),
-    }
-    return loss, info
+@dataclass
+class Rollouts:
+    """One epoch's samples on this process."""
+
+    traj: Trajectory  # (N local trajectories)
+    advantages: torch.Tensor  # (N,) clipped advantages
+    keys: torch.Tensor  # (N,) global sample indices (batch-major, then process, then local index)
+    epoch: int
 
 
 @register
@@ -49,8 +50,9 @@ class DDPO:
         clip_range: float = 1e-4  # PPO ratio clip (deliberately tiny; per-element log-prob scale)
         adv_clip: float = 5.0  # advantages clipped to [-adv_clip, adv_clip]
         inner_epochs: int = 1  # passes over each epoch's samples
-        minibatches: int = 1  # optimizer steps per inner epoch (the local batch is split)
+        minibatches: int = 1  # optimizer steps per inner epoch (the global samples are split)
         timestep_fraction: float = 1.0  # fraction of denoising steps trained per trajectory
+        per_sample_timesteps: bool = False  # one random subset of steps per sample (reference code) vs per epoch
         per_prompt_stats: bool = True  # normalise rewards per prompt (else whole batch)
         stat_buffer: int = 32  # rewards kept per prompt
         stat_min_count: int = 16  # below this, batch statistics are used
@@ -61,60 +63,63 @@ class DDPO:
             if self.minibatches < 1 or self.inner_epochs < 1:
                 raise ValueError(f"config keys '{where}.minibatches' and '{where}.inner_epochs' must be >= 1")
 
-    def __init__(self, trainer, args: Config):
-        self.t, self.args = trainer, args
+    def __init__(self, run, args: Config):
+        self.run, self.args = run, args
+        self.sampler = run.sampler
         self.tracker = PerPromptStatTracker(args.stat_buffer, args.stat_min_count)
-        if trainer.local_batch * trainer.cfg.train.batches_per_epoch % args.minibatches:
-            raise ValueError("args.minibatches must divide the per-process samples per epoch")
 
     def collect(self, epoch: int):
-        t, cfg = self.t, self.t.cfg
-        trajs, rewards, prompts_all = [], [], []
-        n = cfg.train.batch_size
-        for b in range(cfg.train.batches_per_epoch):
-            prompts = t.draw_prompts(epoch, b, n=n)
-            local = prompts[t.local_slice(n)]
-            traj = trajectory.sample(
-                t.model, local, num_steps=cfg.sampling.num_steps, eta=cfg.sampling.eta,
-                guidance_scale=cfg.sampling.guidance_scale, reduction=cfg.sampling.logprob,
-                generator=t.sample_generators("sample", epoch, b, n_global=n),
-            )
+        run, cfg = self.run, self.run.cfg
+        n, nb, B = cfg.train.batch_size, cfg.train.batches_per_epoch, run.local_batch
+        trajs, rewards, prompts_all, keys = [], [], [], []
+        for b in range(nb):
+            prompts = run.draw_prompts(epoch, b, n=n)
+            local = prompts[run.local_slice(n)]
+            traj = self.sampler.sample(run.model, local, generator=run.sample_generators("sample", epoch, b, n_global=n))
             trajs.append(traj)
-            rewards.append(t.score(t.model.decode(traj.final), local))
+            rewards.append(run.score(run.model.decode(traj.final), local))
             prompts_all += prompts
-        traj = trajectory.Trajectory.cat(trajs)
+            keys.append(b * n + run.rank * B + torch.arange(B))
         local_r = torch.cat(rewards)
         # gather concatenates by process, and process r holds samples [r*B, (r+1)*B) of each
         # batch, so this is already the global order of prompts_all (batch-major)
-        global_r = torch.cat([t.gather(r) for r in rewards]).cpu()
-        P, B, nb = t.acc.num_processes, t.local_batch, cfg.train.batches_per_epoch
+        global_r = torch.cat([run.gather(r) for r in rewards]).cpu()
         if self.args.per_prompt_stats:
             adv = torch.as_tensor(self.tracker.update(prompts_all, global_r.numpy()), dtype=torch.float32)
         else:
             adv = (global_r - global_r.mean()) / (global_r.std() + 1e-6)
-        adv = adv.view(nb, P, B)[:, t.acc.process_index].reshape(-1).to(t.device)
-        data = {"traj": traj, "adv": adv.clamp(-self.args.adv_clip, self.args.adv_clip), "epoch": epoch}
+        adv = adv.view(nb, run.processes, B)[:, run.rank].reshape(-1).to(run.device)
+        batch = Rollouts(Trajectory.cat(trajs), adv.clamp(-self.args.adv_clip, self.args.adv_clip), torch.cat(keys),
+                         epoch)
         metrics = {"reward_mean": float(global_r.mean()), "reward_std": float(global_r.std()),
                    "local_reward_mean": float(local_r.mean())}
-        return data, metrics
+        return batch, metrics
 
-    def micro_steps(self, data):
-        traj, adv, epoch = data["traj"], data["adv"], data["epoch"]
-        T, N = traj.num_steps, adv.shape[0]
+    def micro_steps(self, batch: Rollouts):
+        T = batch.traj.num_steps
         n_train = max(1, int(round(T * self.args.timestep_fraction)))
         for inner in range(self.args.inner_epochs):
-            g = torch.Generator().manual_seed(seed_for(self.t.cfg.seed, "ddpo-perm", epoch, inner))
-            perm = torch.randperm(N, generator=g)
-            steps = torch.randperm(T, generator=g)[:n_train].sort().values.tolist()
-            for rows in perm.chunk(self.args.minibatches):
-                mb = traj.select(rows.to(traj.latents.device))
-                for j, step in enumerate(steps):
-                    yield Micro(self._loss_fn(mb, adv[rows], step, n_train), step=j == len(steps) - 1)
+            g = self.run.generator("ddpo-perm", batch.epoch, inner)
+            shares = self.run.minibatches(batch.keys, self.args.minibatches, g)
+            if self.args.per_sample_timesteps:  # drawn for every global sample, in key order
+                n_all = self.run.cfg.train.batch_size * self.run.cfg.train.batches_per_epoch
+                steps = torch.stack([torch.randperm(T, generator=g)[:n_train] for _ in range(n_all)])[batch.keys]
+            else:
+                steps = torch.randperm(T, generator=g)[:n_train].sort().values.expand(len(batch.keys), n_train)
+            for share in shares:
+                mb = batch.traj.select(share.rows)
+                for j in range(n_train):
+                    yield Micro(self._loss_fn(mb, batch.advantages[share.rows.to(batch.advantages.device)],
+                                              steps[share.rows, j], share, n_train), step=j == n_train - 1)
 
-    def _loss_fn(self, mb, adv, step, n_train):
+    def _loss_fn(self, mb: Trajectory, adv, steps, share, n_train):
         def compute():
-            lp = trajectory.rescore(self.t.policy, mb, step, reduction=self.t.cfg.sampling.logprob)
-            loss, info = ddpo_loss(lp, mb.log_probs[:, step], adv, self.args.clip_range)
+            if len(mb) == 0:
+                return None, {}
+            lp = self.sampler.rescore(self.run.model, mb, steps)
+            old = mb.log_probs.gather(1, steps.to(mb.log_probs.device).view(-1, 1)).squeeze(1)
+            per, info = ppo_clip_loss(lp, old, adv, self.args.clip_range)
+            loss = share.mean(per)
             return loss / n_train, {"loss": loss.detach(), **info}
 
         return compute

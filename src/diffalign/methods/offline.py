@@ -1,36 +1,32 @@
 """Offline preference methods: Diffusion-DPO (pairs) and Diffusion-KTO (binary labels).
 
 METHODS.md §5 and §6. Both train on a fixed feedback set (`args.data`, see
-`diffalign.data.feedback`), query no reward during training (reward_queries stays
-0; evaluation still uses the run's reward) and compare the policy with the frozen
-base through `trainer.reference()`.
+`diffalign.data.feedback`), query no reward during training (reward_queries stays 0;
+evaluation still uses the run's reward) and compare the policy with the frozen base
+through `run.reference()`.
 
 Shared decisions:
-- Denoising error e = mean over elements of ||ε − ε_θ(x_t, t, c)||², x_t from the
-  scheduler's `add_noise`, t uniform over the training timesteps [0, T).
-- The condition is always the prompt's (no label dropout to the null class), so
-  the offline methods align the conditional model; evaluate with guidance 1.0 or
-  expect CFG to dilute the change.
-- Each of `train.batches_per_epoch` batches of `train.batch_size` items is one
-  optimizer step. Items, timesteps and noise are drawn globally from generators
-  seeded by (seed, method, epoch, batch) and then sliced per process, so a run is
-  the same for any number of processes.
-- The set is loaded and validated in `__init__`, before the run folder is written.
+- Denoising error e = mean over elements of ||target − model output||², x_t from the
+  scheduler's `add_noise`, t uniform over [t_min·T, t_max·T); the target is what the
+  model predicts (`sampling.training_target`: the noise, the velocity or x0, by the
+  scheduler's `prediction_type`).
+- The condition is always the prompt's (no label dropout to the null class), so the
+  offline methods align the conditional model; evaluate with guidance 1.0 or expect CFG
+  to dilute the change.
+- Each of `train.batches_per_epoch` batches of `train.batch_size` items is one optimizer
+  step. Items, timesteps and noise are drawn globally from generators seeded by (seed,
+  method, epoch, batch) and sliced per process, so a run is the same for any number of
+  processes.
+- The set is loaded and validated in `start()`, before the run folder is written.
 
-Diffusion-DPO: per pair one ε and one t shared by winner and loser;
-    L = −log σ(−β/2 · [(e_w^θ − e_l^θ) − (e_w^ref − e_l^ref)])
-  logs `implicit_acc`, the fraction of pairs whose argument is positive.
-
-Diffusion-KTO: per sample w = +1 (desirable) / −1 (undesirable), g = e_ref − e_θ
-  at a random t with fresh noise, z = max(0, mean_batch g) detached;
-    utility "sigmoid" (Kahneman–Tversky, the paper's):  L = λ_w · (1 − σ(w·β·(g − z)))
-    utility "loss-averse" (our decision, not the paper's exact form):
-                                                        L = −λ_w · log σ(w·β·(g − z))
-      i.e. the log-sigmoid: it saturates for gains but keeps growing (linearly) for
-      losses, so samples on the wrong side of the reference point are never ignored.
-  The batch is drawn desirable with probability γ (default 0.8) per item, uniformly
-  within the chosen class. A pairs file is accepted too: it is turned into labels
-  by the Pick-a-Pic rule (`labels_from_pairs`).
+Diffusion-DPO: per pair one noise and one t shared by winner and loser; `losses.dpo_loss`
+  on the log-ratios −(e_θ − e_ref)/2 (no clipping): L = −log σ(−β/2 · [(e_w − e_l) −
+  (e_w^ref − e_l^ref)]); logs `accuracy` (the paper's implicit accuracy).
+Diffusion-KTO: per sample g = e_ref − e_θ at a random t with fresh noise, `losses.kto_loss`
+  with the reference point z = max(0, mean g) over the *global* batch (gathered from every
+  process, as the reference code). The batch is drawn desirable with probability γ (default
+  0.8) per item, uniformly within the chosen class. A pairs file is accepted too: it is
+  turned into labels by the Pick-a-Pic rule (`labels_set_from_pairs`).
 """
 
 from __future__ import annotations
@@ -38,102 +34,91 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..data import feedback
-from ..seeding import seed_for
+from ..losses import denoising_error, dpo_loss, kto_loss, kto_reference_point, logratio_from_errors
+from ..sampling import training_target
 from . import Micro, register
 
 
-# ---- the losses (pure functions, tested by hand-worked values) -----------------------
-def denoising_error(eps_pred: torch.Tensor, eps: torch.Tensor) -> torch.Tensor:
-    """Per-sample mean squared error over all non-batch elements."""
-    return (eps_pred.float() - eps.float()).pow(2).flatten(1).mean(1)
+# ---- shared pieces ---------------------------------------------------------------------
+def check_args(run, args, name: str) -> tuple[int, int]:
+    """Config checks every offline method makes; returns the training-timestep range."""
+    if not args.data:
+        raise ConfigError(f"method '{name}' needs a feedback set: set config key 'args.data' to a JSONL file "
+                          "(build one with `diffalign data pairs ...`)")
+    T = run.model.scheduler.config.num_train_timesteps
+    t_range = (int(args.t_min * T), int(args.t_max * T))
+    if not 0 <= t_range[0] < t_range[1] <= T:
+        raise ConfigError("config keys 'args.t_min' < 'args.t_max' must lie in [0, 1]")
+    return t_range
 
 
-def dpo_loss(e_w, e_l, e_w_ref, e_l_ref, beta: float):
-    """Diffusion-DPO loss (mean over pairs) and diagnostics."""
-    arg = -0.5 * beta * ((e_w - e_l) - (e_w_ref - e_l_ref))
-    loss = -F.logsigmoid(arg).mean()
-    info = {"implicit_acc": (arg > 0).float().mean().detach(), "dpo_arg": arg.mean().detach(),
-            "e_w": e_w.mean().detach(), "e_l": e_l.mean().detach()}
-    return loss, info
+def draw_noise(run, shape, t_range, g, n_global):
+    """Global timesteps and noise drawn from `g`, sliced for this process."""
+    sl = run.local_slice(n_global)
+    ts = torch.randint(*t_range, (n_global,), generator=g)[sl].to(run.device)
+    eps = torch.randn((n_global, *shape), generator=g)[sl].to(run.device)
+    return ts, eps
 
 
-def kto_loss(e_theta, e_ref, desirable, beta: float, lambda_d: float = 1.0, lambda_u: float = 1.0,
-             utility: str = "sigmoid"):
-    """Diffusion-KTO loss (mean over samples) and diagnostics; `desirable` is a bool tensor."""
-    g = e_ref - e_theta
-    z = g.mean().clamp(min=0).detach()
-    w = desirable.float() * 2 - 1
-    lam = torch.where(desirable, torch.as_tensor(lambda_d, dtype=g.dtype), torch.as_tensor(lambda_u, dtype=g.dtype))
-    x = w * beta * (g - z)
-    if utility == "sigmoid":
-        per = lam * (1 - torch.sigmoid(x))
-    elif utility == "loss-averse":
-        per = -lam * F.logsigmoid(x)
-    else:
-        raise ValueError(f"unknown KTO utility {utility!r}: use 'sigmoid' or 'loss-averse'")
-    info = {"kl_ref_point": z, "g_mean": g.mean().detach(),
-            "desirable_frac": desirable.float().mean().detach()}
-    return per.mean(), info
+def noised(run, x0, eps, ts):
+    """(x_t, the model's training target at x_t)."""
+    s = run.model.scheduler
+    return s.add_noise(x0, eps, ts), training_target(s, x0, eps, ts)
 
 
-# ---- shared machinery ----------------------------------------------------------------
-class _Offline:
-    offline_data = True  # learns from a fixed feedback file (args.data) and queries no reward while training
+def errors(model, x_t, ts, target, cond):
+    return denoising_error(model.predict_noise(x_t, ts, cond), target)
+
+
+def reference_errors(run, x_t, ts, target, cond):
+    with torch.no_grad(), run.reference():
+        return errors(run.model, x_t, ts, target, cond)
+
+
+@dataclass
+class OfflineBatches:
+    items: list  # one entry per optimizer step (DPOItems / KTOItems)
+
+
+@dataclass
+class DPOItems:
+    x_t_w: torch.Tensor  # (B, *shape) noised winners
+    x_t_l: torch.Tensor  # (B, *shape) noised losers (same noise and t)
+    t: torch.Tensor  # (B,)
+    target_w: torch.Tensor  # (B, *shape)
+    target_l: torch.Tensor
+    cond: torch.Tensor | None
+    ref_w: torch.Tensor  # (B,) reference denoising errors
+    ref_l: torch.Tensor
+
+
+@dataclass
+class KTOItems:
+    x_t: torch.Tensor  # (B, *shape)
+    t: torch.Tensor  # (B,)
+    target: torch.Tensor
+    cond: torch.Tensor | None
+    ref: torch.Tensor  # (B,) reference denoising errors
+    desirable: torch.Tensor  # (B,) bool
+
+
+# ---- Diffusion-DPO ---------------------------------------------------------------------
+@register
+class DiffusionDPO:
+    name = "diffusion-dpo"
+    description = "Diffusion-DPO: offline pairwise preferences vs the frozen base, shared noise per pair (Wallace et al. 2024)"
+    offline_data = True
     requires_logprob = False
     requires_reference = True
     requires_differentiable_reward = False
-
-    def _init_common(self, trainer, args):
-        self.t, self.args = trainer, args
-        if not args.data:
-            raise ConfigError(
-                f"method '{self.name}' needs a feedback set: set config key 'args.data' to a JSONL file "
-                "(build one with `diffalign data pairs ...`)"
-            )
-        if args.beta <= 0:
-            raise ConfigError("config key 'args.beta' must be > 0")
-        T = trainer.model.scheduler.config.num_train_timesteps
-        self.t_range = (int(args.t_min * T), int(args.t_max * T))
-        if not 0 <= self.t_range[0] < self.t_range[1] <= T:
-            raise ConfigError("config keys 'args.t_min' < 'args.t_max' must lie in [0, 1]")
-
-    def _encode(self, imgs):
-        return feedback.encode_images(self.t.model, imgs.to(self.t.device)).detach()
-
-    def _noise(self, x0, g, n_global):
-        """Global timesteps and noise drawn from `g`, sliced for this process."""
-        sl = self.t.local_slice(n_global)
-        ts = torch.randint(*self.t_range, (n_global,), generator=g)[sl].to(self.t.device)
-        eps = torch.randn((n_global, *x0.shape[1:]), generator=g)[sl].to(self.t.device)
-        return ts, eps
-
-    def _errors(self, model, x_t, ts, eps, cond):
-        return denoising_error(model.predict_noise(x_t, ts, cond), eps)
-
-    def _ref_errors(self, x_t, ts, eps, cond):
-        with torch.no_grad(), self.t.reference():
-            return self._errors(self.t.model, x_t, ts, eps, cond)
-
-    def state_dict(self) -> dict:
-        return {}
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-@register
-class DiffusionDPO(_Offline):
-    name = "diffusion-dpo"
-    description = "Diffusion-DPO: offline pairwise preferences vs the frozen base, shared noise per pair (Wallace et al. 2024)"
     defaults = {"optim.lr": 1e-3}
 
     @dataclass
     class Config:
-        data: str = ""  # pairs JSONL (diffalign data pairs); validated when the method starts
+        data: str = ""  # pairs JSONL (diffalign data pairs); validated when training starts
         beta: float = 2000.0  # paper: 2000-5000 at the per-element-mean error scale
         t_min: float = 0.0  # timesteps drawn uniformly from [t_min*T, t_max*T)
         t_max: float = 1.0
@@ -142,53 +127,58 @@ class DiffusionDPO(_Offline):
             if self.beta <= 0:
                 raise ValueError(f"config key '{where}.beta' must be > 0")
 
-    def __init__(self, trainer, args: Config):
-        self._init_common(trainer, args)
-        ps = feedback.load_pairs(args.data)
-        self.n, self.ties_dropped = len(ps), ps.ties_dropped
-        self.x_w, self.x_l = self._encode(ps.winners), self._encode(ps.losers)
-        self.prompts = ps.prompts
+    def __init__(self, run, args: Config):
+        self.run, self.args = run, args
+        self.t_range = check_args(run, args, self.name)
+
+    def start(self):
+        ps = feedback.load_pairs(self.args.data)
+        self.n, self.ties_dropped, self.prompts = len(ps), ps.ties_dropped, ps.prompts
+        self.x_w = self.run.model.encode_images(ps.winners.to(self.run.device)).detach()
+        self.x_l = self.run.model.encode_images(ps.losers.to(self.run.device)).detach()
 
     def collect(self, epoch: int):
-        t, cfg = self.t, self.t.cfg
-        n = cfg.train.batch_size
-        batches = []
-        for b in range(cfg.train.batches_per_epoch):
-            g = torch.Generator().manual_seed(seed_for(cfg.seed, self.name, epoch, b))
+        run, n = self.run, self.run.cfg.train.batch_size
+        items = []
+        for b in range(run.cfg.train.batches_per_epoch):
+            g = run.generator(self.name, epoch, b)
             idx = torch.randint(self.n, (n,), generator=g)
-            ts, eps = self._noise(self.x_w, g, n)
-            idx = idx[t.local_slice(n)]
-            dev_idx = idx.to(t.device)
-            prompts = [self.prompts[i] for i in idx.tolist()]
-            cond = t.model.encode_prompts(prompts)
-            xw = t.model.scheduler.add_noise(self.x_w[dev_idx], eps, ts)
-            xl = t.model.scheduler.add_noise(self.x_l[dev_idx], eps, ts)
-            ref_w = self._ref_errors(xw, ts, eps, cond)
-            ref_l = self._ref_errors(xl, ts, eps, cond)
-            batches.append({"xw": xw, "xl": xl, "ts": ts, "eps": eps, "cond": cond, "ref_w": ref_w, "ref_l": ref_l})
-        return {"batches": batches}, {"pairs": float(self.n), "ties_dropped": float(self.ties_dropped)}
+            ts, eps = draw_noise(run, self.x_w.shape[1:], self.t_range, g, n)
+            idx = idx[run.local_slice(n)]
+            cond = run.model.encode_prompts([self.prompts[i] for i in idx.tolist()])
+            dev = idx.to(run.device)
+            (xw, tw), (xl, tl) = noised(run, self.x_w[dev], eps, ts), noised(run, self.x_l[dev], eps, ts)
+            items.append(DPOItems(xw, xl, ts, tw, tl, cond, reference_errors(run, xw, ts, tw, cond),
+                                  reference_errors(run, xl, ts, tl, cond)))
+        return OfflineBatches(items), {"pairs": float(self.n), "ties_dropped": float(self.ties_dropped)}
 
-    def micro_steps(self, data):
-        for b in data["batches"]:
-            yield Micro(self._loss_fn(b))
+    def micro_steps(self, batch: OfflineBatches):
+        for items in batch.items:
+            yield Micro(self._loss_fn(items))
 
-    def _loss_fn(self, b):
+    def _loss_fn(self, b: DPOItems):
         def compute():
-            pol = self.t.policy
             # one forward for winner and loser (same t, same noise)
-            e = self._errors(pol, torch.cat([b["xw"], b["xl"]]), torch.cat([b["ts"], b["ts"]]),
-                             torch.cat([b["eps"], b["eps"]]), torch.cat([b["cond"], b["cond"]]))
+            e = errors(self.run.model, torch.cat([b.x_t_w, b.x_t_l]), torch.cat([b.t, b.t]),
+                       torch.cat([b.target_w, b.target_l]), None if b.cond is None else torch.cat([b.cond, b.cond]))
             e_w, e_l = e.chunk(2)
-            loss, info = dpo_loss(e_w, e_l, b["ref_w"], b["ref_l"], self.args.beta)
-            return loss, {"loss": loss.detach(), **info}
+            per, info = dpo_loss(logratio_from_errors(e_w, b.ref_w), logratio_from_errors(e_l, b.ref_l),
+                                 self.args.beta)
+            loss = per.mean()
+            return loss, {"loss": loss.detach(), "e_w": e_w.mean().detach(), "e_l": e_l.mean().detach(), **info}
 
         return compute
 
 
+# ---- Diffusion-KTO ---------------------------------------------------------------------
 @register
-class DiffusionKTO(_Offline):
+class DiffusionKTO:
     name = "diffusion-kto"
     description = "Diffusion-KTO: offline per-sample desirable/undesirable labels, Kahneman-Tversky utility (Li et al. 2024)"
+    offline_data = True
+    requires_logprob = False
+    requires_reference = True
+    requires_differentiable_reward = False
     defaults = {"optim.lr": 1e-3}
 
     @dataclass
@@ -198,8 +188,8 @@ class DiffusionKTO(_Offline):
         lambda_d: float = 1.0  # weight of desirable samples
         lambda_u: float = 1.0  # weight of undesirable samples
         gamma: float = 0.8  # probability that a batch item is drawn from the desirable samples
-        utility: str = "sigmoid"  # "sigmoid" (Kahneman-Tversky) or "loss-averse" (log-sigmoid; see module doc)
-        t_min: float = 0.0
+        utility: str = "sigmoid"  # "sigmoid" (Kahneman-Tversky) or "loss-averse" (log-sigmoid; see losses.kto)
+        t_min: float = 0.0  # timesteps drawn uniformly from [t_min*T, t_max*T)
         t_max: float = 1.0
 
         def validate(self, where):
@@ -210,54 +200,54 @@ class DiffusionKTO(_Offline):
             if self.beta <= 0 or self.lambda_d < 0 or self.lambda_u < 0:
                 raise ValueError(f"config keys '{where}.beta' (> 0), 'lambda_d', 'lambda_u' (>= 0) out of range")
 
-    def __init__(self, trainer, args: Config):
-        self._init_common(trainer, args)
-        ls = feedback.load_feedback(args.data)
+    def __init__(self, run, args: Config):
+        self.run, self.args = run, args
+        self.t_range = check_args(run, args, self.name)
+
+    def start(self):
+        ls = feedback.load_feedback(self.args.data)
         if isinstance(ls, feedback.PairSet):
             ls = labels_set_from_pairs(ls)
-        self.prompts, self.labels = ls.prompts, ls.desirable
-        self.x = self._encode(ls.images)
+        self.prompts, self.labels, self.counts = ls.prompts, ls.desirable, ls.counts
+        self.x = self.run.model.encode_images(ls.images.to(self.run.device)).detach()
         self.pools = (torch.nonzero(~ls.desirable).flatten(), torch.nonzero(ls.desirable).flatten())
-        self.counts = ls.counts
-        for k, pool in zip(("undesirable", "desirable"), self.pools):
-            wanted = args.gamma if k == "desirable" else 1 - args.gamma
+        for kind, pool in zip(("undesirable", "desirable"), self.pools):
+            wanted = self.args.gamma if kind == "desirable" else 1 - self.args.gamma
             if len(pool) == 0 and wanted > 0:
-                raise ValueError(f"{args.data}: no {k} samples, but args.gamma = {args.gamma} asks for them")
+                raise ValueError(f"{self.args.data}: no {kind} samples, but args.gamma = {self.args.gamma} asks for them")
 
     def collect(self, epoch: int):
-        t, cfg = self.t, self.t.cfg
-        n = cfg.train.batch_size
-        batches = []
-        for b in range(cfg.train.batches_per_epoch):
-            g = torch.Generator().manual_seed(seed_for(cfg.seed, self.name, epoch, b))
+        run, n = self.run, self.run.cfg.train.batch_size
+        items = []
+        for b in range(run.cfg.train.batches_per_epoch):
+            g = run.generator(self.name, epoch, b)
             want_d = torch.rand(n, generator=g) < self.args.gamma
             u = torch.rand(n, generator=g)
             idx = torch.empty(n, dtype=torch.long)
             for d in (False, True):
-                pool = self.pools[int(d)]
-                m = want_d == d
+                pool, m = self.pools[int(d)], want_d == d
                 if m.any():
                     idx[m] = pool[(u[m] * len(pool)).long().clamp(max=len(pool) - 1)]
-            ts, eps = self._noise(self.x, g, n)
-            idx = idx[t.local_slice(n)]
-            dev_idx = idx.to(t.device)
-            cond = t.model.encode_prompts([self.prompts[i] for i in idx.tolist()])
-            x_t = t.model.scheduler.add_noise(self.x[dev_idx], eps, ts)
-            ref = self._ref_errors(x_t, ts, eps, cond)
-            batches.append({"x_t": x_t, "ts": ts, "eps": eps, "cond": cond, "ref": ref,
-                            "desirable": self.labels[idx].to(t.device)})
-        metrics = {"desirable": float(self.counts["desirable"]), "undesirable": float(self.counts["undesirable"])}
-        return {"batches": batches}, metrics
+            ts, eps = draw_noise(run, self.x.shape[1:], self.t_range, g, n)
+            idx = idx[run.local_slice(n)]
+            cond = run.model.encode_prompts([self.prompts[i] for i in idx.tolist()])
+            x_t, target = noised(run, self.x[idx.to(run.device)], eps, ts)
+            items.append(KTOItems(x_t, ts, target, cond, reference_errors(run, x_t, ts, target, cond),
+                                  self.labels[idx].to(run.device)))
+        return OfflineBatches(items), {"desirable": float(self.counts["desirable"]),
+                                       "undesirable": float(self.counts["undesirable"])}
 
-    def micro_steps(self, data):
-        for b in data["batches"]:
-            yield Micro(self._loss_fn(b))
+    def micro_steps(self, batch: OfflineBatches):
+        for items in batch.items:
+            yield Micro(self._loss_fn(items))
 
-    def _loss_fn(self, b):
+    def _loss_fn(self, b: KTOItems):
         def compute():
-            e = self._errors(self.t.policy, b["x_t"], b["ts"], b["eps"], b["cond"])
+            g = b.ref - errors(self.run.model, b.x_t, b.t, b.target, b.cond)
             a = self.args
-            loss, info = kto_loss(e, b["ref"], b["desirable"], a.beta, a.lambda_d, a.lambda_u, a.utility)
+            z = kto_reference_point(g, self.run.gather)  # over the global batch
+            per, info = kto_loss(g, b.desirable, a.beta, z, a.lambda_d, a.lambda_u, a.utility)
+            loss = per.mean()
             return loss, {"loss": loss.detach(), **info}
 
         return compute

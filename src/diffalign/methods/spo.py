@@ -1,16 +1,17 @@
 """SPO (Liang et al. 2024): step-level preference with random continuation (METHODS.md §3).
 
 The first `single_path_steps` steps run as a single path; at every later step k
-candidates are drawn from the shared x_t (branching mode), each scored by the step
-reward r(c, x0_hat(candidate)) (one extra model pass at the candidate's timestep,
-through `trainer.score`; after the last step the candidate is x0 itself). The
-(best, worst) pair is kept only if the softmax gap p_best - p_worst of the scores
-exceeds `threshold` (0.3), with softmax(scores / temperature). Temperature 1.0 by
+candidates are drawn from the shared x_t (`Sampler.children`), each scored by the step
+reward r(c, x0_hat(candidate)) (`preference.step_reward`: one extra model pass at the
+candidate's timestep, through `run.score`; after the last step the candidate is x0
+itself). The (best, worst) pair is kept only if the softmax gap p_best - p_worst of the
+scores exceeds `threshold` (0.3), with softmax(scores / temperature). Temperature 1.0 by
 default (the softmax of log-probability rewards compares likelihoods directly); on
 digits the candidates' classifier log-probs differ by only ~0.01-0.5 nats late in
-sampling, so configs/spo_digits.yaml uses 0.05 (measured: at 1.0 ~1% of branches passed the gap, at 0.05 ~30%).
-The next x_t is a *random* candidate (not the best).
-Loss: the shared clipped DPO loss with β = 10 conditioned on the shared x_t.
+sampling, so configs/spo_digits.yaml uses 0.05 (measured: at 1.0 ~1% of branches passed
+the gap, at 0.05 ~30%). The next x_t is a *random* candidate (not the best), drawn per
+global sample index, so the run is the same for any number of processes.
+Loss: the shared clipped DPO loss (`losses.dpo_loss`) with β = 10, conditioned on the shared x_t.
 
 Decisions: `sampling.logprob: mean` (SPO's β 10 is set for the averaged scale).
 Reward queries per sample: k · (num_steps - single_path_steps) + 1.
@@ -22,60 +23,77 @@ from dataclasses import dataclass
 
 import torch
 
+from ..trajectory import Trajectory
 from . import register
-from ..seeding import seed_for
-from .preference import Pairs, PreferenceConfig, PreferenceMethod, make_pairs, pair_metrics
+from .preference import (Branch, PairsBatch, PreferenceConfig, StepPairs, make_pairs, pair_keys, pair_metrics,
+                         pair_micro_steps, step_reward, with_reference)
 
 
 @register
-class SPO(PreferenceMethod):
+class SPO:
     name = "spo"
     description = "SPO: k candidates per step from a shared x_t, best/worst pair if the softmax gap is large, random continuation"
+    requires_logprob = True
+    requires_reference = True
+    requires_differentiable_reward = False
     defaults = {"sampling.logprob": "mean", "optim.lr": 3e-5}
 
     @dataclass
     class Config(PreferenceConfig):
         beta: float = 10.0
-        k: int = 4
-        single_path_steps: int = 10
-        threshold: float = 0.3
-        temperature: float = 1.0
+        k: int = 4  # candidates per step
+        single_path_steps: int = 10  # steps sampled as one path before branching starts
+        threshold: float = 0.3  # keep a pair only if the softmax gap of its scores exceeds this
+        temperature: float = 1.0  # softmax(scores / temperature)
 
         def validate(self, where):
             if self.k < 2:
                 raise ValueError(f"config key '{where}.k' must be >= 2")
             super().validate(where)
 
-    def choose_fn(self, prompts, cond, timesteps, gen):
-        def choose(br):
-            k = br.children.shape[1]
-            scores = torch.stack([self.step_reward(br.children[:, j], br.step, cond, prompts, timesteps)
-                                  for j in range(k)], dim=1)
-            p = torch.softmax(scores / self.args.temperature, dim=1)
-            br.info.update(scores=scores, best=scores.argmax(1), worst=scores.argmin(1),
-                           keep=(p.max(1).values - p.min(1).values) > self.args.threshold)
-            return torch.randint(k, (len(prompts),), generator=gen).to(br.children.device)
+    def __init__(self, run, args: Config):
+        self.run, self.args = run, args
+        self.sampler = run.sampler
 
-        return choose
+    def rollout(self, prompts, generators, batch: int, epoch: int):
+        """One branching path per prompt -> (the trajectory that continued, kept pairs, branches)."""
+        run, s, m, a = self.run, self.sampler, self.run.model, self.args
+        n, sl = run.cfg.train.batch_size, run.local_slice(run.cfg.train.batch_size)
+        ts = s.timesteps(m)
+        cond = m.encode_prompts(list(prompts))
+        x = s.noise(m, len(prompts), generators)
+        rows = torch.arange(len(prompts), device=x.device)
+        continue_gen = run.generator("spo-continue", epoch, batch)
+        xs, lps, outs, x0s, pairs, branches = [x], [], [], [], [], []
+        for i, t in enumerate(ts):
+            out = s.predict(m, x, t, cond)
+            if i < a.single_path_steps:
+                step = s.step(m, x, t, cond, generator=generators, output=out)
+                x, lp, x0 = step.prev_sample, step.log_prob, step.x0_pred
+            else:
+                ch = s.children(m, x, t, cond, a.k, generators, output=out)
+                scores = torch.stack([step_reward(run, s, ch.samples[:, j], i, ts, cond, prompts) for j in range(a.k)], 1)
+                p = torch.softmax(scores / a.temperature, dim=1)
+                keep = (p.max(1).values - p.min(1).values) > a.threshold
+                pairs.append(make_pairs(x, x, ch.samples[rows, scores.argmax(1)], ch.samples[rows, scores.argmin(1)], t,
+                                        cond, pair_keys(run, batch, i, len(ts)), keep))
+                pick = torch.randint(a.k, (n,), generator=continue_gen)[sl].to(x.device)
+                branches.append(Branch(i, x, ch.samples, scores, pick))
+                x, lp, x0 = ch.samples[rows, pick], ch.log_probs[rows, pick], ch.x0_pred
+            xs.append(x), lps.append(lp), outs.append(out), x0s.append(x0)
+        return Trajectory.from_steps(prompts, cond, ts, xs, lps, outs, x0s), pairs, branches
 
     def collect(self, epoch: int):
-        t, cfg = self.t, self.t.cfg
-        n, T = cfg.train.batch_size, cfg.sampling.num_steps
+        run = self.run
+        n = run.cfg.train.batch_size
         pairs, rewards = [], []
-        t.model.scheduler.set_timesteps(T, device=t.device)
-        timesteps = t.model.scheduler.timesteps.detach().cpu()
-        for b in range(cfg.train.batches_per_epoch):
-            prompts = t.draw_prompts(epoch, b, n=n)
-            local = prompts[t.local_slice(n)]
-            cond = t.model.encode_prompts(list(local))
-            gen = torch.Generator().manual_seed(seed_for(cfg.seed, "spo-continue", epoch, b, t.acc.process_index))
-            traj = self.sample(local, t.sample_generators("spo", epoch, b, n_global=n),
-                               branch_steps=range(self.args.single_path_steps, T), k=self.args.k,
-                               choose=self.choose_fn(local, cond, timesteps, gen))
-            for br in traj.branches:
-                rows = torch.arange(len(local), device=br.children.device)
-                pairs.append(make_pairs(br.x_t, br.x_t, br.children[rows, br.info["best"]],
-                                        br.children[rows, br.info["worst"]], br.timestep, traj.cond, br.info["keep"]))
-            rewards.append(t.score(t.model.decode(traj.final), local))
-        pairs = self.add_reference(Pairs.cat(pairs))
-        return {"pairs": pairs, "epoch": epoch}, pair_metrics(pairs, torch.cat(rewards), t)
+        for b in range(run.cfg.train.batches_per_epoch):
+            local = run.draw_prompts(epoch, b, n=n)[run.local_slice(n)]
+            traj, kept, _ = self.rollout(local, run.sample_generators("spo", epoch, b, n_global=n), b, epoch)
+            pairs += kept
+            rewards.append(run.score(run.model.decode(traj.final), local))
+        pairs = with_reference(run, self.sampler, StepPairs.cat(pairs))
+        return PairsBatch(pairs, epoch), pair_metrics(run, pairs, torch.cat(rewards))
+
+    def micro_steps(self, batch: PairsBatch):
+        return pair_micro_steps(self.run, self.sampler, batch.pairs, self.args, self.name, batch.epoch)

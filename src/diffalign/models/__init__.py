@@ -1,35 +1,70 @@
-"""Base models by name: the embedded defaults `digits` and `toy2d` (pretrained on
-first use and cached), later local diffusers folders.
+"""Base models by name: a registry that every model file joins with `@register_model`.
 
-`load_model(name)` returns a `DiffusionModel` (see `models/base.py`).
+A model file in this package defines a loader `load(progress=True) -> DiffusionModel`
+and decorates it; importing the package finds them all, so adding a model is one
+new file (see `toy2d.py`). `load_model(name)` returns a `DiffusionModel`
+(`models/base.py`).
 """
 
 from __future__ import annotations
 
-from .base import DiffusionModel
+import difflib
+import importlib
+import pkgutil
+from dataclasses import dataclass
+from typing import Callable
 
-MODELS = {
-    "digits": "class-conditional UNet2DModel on scikit-learn's 8x8 handwritten digits (pretrained on first use)",
-    "toy2d": "MLP noise model on a 2-D Gaussian mixture with a known aligned optimum (pretrained on first use)",
-}
+from .base import DiffusionModel, EvalSpace
+
+
+@dataclass
+class ModelEntry:
+    name: str
+    load: Callable[..., DiffusionModel]  # load(progress=True) -> DiffusionModel
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, description: str):
+    """Decorator for a loader `load(progress=True) -> DiffusionModel`."""
+
+    def deco(load: Callable) -> Callable:
+        if name in MODELS and MODELS[name].load is not load:
+            raise ValueError(f"model {name!r} is registered twice")
+        MODELS[name] = ModelEntry(name, load, description)
+        return load
+
+    return deco
+
+
+def _discover() -> None:
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
+def model_names() -> list[str]:
+    _discover()
+    return sorted(MODELS)
+
+
+def list_models() -> list[tuple[str, str]]:
+    return [(n, MODELS[n].description) for n in model_names()]
 
 
 def load_model(name: str, device: str | None = None, progress: bool = True) -> DiffusionModel:
-    """Load a base model by name, pretraining and caching it on first use."""
-    if name == "digits":
-        from . import digits
-
-        model = digits.load(progress=progress)
-    elif name == "toy2d":
-        from . import toy2d
-
-        model = toy2d.load(progress=progress)
-    else:
-        known = ", ".join(sorted(MODELS))
-        raise ValueError(f"unknown model {name!r}: choose one of {known}")
+    """Load a registered base model, pretraining and caching it on first use."""
+    names = model_names()
+    if name not in MODELS:
+        close = difflib.get_close_matches(name, names, n=1)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(names)}.{hint}")
+    model = MODELS[name].load(progress=progress)
     if device is not None:
         model.to(device)
     return model
 
 
-__all__ = ["DiffusionModel", "MODELS", "load_model"]
+__all__ = ["DiffusionModel", "EvalSpace", "MODELS", "list_models", "load_model", "model_names", "register_model"]

@@ -1,19 +1,25 @@
 """The model interface every method sees.
 
-A `DiffusionModel` bundles a noise-predicting denoiser, a diffusers scheduler and
-the two ends of the pipeline: prompts -> condition tensor, final sample -> image.
-Nothing here assumes pixel space or class labels, so a latent text-to-image model
-(Stable Diffusion: text encoder in `encode_prompts`, VAE in `decode`) fits the same
-interface.
+A `DiffusionModel` bundles a denoiser, a diffusers scheduler and the two ends of
+the pipeline: prompts -> condition tensor, final sample -> image. Nothing here
+assumes pixel space or class labels, so a latent text-to-image model (Stable
+Diffusion: text encoder in `encode_prompts`, VAE in `decode` / `image_encoder`)
+fits the same interface.
 
 Contract:
 - `denoiser(x, t, cond)` is called through `predict_noise`, which returns the
-  model's raw output (noise prediction for `prediction_type='epsilon'`).
+  model's raw output (read by the scheduler's `prediction_type`: noise for
+  'epsilon', velocity for 'v_prediction', x0 for 'sample').
 - `cond` is a tensor (or None) whose first dimension is the batch.
 - `null_condition(n)` is the unconditional input for classifier-free guidance,
   or None when the model is unconditional (then guidance is off).
 - `decode(x0)` maps a final sample to what rewards see: images float NCHW in
   [0, 1] (for the 2-D toy, points (N, 2)). Differentiable.
+- `encode_images(images)` is its inverse, for training on given images
+  (offline feedback): pixel space 2·img − 1 by default, a VAE for latent models.
+- `eval_space()` describes where diversity and Fréchet distance are measured
+  (`EvalSpace`), or None.
+- `parts` holds every other module (VAE, text encoder); `to()` moves them all.
 - `lora_targets` names the modules peft adapts by default.
 """
 
@@ -24,6 +30,20 @@ from typing import Callable, Sequence
 
 import torch
 from torch import nn
+
+
+@dataclass
+class EvalSpace:
+    """Where a model's samples are compared with each other and with real data."""
+
+    name: str
+    features: Callable[[torch.Tensor], torch.Tensor]  # decoded samples -> (N, d)
+    real: Callable[[], torch.Tensor]  # real data, decoded like samples
+    classes: Callable[[torch.Tensor], torch.Tensor] | None = None  # decoded samples -> (N,) labels
+    num_classes: int = 0
+    description: str = ""
+    # extra(images, reward, beta) -> dict of further metrics (toy2d: distance to the exact optimum)
+    extra: Callable[..., dict] | None = None
 
 
 @dataclass
@@ -41,6 +61,9 @@ class DiffusionModel:
     guidance_scale: float = 1.0
     num_inference_steps: int = 20
     path: str | None = None  # folder the weights were loaded from
+    image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # images -> samples; None = pixel space
+    eval_space: Callable[[], EvalSpace | None] = lambda: None
+    parts: dict[str, nn.Module] = field(default_factory=dict)  # other modules (VAE, text encoder, ...)
     info: dict = field(default_factory=dict)
 
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
@@ -51,10 +74,29 @@ class DiffusionModel:
             t = t.expand(x.shape[0])
         return self.forward(self.denoiser, x, t.to(x.device), cond)
 
+    def encode_images(self, images: torch.Tensor) -> torch.Tensor:
+        """Decoded images [0, 1] -> the model's sample space (the inverse of `decode`).
+
+        `image_encoder` when the model has one (latent models: the VAE); otherwise pixel
+        space x = 2·img − 1, resized to `sample_shape` if needed."""
+        if self.image_encoder is not None:
+            return self.image_encoder(images)
+        x = images * 2 - 1
+        shape = tuple(self.sample_shape)
+        if tuple(x.shape[1:]) != shape:
+            if x.ndim != 4 or x.shape[1] != shape[0]:
+                raise ValueError(f"images of shape {tuple(x.shape[1:])} do not fit model '{self.name}', which "
+                                 f"samples {shape}")
+            x = torch.nn.functional.interpolate(x, size=shape[1:], mode="bilinear", align_corners=False)
+        return x
+
     @property
     def device(self) -> torch.device:
         return next(self.denoiser.parameters()).device
 
     def to(self, device) -> "DiffusionModel":
+        """Move the denoiser and every other part of the model."""
         self.denoiser.to(device)
+        for part in self.parts.values():
+            part.to(device)
         return self

@@ -24,7 +24,8 @@ import torch.nn.functional as F
 
 from ..cache import cached_dir
 from ..data import digits as digits_data
-from .base import DiffusionModel
+from . import register_model
+from .base import DiffusionModel, EvalSpace
 from .pretraining import denoising_pretrain, load_folder
 
 NULL_CLASS = 10
@@ -177,8 +178,24 @@ def _build_model(folder: Path, unet, scheduler) -> DiffusionModel:
         guidance_scale=GUIDANCE_SCALE,
         num_inference_steps=NUM_INFERENCE_STEPS,
         path=str(folder),
+        eval_space=eval_space,
         info={"null_class": NULL_CLASS, "decode_size": (8, 8)},
     )
+
+
+def eval_space() -> EvalSpace:
+    """Diversity and Fréchet distance in the held-out classifier's 128-d penultimate features
+    (the stand-in for DreamSim/Inception, independent of the training reward's network);
+    real data = all 1,797 scikit-learn digits; classes = the held-out classifier's argmax."""
+    from ..rewards import digits as rd
+
+    def classes(images):
+        with torch.no_grad():
+            net = rd.load_classifier(heldout=True, device=images.device)
+            return net(rd.prepare(images)).argmax(-1)
+
+    return EvalSpace("digits", lambda x: rd.features(x, heldout=True), lambda: digits_data.load("all")[0], classes, 10,
+                     "held-out classifier penultimate features (128-d)")
 
 
 def _load(folder: Path, fix: str) -> DiffusionModel:
@@ -207,6 +224,7 @@ def load_from_folder(path) -> DiffusionModel:
     return _load(folder, fix)
 
 
+@register_model("digits", "class-conditional UNet2DModel on scikit-learn's 8x8 handwritten digits (pretrained on first use)")
 def load(progress: bool = True) -> DiffusionModel:
     """The embedded digits model, pretrained (about 2 minutes on CPU) and cached on first use."""
     folder = cached_dir("digits", DEFAULT_CONFIG, lambda p: pretrain(p, DEFAULT_CONFIG, progress=progress))

@@ -7,6 +7,10 @@ be computed (or sampled) in closed form and compared with what a method learns.
 
 The model is unconditional: `encode_prompts` and `null_condition` return None,
 `decode` is the identity, samples are points (N, 2).
+
+The exact KL-regularised optimum for the quadratic reward (`tilted_mixture`,
+`sample_optimum`, `distance_to_optimum`) lives here too, beside the mixture it is
+computed from; the model's evaluation space reports the distance to it.
 The first `load()` pretrains it (well under a minute) and caches it with
 `cached_dir('toy2d', DEFAULT_CONFIG, ...)`; the folder holds `mlp/` (ModelMixin
 save_pretrained, safetensors) and `scheduler/` (DDIMScheduler).
@@ -24,7 +28,9 @@ from diffusers.configuration_utils import register_to_config
 from torch import nn
 
 from ..cache import cached_dir
-from .base import DiffusionModel
+from ..rewards.toy2d import SCALE, TARGET
+from . import register_model
+from .base import DiffusionModel, EvalSpace
 from .pretraining import denoising_pretrain, load_folder
 
 # Six components on a hexagon of radius 1.5, with different shapes and weights.
@@ -195,8 +201,73 @@ def _build_model(folder: Path, net: ToyMLP, scheduler) -> DiffusionModel:
         guidance_scale=1.0,
         num_inference_steps=NUM_INFERENCE_STEPS,
         path=str(folder),
+        eval_space=eval_space,
         info={"means": MEANS, "covs": COVS, "weights": WEIGHTS},
     )
+
+
+def eval_space() -> EvalSpace:
+    """The points themselves; real data = 20,000 exact draws of the mixture; no classes; with the
+    quadratic reward also the distance to the exact optimum p* ∝ p_ref exp(r / beta)."""
+
+    def extra(points, reward, beta: float) -> dict:
+        fn = getattr(reward, "fn", None)
+        if getattr(reward, "name", None) != "quadratic" or not hasattr(fn, "target"):
+            return {}
+        d = distance_to_optimum(points.cpu(), beta, target=fn.target, scale=fn.scale)
+        return {"optimum_distance": d["distance"], "optimum_floor": d["floor"], "optimum_beta": beta}
+
+    return EvalSpace("toy2d", lambda x: x.float(), lambda: sample_data(20000, torch.Generator().manual_seed(0)),
+                     description="the 2-D points", extra=extra)
+
+
+# ---- the exact optimum -------------------------------------------------------------------------
+# p_ref is the mixture sum_k w_k N(mu_k, S_k) and r(x) = -a ||x - c||^2. Then p*(x) ∝ p_ref(x) exp(r(x) / beta)
+# is again a Gaussian mixture: exp(r/beta) is an unnormalised Gaussian N(c, (beta / 2a) I), and the product of
+# two Gaussians is N(m_k, P_k) with P_k = (S_k^-1 + (2a/beta) I)^-1, m_k = P_k (S_k^-1 mu_k + (2a/beta) c),
+# with weight w_k N(mu_k; c, S_k + (beta / 2a) I), renormalised.
+def tilted_mixture(beta: float, target=TARGET, scale: float = SCALE, weights=None, means=None, covs=None):
+    """(weights (K,), means (K, 2), covs (K, 2, 2)) of p* ∝ p_ref exp(r / beta), float64."""
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    w = (WEIGHTS if weights is None else weights).double()
+    mu = (MEANS if means is None else means).double()
+    S = (COVS if covs is None else covs).double()
+    c = torch.as_tensor(target, dtype=torch.float64)
+    lam = 2.0 * scale / beta  # precision of the tilt
+    eye = torch.eye(mu.shape[1], dtype=torch.float64)
+    S_inv = torch.linalg.inv(S)
+    P = torch.linalg.inv(S_inv + lam * eye)
+    m = torch.einsum("kij,kj->ki", P, torch.einsum("kij,kj->ki", S_inv, mu) + lam * c)
+    marg = torch.distributions.MultivariateNormal(c.expand_as(mu), covariance_matrix=S + eye / lam)
+    logw = w.log() + marg.log_prob(mu)
+    return torch.softmax(logw, 0), m, P
+
+
+def sample_optimum(n: int, beta: float, generator: torch.Generator | None = None, **kw) -> torch.Tensor:
+    """n points (n, 2) from p*."""
+    w, m, P = tilted_mixture(beta, **kw)
+    comp = torch.multinomial(w, n, replacement=True, generator=generator)
+    z = torch.randn(n, m.shape[1], generator=generator, dtype=torch.float64)
+    return (m[comp] + torch.einsum("nij,nj->ni", torch.linalg.cholesky(P)[comp], z)).float()
+
+
+def optimum_log_prob(x: torch.Tensor, beta: float, **kw) -> torch.Tensor:
+    w, m, P = tilted_mixture(beta, **kw)
+    dist = torch.distributions.MultivariateNormal(m, covariance_matrix=P)
+    return torch.logsumexp(dist.log_prob(x.double().unsqueeze(-2)) + w.log(), -1)
+
+
+def distance_to_optimum(points: torch.Tensor, beta: float, seed: int = 0, n_proj: int = 256, **kw) -> dict:
+    """Sliced Wasserstein distance from `points` to a sample of p* of the same size, and the
+    floor: the same distance between two independent samples of p* of that size."""
+    g = torch.Generator().manual_seed(seed)
+    n = len(points)
+    a, b = sample_optimum(n, beta, g, **kw), sample_optimum(n, beta, g, **kw)
+    proj = lambda: torch.Generator().manual_seed(seed + 1)  # noqa: E731
+    return {"beta": beta,
+            "distance": sliced_wasserstein(points, a, n_proj=n_proj, generator=proj()),
+            "floor": sliced_wasserstein(b, a, n_proj=n_proj, generator=proj())}
 
 
 def _load(folder: Path, fix: str) -> DiffusionModel:
@@ -221,6 +292,7 @@ def load_from_folder(path) -> DiffusionModel:
     return _load(folder, fix)
 
 
+@register_model("toy2d", "MLP noise model on a 2-D Gaussian mixture with a known aligned optimum (pretrained on first use)")
 def load(progress: bool = True) -> DiffusionModel:
     """The embedded toy2d model, pretrained (well under a minute) and cached on first use."""
     folder = cached_dir("toy2d", DEFAULT_CONFIG, lambda p: pretrain(p, DEFAULT_CONFIG, progress=progress))

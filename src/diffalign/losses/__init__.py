@@ -1,0 +1,21 @@
+"""Loss functions, one small module each, composed by the methods.
+
+Every loss returns `(per_item, info)`: the loss of each sample or pair (a tensor of
+shape (N,)) and a dict of detached diagnostics. Methods reduce `per_item` over the
+items of a minibatch (`Share.mean` spreads a global minibatch over processes), so the
+same function serves one process or many. Each is tested on hand-worked values in
+`tests/test_losses.py`.
+
+- `ppo_clip_loss` — DDPO (and GRPO next): clipped surrogate on per-step ratios.
+- `dpo_loss` — D3PO, SPO, TailorPO (step log-ratios) and Diffusion-DPO (log-ratios
+  from denoising errors), with optional clipping of the log-ratio.
+- `kto_loss`, `kto_reference_point` — Diffusion-KTO.
+- `denoising_error` — per-sample mean squared error of a model output against its target.
+"""
+
+from .denoising import denoising_error
+from .dpo import dpo_loss, logratio_from_errors
+from .kto import kto_loss, kto_reference_point
+from .ppo import ppo_clip_loss
+
+__all__ = ["denoising_error", "dpo_loss", "kto_loss", "kto_reference_point", "logratio_from_errors", "ppo_clip_loss"]
