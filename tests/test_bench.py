@@ -79,3 +79,15 @@ def test_bench_runs_every_cell_resumes_and_reports(tmp_path, capsys):
     assert main(["bench", "--suite", "toy2d", "--methods", "ddpoo", "--out", str(tmp_path / "b2"),
                  "--configs", str(configs)]) == 2
     assert "no config for method 'ddpoo'" in capsys.readouterr().err
+
+
+def test_bench_step_replays_the_updates_model_calls(tmp_path):
+    """`bench step` times a method's update against a bare forward+backward of exactly the calls the
+    update made (recorded): DDPO on toy2d makes one model call per micro-step (no guidance)."""
+    from diffalign.bench.step import bench_step, format_step
+
+    r = bench_step(["ddpo"], configs=_configs(tmp_path), suite="toy2d", repeats=1, out=tmp_path / "step")
+    (row,) = r["rows"]
+    assert row["method"] == "ddpo" and row["model_calls"] == row["micro_steps"] > 0
+    assert row["optimizer_steps"] == 2 and row["bare_s"] > 0 and row["loss_ratio"] > 0
+    assert "| ddpo |" in format_step(r) and (tmp_path / "step" / "step.json").exists()

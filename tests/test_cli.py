@@ -80,3 +80,58 @@ def test_full_fine_tuning_option(tmp_path, capsys):
     assert main(["eval", str(tmp_path / "run")]) == 0  # eval rebuilds the base from the untouched weights
     e = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert e["base"]["kl"] == 0 and e["aligned"]["kl"] > 0
+
+
+def test_sample_command_points_images_base_and_errors(tmp_path, capsys):
+    import numpy as np
+    from PIL import Image
+    from safetensors import safe_open
+
+    from diffalign.train import resolve_config, train
+
+    code, err = _run(tmp_path, capsys, TOY)
+    assert code == 0, err
+    run = tmp_path / "run"
+    assert main(["sample", str(run), "--out", str(tmp_path / "pts"), "--n", "10", "--seed", "3"]) == 0
+    pts = np.load(tmp_path / "pts.npy")
+    assert pts.shape == (10, 2) and "10 samples of the aligned model" in capsys.readouterr().out
+    with safe_open(str(tmp_path / "pts.safetensors"), "pt") as f:
+        assert np.allclose(f.get_tensor("samples").numpy(), pts) and f.get_tensor("latents").shape == (10, 2)
+        meta = f.metadata()
+    assert meta["model"] == "aligned" and json.loads(meta["prompts"]) == [""] * 10 and meta["seed"] == "3"
+    assert main(["sample", str(run), "--out", str(tmp_path / "base.npy"), "--n", "10", "--seed", "3", "--base"]) == 0
+    assert main(["sample", str(run), "--out", str(tmp_path / "base2.npy"), "--n", "10", "--seed", "3", "--base"]) == 0
+    base = np.load(tmp_path / "base.npy")
+    assert np.array_equal(base, np.load(tmp_path / "base2.npy")) and not np.allclose(base, pts)
+
+    # images: a grid with one row per prompt, pixels enlarged
+    cfg, args = resolve_config(base={"method": "ddpo", "model": "digits", "prompts": ["3", "7"], "sampling": {"num_steps": 4},
+                                     "train": {"epochs": 1, "batch_size": 4, "batches_per_epoch": 1},
+                                     "eval": {"reward": None, "per_prompt": 2}})
+    train(cfg, args, tmp_path / "digits")
+    capsys.readouterr()
+    assert main(["sample", str(tmp_path / "digits"), "--out", str(tmp_path / "grid.png"), "--prompts", "1", "2", "5",
+                 "--n", "6"]) == 0
+    with Image.open(tmp_path / "grid.png") as im:
+        assert im.size == (2 * 64, 3 * 64)  # 2 per prompt, 3 prompts, 8x8 digits shown at 64x64
+    with safe_open(str(tmp_path / "grid.safetensors"), "pt") as f:
+        assert f.get_tensor("samples").shape == (6, 1, 8, 8)
+        assert json.loads(f.metadata()["prompts"]) == ["1", "1", "2", "2", "5", "5"]
+
+    # bad input: one clear error, nothing written
+    from diffalign.train import resolve_config as rc
+
+    unfinished = tmp_path / "unfinished"
+    c2, a2 = rc(base=dict(TOY, train=dict(TOY["train"], epochs=3)))
+    train(c2, a2, unfinished, max_epochs=1)
+    capsys.readouterr()
+    for argv, message in [
+        ([str(tmp_path / "nothing"), "--out", str(tmp_path / "x.npy")], "not a run folder"),
+        ([str(unfinished), "--out", str(tmp_path / "x.npy")], "has not finished training"),
+        ([str(tmp_path / "digits"), "--out", str(tmp_path / "x.png"), "--prompts", "seven"], "must name exactly one digit"),
+        ([str(run), "--out", str(tmp_path / "x.png")], "give a .npy path"),
+    ]:
+        assert main(["sample", *argv]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err, err
+        assert not list(tmp_path.glob("x.*"))

@@ -259,3 +259,18 @@ def test_method_raises_classifier_reward_on_digits(tmp_path, name):
         s = train(cfg, args, tmp_path / f"digits-{seed}")
         gains.append(s["final_reward_mean"] - s["base_reward_mean"])
     assert sum(gains) / len(gains) > 0.02, gains
+
+
+@pytest.mark.parametrize("method, args", [("d3po", {}), ("tailorpo-g", {"train_steps": [4, 2]})])
+def test_unset_guidance_on_a_guided_model_is_the_models_default(tmp_path, method, args):
+    """sampling.guidance_scale unset on digits (classifier-free guidance 2.0): the Sampler resolves the
+    model's default once, so pair collection, step rewards, the loss and the final KL all use 2.0
+    (they used to receive None and crash)."""
+    cfg, a = resolve_config(base={"method": method, "model": "digits", "prompts": ["3", "8"], "sampling": {"num_steps": 4},
+                                  "train": {"epochs": 1, "batch_size": 4, "batches_per_epoch": 1},
+                                  "eval": {"reward": None, "per_prompt": 2}, "args": args})
+    assert cfg.sampling.guidance_scale is None
+    tr = Trainer(cfg, a, tmp_path / "t")
+    assert tr.sampler.guidance_scale == 2.0
+    s = train(cfg, a, tmp_path / "run")
+    assert s["finished"] and s["final"]["kl"] > 0

@@ -33,7 +33,8 @@ def _weights(run: Path) -> dict:
 
 
 def _cli(*args, **kw):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    tests = str(Path(__file__).parent)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", PYTHONPATH=os.pathsep.join([tests, os.environ.get("PYTHONPATH", "")]))
     return subprocess.Popen([sys.executable, "-m", "diffalign.cli", *args], env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, **kw)
 
@@ -58,42 +59,58 @@ def test_run_folder_contents_and_refuses_to_overwrite(tmp_path):
 
 
 def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
+    """A method with a second module (its own lr), tensor state and a warm-up + cosine schedule:
+    killed with SIGKILL after its second checkpoint and resumed, every module, the method's
+    state and the learning-rate curve end as in an uninterrupted run."""
     cfg_path = tmp_path / "toy.yaml"
     import yaml
 
-    spec = dict(TOY, train=dict(TOY["train"], epochs=4))
+    # epochs long enough (~0.5 s) that the kill lands between the second checkpoint and the end
+    spec = dict(TOY, method="extra_module_method:ValueBaseline", sampling={"num_steps": 20},
+                train=dict(TOY["train"], epochs=4, batch_size=64, batches_per_epoch=1, keep_checkpoints=10),
+                optim={"lr": 1e-3, "schedule": "cosine", "warmup_steps": 2, "total_steps": 8},
+                args={"minibatches": 2, "value_lr": 0.02})
     cfg_path.write_text(yaml.safe_dump(spec))
     full = _cli("train", str(cfg_path), "--out", str(tmp_path / "full"))
     out, _ = full.communicate(timeout=600)
     assert full.returncode == 0, out
 
     killed = _cli("train", str(cfg_path), "--out", str(tmp_path / "killed"))
-    ck = tmp_path / "killed" / "checkpoints"
-    deadline = time.time() + 600
-    while time.time() < deadline and not (ck.exists() and any(p.name == "epoch-000002" for p in ck.iterdir())):
-        time.sleep(0.05)
-    killed.send_signal(signal.SIGKILL)
-    killed.wait()
+    _kill_after_checkpoint(killed, tmp_path / "killed" / "checkpoints" / "epoch-000002")
     assert not (tmp_path / "killed" / "summary.json").exists(), "the run finished before it was killed"
+    assert not (tmp_path / "killed" / "checkpoints" / "epoch-000004").exists()
     resumed = _cli("train", "--resume", str(tmp_path / "killed"))
     out, _ = resumed.communicate(timeout=600)
     assert resumed.returncode == 0, out
-    assert "resuming" in out
-    a, b = _weights(tmp_path / "full"), _weights(tmp_path / "killed")
-    assert a.keys() == b.keys()
-    for k in a:
-        torch.testing.assert_close(a[k], b[k], rtol=0, atol=1e-6)
-    metrics = [json.loads(x)["epoch"] for x in (tmp_path / "killed" / "metrics.jsonl").read_text().splitlines()]
-    assert metrics == [0, 1, 2, 3]
+    assert "resuming" in out and "from epoch-00000" in out
+    for name in ("pytorch_lora_weights.safetensors", "value.safetensors"):
+        a, b = [load_file(str(tmp_path / r / "final" / name)) for r in ("full", "killed")]
+        assert a.keys() == b.keys() and a
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+    ends = [load_file(str(tmp_path / r / "checkpoints" / "epoch-000004" / "method.safetensors")) for r in ("full", "killed")]
+    assert ends[0]["state.reward_mean"] != 0 and torch.equal(ends[0]["state.reward_mean"], ends[1]["state.reward_mean"])
+    rows = [[json.loads(x) for x in (tmp_path / r / "metrics.jsonl").read_text().splitlines()] for r in ("full", "killed")]
+    assert [m["epoch"] for m in rows[1]] == [0, 1, 2, 3]
+    assert [m["lr"] for m in rows[0]] == [m["lr"] for m in rows[1]]
+    lrs = [m["lr"] for m in rows[0]]  # 2 steps per epoch: warm-up over 2 steps, then cosine down to 0 at step 8
+    assert lrs[0] == pytest.approx(1e-3) and lrs[-1] == pytest.approx(0.0, abs=1e-12) and lrs[1] < lrs[0]
+
+
+def _kill_after_checkpoint(proc, ckpt: Path, timeout: float = 600) -> None:
+    """SIGKILL `proc` as soon as checkpoint folder `ckpt` exists (or give up when it ended)."""
+    deadline = time.time() + timeout
+    while time.time() < deadline and not ckpt.exists() and proc.poll() is None:
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
 
 
 def _toy_yaml(tmp_path, **train):
     import yaml
 
     p = tmp_path / "toy.yaml"
-    # minibatches=1: each process splits only its own samples into minibatches, so only
-    # whole-batch steps are the same computation for any number of processes
-    p.write_text(yaml.safe_dump(dict(TOY, train=dict(TOY["train"], **train), args=dict(TOY["args"], minibatches=1))))
+    p.write_text(yaml.safe_dump(dict(TOY, train=dict(TOY["train"], **train))))  # 2 minibatches x 2 inner epochs
     return p
 
 
@@ -104,8 +121,9 @@ def _torchrun(*args, port):
 
 
 def test_two_processes_match_one_process_with_same_global_batch(tmp_path):
-    """torchrun with 2 CPU processes (gloo): gradients synchronise, so the weights equal a
-    single-process run with the same global batch."""
+    """torchrun with 2 CPU processes (gloo), minibatches > 1: minibatches are global and each
+    process takes its share of every one, so the weights equal a single-process run with the
+    same global batch."""
     cfg_path = _toy_yaml(tmp_path, epochs=2)
     cfg, args = resolve_config(cfg_path)
     train(cfg, args, tmp_path / "one")
@@ -142,19 +160,36 @@ def test_ddpo_raises_classifier_reward_on_digits(tmp_path):
 
 
 @pytest.mark.parametrize("method, extra", [("spo", {"k": 3, "single_path_steps": 4, "temperature": 0.5, "minibatches": 8}),
-                                           ("d3po", {"minibatches": 2})])  # spo: 4 vs 6 pairs -> 4 vs 6 steps unpadded
-def test_preference_methods_finish_with_two_processes(tmp_path, method, extra):
-    """Pair counts differ between processes (SPO's gap rule, D3PO's ties); every process must
-    still take the same number of optimizer steps, or gradient sync would hang."""
+                                           ("d3po", {"minibatches": 3}), ("diffusion-kto", {"beta": 500.0})])
+def test_preference_methods_with_two_processes_match_one(tmp_path, method, extra):
+    """Pair counts differ between processes (SPO's gap rule, D3PO's ties); every process steps
+    through the same global minibatches of pairs, so two processes give one process's weights.
+    Diffusion-KTO: its reference point is the mean over the global batch (gathered)."""
     import yaml
 
     spec = dict(TOY, method=method, train=dict(TOY["train"], epochs=2), args=extra,
                 sampling={"num_steps": 8, "logprob": "mean"})
+    if method == "diffusion-kto":
+        from diffalign.data import feedback
+        from diffalign.models import load_model
+        from diffalign.rewards import build_reward
+        from diffalign.sampler import Sampler
+
+        feedback.make_pairs(load_model("digits", progress=False), build_reward("classifier"), ["1", "7"], 16,
+                            tmp_path / "pairs", sampler=Sampler(num_steps=6))
+        spec.update(model="digits", reward="classifier", prompts=["1", "7"], sampling={"num_steps": 6},
+                    eval={"reward": None, "per_prompt": 2}, args=dict(extra, data=str(tmp_path / "pairs" / "pairs.jsonl")))
     p = tmp_path / "c.yaml"
     p.write_text(yaml.safe_dump(spec))
-    r = _torchrun("train", str(p), "--out", str(tmp_path / "run"), port=29541 if method == "spo" else 29542)
+    cfg, args = resolve_config(p)
+    train(cfg, args, tmp_path / "one")
+    r = _torchrun("train", str(p), "--out", str(tmp_path / "two"), port={"spo": 29541, "d3po": 29542}.get(method, 29543))
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert json.loads((tmp_path / "run" / "summary.json").read_text())["processes"] == 2
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    a, b = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k), "training moved the adapters"
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
 
 
 def test_reward_budget_ends_training_without_exceeding_it(tmp_path):
@@ -169,3 +204,44 @@ def test_reward_budget_ends_training_without_exceeding_it(tmp_path):
     assert again["reward_queries"] == 16 and again["epochs"] == 2
     assert [json.loads(x)["epoch"] for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()] == [0, 1]
     assert json.loads(before)["final"]["reward_mean"] == again["final"]["reward_mean"]
+
+
+def test_each_module_is_its_own_parameter_group(tmp_path):
+    from diffalign.train import Trainer
+
+    spec = dict(TOY, method="extra_module_method:ValueBaseline", optim={"lr": 1e-3, "weight_decay": 0.01},
+                args={"value_lr": 0.05})
+    cfg, args = resolve_config(base=spec)
+    tr = Trainer(cfg, args, tmp_path / "run")
+    groups = {g["name"]: g for g in tr.optimizer.param_groups}
+    assert groups["denoiser"]["lr"] == 1e-3 and groups["denoiser"]["weight_decay"] == 0.01
+    assert groups["value"]["lr"] == 0.05 and groups["value"]["weight_decay"] == 0.0
+    assert {id(p) for p in groups["value"]["params"]} == {id(p) for p in tr.method.value.parameters()}
+    assert all("lora_" in n for n, p in tr.run.model.denoiser.named_parameters() if p.requires_grad)
+
+
+def test_no_optimizer_step_without_items(tmp_path):
+    """TailorPO with 6 pairs and minibatches 4: torch.chunk cuts 6 into 3 parts of 2, so 3 optimizer
+    steps, not 4: AdamW never steps on an empty minibatch (that would still apply momentum and
+    weight decay)."""
+    from diffalign.train import Trainer
+
+    spec = dict(TOY, method="tailorpo", train=dict(TOY["train"], batch_size=6), sampling={"num_steps": 4},
+                args={"train_steps": [2], "minibatches": 4, "inner_epochs": 1})
+    cfg, args = resolve_config(base=spec)
+    tr = Trainer(cfg, args, tmp_path / "run")
+    steps = []
+    tr.optimizer_step = (lambda f: lambda: (steps.append(1), f())[1])(tr.optimizer_step)
+    m = tr.train_epoch(0)
+    assert m["pairs"] == 6 and len(steps) == len(torch.arange(6).chunk(4)) == 3
+    state = tr.optimizer.state_dict()["state"]
+    assert {int(s["step"]) for s in state.values()} == {3}
+
+
+def test_decaying_schedule_needs_total_steps():
+    from diffalign.config import ConfigError
+
+    with pytest.raises(ConfigError, match="'optim.total_steps' must be set above warmup_steps for the 'cosine'"):
+        resolve_config(base=dict(TOY, optim={"schedule": "cosine", "warmup_steps": 10}))
+    with pytest.raises(ConfigError, match="'optim.schedule' must be one of constant"):
+        resolve_config(base=dict(TOY, optim={"schedule": "cosin"}))

@@ -252,6 +252,7 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
         trainer.epoch = epoch + 1
         m.update(epoch=epoch, reward_queries=run.reward_queries, wall_s=trainer.wall_prev + time.time() - t0,
                  lr=trainer.lr_schedule.get_last_lr()[0])
+        trainer._modes(False)  # evaluation samples every module in eval mode
         if cfg.eval.every and trainer.epoch % cfg.eval.every == 0 and trainer.epoch < cfg.train.epochs:
             if acc.is_main_process:
                 ev = evaluate(run, trainer.sampler)
@@ -279,6 +280,7 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
         return {"epoch": trainer.epoch, "finished": False}
 
     summary = {}
+    trainer._modes(False)
     if acc.is_main_process:
         final = evaluate(run, trainer.sampler, grid_path=out / "samples" / "final.png", label="final",
                          kl=run.has_reference)

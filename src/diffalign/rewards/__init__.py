@@ -140,11 +140,23 @@ def _qualname(obj) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
+def _discover() -> None:
+    """Import every reward file of this package, so their `@register` entries exist (a new
+    built-in reward is one new file)."""
+    import pkgutil
+
+    for info in pkgutil.iter_modules(__path__):
+        if not info.name.startswith("_"):
+            importlib.import_module(f"{__name__}.{info.name}")
+
+
 def registered_names() -> list[str]:
+    _discover()
     return sorted(_REGISTRY)
 
 
 def list_rewards() -> list[tuple[str, str, bool]]:
+    _discover()
     """(name, description, differentiable) of every registered reward, sorted by name."""
     return [(n, _REGISTRY[n].description, _REGISTRY[n].differentiable) for n in sorted(_REGISTRY)]
 
@@ -191,6 +203,7 @@ def build_reward(spec, device="cpu", **kwargs) -> Reward:
         if kwargs:
             raise ValueError("keyword arguments cannot be applied to an already built Reward")
         return spec
+    _discover()
     if isinstance(spec, Mapping):
         if kwargs:
             raise ValueError(
@@ -394,7 +407,3 @@ def _validate_rewards(rewards, images, n: int, name: str) -> torch.Tensor:
         )
     return rewards
 
-
-# Built-in rewards register themselves on import (networks load lazily, on first build).
-from . import digits as digits  # noqa: E402
-from . import toy2d as toy2d  # noqa: E402
