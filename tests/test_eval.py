@@ -69,6 +69,22 @@ class ConstEps(torch.nn.Module):
         return torch.full_like(x, self.value)
 
 
+def _constant_shift_kl(s, T, eta, shift) -> float:
+    """Path KL when the two models' eps differ by the constant shift(a_t) at every element: DDIM's
+    mean = sqrt(a_prev) (x - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_prev - s^2) eps moves every
+    element by coef * shift, with the same std s for both models; 16 elements per (1, 4, 4) sample."""
+    s.set_timesteps(T)
+    ac = s.alphas_cumprod.double()
+    total = 0.0
+    for t in s.timesteps.tolist():
+        prev = t - s.config.num_train_timesteps // T
+        a_t, a_p = float(ac[t]), float(ac[prev]) if prev >= 0 else float(s.final_alpha_cumprod)
+        var = eta ** 2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
+        coef = -math.sqrt(a_p) * math.sqrt(1 - a_t) / math.sqrt(a_t) + math.sqrt(1 - a_p - var)
+        total += 16 * (coef * shift(a_t)) ** 2 / (2 * var)
+    return total
+
+
 def test_path_kl_matches_hand_computation():
     model = tiny_model()
     model.denoiser = ConstEps(0.3)
@@ -85,18 +101,7 @@ def test_path_kl_matches_hand_computation():
     S = Sampler(num_steps=T, eta=eta, guidance_scale=1.0)
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
     kl = path_kl(model, S, reference, S, ["0", "1", "2"], gens)
-    # DDIM mean = sqrt(a_prev) (x - sqrt(1 - a_t) eps) / sqrt(a_t) + sqrt(1 - a_prev - s^2) eps, so a constant
-    # eps difference c moves every element of the mean by coef * c, with the same std s for both models
-    s = model.scheduler
-    s.set_timesteps(T)
-    ac = s.alphas_cumprod.double()
-    expected = 0.0
-    for t in s.timesteps.tolist():
-        prev = t - s.config.num_train_timesteps // T
-        a_t, a_p = ac[t], ac[prev] if prev >= 0 else s.final_alpha_cumprod.double()
-        var = eta ** 2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
-        coef = -math.sqrt(a_p) * math.sqrt(1 - a_t) / math.sqrt(a_t) + math.sqrt(1 - a_p - var)
-        expected += 16 * (coef * c) ** 2 / (2 * var)  # 16 elements per (1, 4, 4) sample
+    expected = _constant_shift_kl(model.scheduler, T, eta, lambda a_t: c)
     assert kl.shape == (3,)
     assert torch.allclose(kl, torch.full((3,), float(expected), dtype=kl.dtype), rtol=1e-4)
     # the same model on both sides: zero
@@ -108,13 +113,7 @@ def test_path_kl_matches_hand_computation():
     corr = 0.5
     corrected = S.replace(correction=lambda m, x, t, cond: torch.full_like(x, corr))
     kl = path_kl(model, corrected, contextlib.nullcontext, S, ["0", "1"], gens[:2])
-    expected = 0.0
-    for t in s.timesteps.tolist():
-        prev = t - s.config.num_train_timesteps // T
-        a_t, a_p = ac[t], ac[prev] if prev >= 0 else s.final_alpha_cumprod.double()
-        var = eta ** 2 * (1 - a_p) / (1 - a_t) * (1 - a_t / a_p)
-        coef = -math.sqrt(a_p) * math.sqrt(1 - a_t) / math.sqrt(a_t) + math.sqrt(1 - a_p - var)
-        expected += 16 * (coef * math.sqrt(1 - a_t) * corr) ** 2 / (2 * var)
+    expected = _constant_shift_kl(model.scheduler, T, eta, lambda a_t: math.sqrt(1 - a_t) * corr)
     assert torch.allclose(kl, torch.full((2,), float(expected), dtype=kl.dtype), rtol=1e-4)
 
 

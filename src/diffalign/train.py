@@ -69,13 +69,14 @@ class Trainer:
         return sampler_of(self.method, self.run)
 
     # ---- one epoch ------------------------------------------------------------------
-    def _modes(self, training: bool) -> None:
+    def set_training(self, training: bool) -> None:
+        """Train or eval mode for every trainable module (eval while sampling and evaluating)."""
         for tr in self.modules.values():
             tr.module.train(training)
 
     def train_epoch(self, epoch: int) -> dict:
         torch.manual_seed(seed_for(self.cfg.seed, "torch", epoch, self.run.rank))
-        self._modes(False)
+        self.set_training(False)
         with torch.no_grad(), self.acc.autocast():
             batch, metrics = self.method.collect(epoch)
         metrics.update(self.update(batch))
@@ -83,7 +84,7 @@ class Trainer:
 
     def update(self, batch) -> dict:
         """Every micro-step of one collected batch, with its optimizer steps; mean metrics."""
-        self._modes(True)
+        self.set_training(True)
         sums: dict[str, list[float]] = {}
         for micro in self.method.micro_steps(batch):
             for k, v in self._backward(micro).items():
@@ -252,7 +253,7 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
         trainer.epoch = epoch + 1
         m.update(epoch=epoch, reward_queries=run.reward_queries, wall_s=trainer.wall_prev + time.time() - t0,
                  lr=trainer.lr_schedule.get_last_lr()[0])
-        trainer._modes(False)  # evaluation samples every module in eval mode
+        trainer.set_training(False)  # evaluation samples every module in eval mode
         if cfg.eval.every and trainer.epoch % cfg.eval.every == 0 and trainer.epoch < cfg.train.epochs:
             if acc.is_main_process:
                 ev = evaluate(run, trainer.sampler)
@@ -280,7 +281,7 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
         return {"epoch": trainer.epoch, "finished": False}
 
     summary = {}
-    trainer._modes(False)
+    trainer.set_training(False)
     if acc.is_main_process:
         final = evaluate(run, trainer.sampler, grid_path=out / "samples" / "final.png", label="final",
                          kl=run.has_reference)

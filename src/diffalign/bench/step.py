@@ -38,7 +38,7 @@ def _record_calls(trainer, batch) -> list[list[tuple]]:
 
     handle = den.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        trainer._modes(True)
+        trainer.set_training(True)
         for micro in trainer.method.micro_steps(batch):
             calls.append([])
             trainer._backward(micro)
@@ -82,7 +82,7 @@ def time_method(config: Path, overrides: list[str], repeats: int, out: Path) -> 
     if hasattr(trainer.method, "start"):
         trainer.method.start()
     with torch.no_grad():
-        trainer._modes(False)
+        trainer.set_training(False)
         batch, _ = trainer.method.collect(0)
     calls = _record_calls(trainer, batch)  # also warms up
     fns = {"update": lambda: trainer.update(batch), "loss": lambda: _loss_only(trainer, batch),

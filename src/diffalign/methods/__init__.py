@@ -32,11 +32,12 @@ from __future__ import annotations
 
 import difflib
 import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
+
+from ..registry import import_all
 
 METHODS: dict[str, type] = {}
 
@@ -78,9 +79,7 @@ def register_variant(cls: type, **attributes) -> type:
 
 
 def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_all(__name__, __path__)
 
 
 def get_method(name: str) -> type:

@@ -1,11 +1,12 @@
 """TailorPO and TailorPO-G (seed 004; METHODS.md §4): step-level preference, winner continues.
 
-At each trained step two children x^0, x^1 are drawn from the *same* x_t (branching
-mode of `trajectory.sample`), ranked by the step reward r_t(c, x) = r(c, x0_hat(x))
-(`preference.step_reward`: one extra model pass at the child's timestep, through `run.score`; after the
-last step the child is x0 itself), and the clipped DPO loss
-(`losses.dpo_loss`) is applied conditioned on the shared x_t. The winner
-continues the trajectory. Exactly tied rewards give no pair (the first child continues).
+At each trained step two children x^0, x^1 are drawn from the *same* x_t
+(`Sampler.children`, in the rollout loop written out below), ranked by the step reward
+r_t(c, x) = r(c, x0_hat(x)) (`preference.step_reward`: one extra model pass at the
+child's timestep, through `run.score`; after the last step the child is x0 itself), and
+the clipped DPO loss (`losses.dpo_loss`) is applied conditioned on the shared x_t. The
+winner continues the trajectory. Exactly tied rewards give no pair (the first child
+continues).
 
 Trained steps `args.train_steps` are given as the paper's remaining-step counts
 t (default 20, 16, 12, 8, 4 of 20), i.e. step index num_steps - t.

@@ -9,11 +9,10 @@ new file (see `toy2d.py`). `load_model(name)` returns a `DiffusionModel`
 from __future__ import annotations
 
 import difflib
-import importlib
-import pkgutil
 from dataclasses import dataclass
 from typing import Callable
 
+from ..registry import import_all
 from .base import DiffusionModel, EvalSpace
 
 
@@ -40,9 +39,7 @@ def register_model(name: str, description: str):
 
 
 def _discover() -> None:
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_all(__name__, __path__)
 
 
 def model_names() -> list[str]:

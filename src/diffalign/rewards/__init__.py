@@ -54,6 +54,8 @@ from typing import Any, Callable, Mapping
 
 import torch
 
+from ..registry import import_all
+
 __all__ = [
     "Reward",
     "RewardError",
@@ -141,13 +143,7 @@ def _qualname(obj) -> str:
 
 
 def _discover() -> None:
-    """Import every reward file of this package, so their `@register` entries exist (a new
-    built-in reward is one new file)."""
-    import pkgutil
-
-    for info in pkgutil.iter_modules(__path__):
-        if not info.name.startswith("_"):
-            importlib.import_module(f"{__name__}.{info.name}")
+    import_all(__name__, __path__)
 
 
 def registered_names() -> list[str]:
