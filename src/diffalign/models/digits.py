@@ -32,7 +32,7 @@ NULL_CLASS = 10
 NUM_CLASSES = 11  # 0..9 + null
 
 DEFAULT_CONFIG: dict = {
-    "version": 1,
+    "version": 2,  # 2: diffusers' EMAModel and warm-up + cosine schedule (1: hand-written, one step shifted)
     "sample_size": 8,
     "block_out_channels": [32, 64],
     "down_block_types": ["DownBlock2D", "DownBlock2D"],

@@ -1,30 +1,21 @@
 """Shared by the embedded models: the denoising pretraining loop and folder checks.
 
-`denoising_pretrain` is the epsilon-prediction objective with AdamW, linear warm-up
-then cosine decay, gradient clipping and an EMA copy (the EMA weights are saved).
+`denoising_pretrain` is the epsilon-prediction objective with AdamW, linear warm-up then
+cosine decay (diffusers' `get_cosine_schedule_with_warmup`), gradient clipping and an
+exponential moving average of the weights (diffusers' `EMAModel` with its default
+warm-up, decay min(ema_decay, (1 + s) / (10 + s))); the EMA weights are saved.
 It is deterministic for a given config: the caller seeds model init, and every
 batch, timestep and noise draw comes from one generator.
 """
 
 from __future__ import annotations
 
-import copy
-import math
 import time
 from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
-
-
-def warmup_cosine(warmup: int, steps: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        return 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
-
-    return factor
 
 
 def denoising_pretrain(
@@ -39,16 +30,18 @@ def denoising_pretrain(
     progress: bool = True,
 ) -> dict:
     """Train `net` to predict noise; `batch(gen)` returns (x0, cond). Saves EMA weights to `out`."""
+    from diffusers.optimization import get_cosine_schedule_with_warmup
+    from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm
 
     start = time.time()
     net.train()
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    params, ema_params = list(net.parameters()), list(ema.parameters())
+    params = list(net.parameters())
+    ema = EMAModel(params, decay=config["ema_decay"])
     alphas_cumprod = scheduler.alphas_cumprod.float()
     opt = torch.optim.AdamW(params, lr=config["lr"], weight_decay=config.get("weight_decay", 0.0))
     steps = config["steps"]
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, warmup_cosine(config["warmup"], steps))
+    sched = get_cosine_schedule_with_warmup(opt, config["warmup"], steps)
     running = None
     bar = tqdm(range(steps), desc=desc, disable=not progress)
     for step in bar:
@@ -64,16 +57,14 @@ def denoising_pretrain(
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
-        decay = min(config["ema_decay"], (1 + step) / (10 + step))
-        with torch.no_grad():
-            torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
+        ema.step(params)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 20 == 0 or step == steps - 1:
             bar.set_postfix(loss=f"{running:.4f}")
-    for b_ema, b in zip(ema.buffers(), net.buffers()):
-        b_ema.copy_(b)
+    ema.copy_to(params)
+    net.eval()
     out.parent.mkdir(parents=True, exist_ok=True)
-    ema.save_pretrained(out, safe_serialization=True)
+    net.save_pretrained(out, safe_serialization=True)
     return {"final_loss": running, "seconds": time.time() - start}
 
 

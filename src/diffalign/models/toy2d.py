@@ -57,7 +57,7 @@ COVS = torch.tensor(
 WEIGHTS = torch.tensor([0.25, 0.10, 0.20, 0.15, 0.20, 0.10])
 
 DEFAULT_CONFIG: dict = {
-    "version": 1,
+    "version": 2,  # 2: diffusers' EMAModel and warm-up + cosine schedule (1: hand-written, one step shifted)
     "hidden": 128,
     "n_blocks": 3,
     "time_dim": 64,
