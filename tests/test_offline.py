@@ -181,3 +181,29 @@ def test_end_to_end_raises_heldout_reward_and_writes_win_rate(tmp_path, digits_p
     assert summary["final_eval_reward_mean"] > summary["base_eval_reward_mean"]
     assert 0 <= summary["eval_win_rate_vs_base"] <= 1
     assert summary["win_rate_vs_base"] > 0.5  # on the reward that labelled the pairs, same noise as the base
+
+
+def test_offline_error_target_follows_prediction_type():
+    """Diffusion-DPO/KTO's denoising error is measured against what the model predicts. A v-model
+    that is the exact twin of an ε-model (v = ε/sqrt(a) - sqrt(1-a) x_t/sqrt(a)) has error
+    ε-error / a_t per sample: the velocity target, not the noise, is what it is scored against."""
+    from types import SimpleNamespace
+
+    from diffalign.methods.offline import errors, noised
+    from diffalign.sampling import alpha_bar
+    from test_sampler import AsV
+    from tiny_models import tiny_model
+
+    eps_model, v_model = tiny_model(), tiny_model(prediction_type="v_prediction")
+    v_model.denoiser = AsV(eps_model.denoiser, v_model.scheduler)
+    g = torch.Generator().manual_seed(0)
+    x0, noise = torch.randn(4, 1, 4, 4, generator=g).clamp(-1, 1), torch.randn(4, 1, 4, 4, generator=g)
+    t, cond = torch.tensor([20, 300, 600, 900]), torch.tensor([0, 1, 2, 0])
+    with torch.no_grad():
+        x_t, target_e = noised(SimpleNamespace(model=eps_model), x0, noise, t)
+        x_t_v, target_v = noised(SimpleNamespace(model=v_model), x0, noise, t)
+        e_eps, e_v = errors(eps_model, x_t, t, target_e, cond), errors(v_model, x_t_v, t, target_v, cond)
+    a = alpha_bar(v_model.scheduler, t, x0).flatten()
+    torch.testing.assert_close(x_t, x_t_v)
+    torch.testing.assert_close(e_v, e_eps / a, rtol=1e-4, atol=1e-6)
+    assert not torch.allclose(errors(v_model, x_t, t, noise, cond), e_eps / a, rtol=1e-2)  # the noise is not its target

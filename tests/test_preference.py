@@ -274,3 +274,22 @@ def test_unset_guidance_on_a_guided_model_is_the_models_default(tmp_path, method
     assert tr.sampler.guidance_scale == 2.0
     s = train(cfg, a, tmp_path / "run")
     assert s["finished"] and s["final"]["kl"] > 0
+
+
+def test_d3po_step_subsets_follow_the_run_seed_and_can_be_per_sample():
+    from diffalign.context import Run
+    from diffalign.methods.d3po import D3PO
+
+    def steps(seed, per_sample):
+        run = SimpleNamespace(cfg=SimpleNamespace(seed=seed, train=SimpleNamespace(batch_size=6)))
+        run.generator = lambda *parts: Run.generator(run, *parts)  # the real seeding, on a stand-in run
+        meth = object.__new__(D3PO)
+        meth.run, meth.args = run, D3PO.Config(timestep_fraction=0.5, per_sample_timesteps=per_sample)
+        return torch.stack(meth.trained_steps(epoch=3, batch=0, T=20), 1)  # (batch, steps)
+
+    a, b, c = steps(0, False), steps(0, False), steps(1, False)
+    assert a.shape == (6, 10) and torch.equal(a, b) and not torch.equal(a, c)  # seeded by the run seed
+    assert all(torch.equal(row, a[0]) for row in a)  # one subset for the batch
+    p = steps(0, True)
+    assert p.shape == (6, 10) and len({tuple(r.tolist()) for r in p}) > 1  # one subset per sample
+    assert all(len(set(r.tolist())) == 10 for r in p)
