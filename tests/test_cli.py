@@ -89,7 +89,9 @@ def test_sample_command_points_images_base_and_errors(tmp_path, capsys):
 
     from diffalign.train import resolve_config, train
 
-    code, err = _run(tmp_path, capsys, TOY)
+    # a run that moves the model visibly (the default DDPO step barely does in one epoch)
+    code, err = _run(tmp_path, capsys, dict(TOY, optim={"lr": 1e-2}, args={"clip_range": 0.2},
+                                           train=dict(TOY["train"], epochs=2)))
     assert code == 0, err
     run = tmp_path / "run"
     assert main(["sample", str(run), "--out", str(tmp_path / "pts"), "--n", "10", "--seed", "3"]) == 0

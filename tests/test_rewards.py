@@ -1,6 +1,7 @@
 """Rewards: registry, validation, combination, digits classifiers, ink, compressibility, quadratic."""
 
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -258,3 +259,27 @@ def test_quadratic_max_value_and_gradient():
     cos = F.cosine_similarity(x.grad, direction, dim=1)
     assert (cos > 0.999).all()
     torch.testing.assert_close(x.grad, 2 * toy2d.SCALE * direction)
+
+
+def test_a_reward_network_trains_on_first_use_even_inside_no_grad():
+    """The first use of a reward network may come from evaluation code under torch.no_grad()
+    (e.g. the held-out classifier's features): training it must still work there."""
+    cfg = dict(rdigits._CONFIGS[True], epochs=1)  # the held-out MLP, one epoch
+    with torch.no_grad():
+        net, stats = rdigits._train(cfg)
+        assert not torch.is_grad_enabled()  # the caller's mode is back
+    assert stats["test_accuracy"] > 0.5
+    from diffalign.models.pretraining import denoising_pretrain
+
+    from diffusers import DDIMScheduler
+
+    from diffalign.models.toy2d import ToyMLP
+
+    net = ToyMLP(hidden=8, n_blocks=1, time_dim=8)
+
+    with torch.no_grad():
+        denoising_pretrain(net, DDIMScheduler(num_train_timesteps=100), {"lr": 1e-2, "steps": 3, "warmup": 1,
+                           "ema_decay": 0.9, "num_train_timesteps": 100},
+                           lambda g: (torch.randn(4, 2, generator=g), None), lambda n, x, t, c: n(x, t),
+                           torch.Generator().manual_seed(0), Path(tempfile.mkdtemp()) / "net", "t", progress=False)
+        assert not torch.is_grad_enabled()

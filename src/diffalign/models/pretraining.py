@@ -29,7 +29,13 @@ def denoising_pretrain(
     desc: str,
     progress: bool = True,
 ) -> dict:
-    """Train `net` to predict noise; `batch(gen)` returns (x0, cond). Saves EMA weights to `out`."""
+    """Train `net` to predict noise; `batch(gen)` returns (x0, cond). Saves EMA weights to `out`.
+    Runs with gradients whatever the caller's mode (a first use may come from inside no_grad)."""
+    with torch.enable_grad():
+        return _pretrain(net, scheduler, config, batch, forward, gen, out, desc, progress)
+
+
+def _pretrain(net, scheduler, config, batch, forward, gen, out, desc, progress) -> dict:
     from diffusers.optimization import get_cosine_schedule_with_warmup
     from diffusers.training_utils import EMAModel
     from tqdm.auto import tqdm

@@ -172,6 +172,13 @@ def _accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def _train(config: dict) -> tuple[nn.Module, dict]:
+    """Train a classifier from scratch. Runs with gradients on whatever the caller's mode: the
+    first use of a reward may come from inside `torch.no_grad()` (e.g. evaluation features)."""
+    with torch.enable_grad():
+        return _train_with_grad(config)
+
+
+def _train_with_grad(config: dict) -> tuple[nn.Module, dict]:
     seed = int(config["seed"])
     torch.manual_seed(seed)
     g = torch.Generator().manual_seed(seed)
