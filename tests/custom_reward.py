@@ -36,3 +36,13 @@ def make_wrong_shape(device="cpu"):
         return torch.zeros(len(images), 2), {}
 
     return fn
+
+
+def make_constant(device="cpu", value=1.0):
+    """Factory: the same reward for every sample (zero gradient), differentiable."""
+
+    def fn(images, prompts, metadata=None):
+        return images.flatten(1).sum(dim=1) * 0.0 + value, {}
+
+    fn.differentiable = True
+    return fn

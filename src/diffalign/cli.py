@@ -8,6 +8,7 @@
     diffalign sample RUN_DIR --out PATH [--n N] [--prompts P ...] [--seed S] [--base]
     diffalign bench sampler [--batch N] [--steps S]
     diffalign bench step [--methods a,b] [--repeats R]
+    diffalign bench memory [--config alignprop.yaml] [--steps K]
     diffalign bench suite --suite digits|toy2d [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
     diffalign demo [--out DIR]
     diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
@@ -118,6 +119,13 @@ def _list(kind: str) -> int:
 
 def _bench(a) -> int:
     what = a.what or ("suite" if a.suite else None)
+    if what == "memory":
+        from .bench.memory import bench_memory, format_memory
+
+        r = bench_memory(a.config or str(Path(a.configs) / "alignprop_digits.yaml"), grad_steps=a.steps)
+        print(json.dumps(r, indent=1))
+        print(format_memory(r))
+        return 0
     if what == "step":
         from .bench.step import bench_step, format_step
 
@@ -223,8 +231,10 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--base", action="store_true", help="sample the base model instead of the aligned one")
     sm.set_defaults(fn=_sample)
     b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d (methods at equal reward budget), sampler, step")
-    b.add_argument("what", nargs="?", choices=["sampler", "suite", "step"],
-                   help="sampler, step (one update vs bare forward+backward), or suite (implied by --suite)")
+    b.add_argument("what", nargs="?", choices=["sampler", "suite", "step", "memory"],
+                   help="sampler, step (one update vs bare forward+backward), memory (one AlignProp update with and "
+                        "without gradient checkpointing), or suite (implied by --suite)")
+    b.add_argument("--config", help="(memory) the config to measure (default configs/alignprop_digits.yaml)")
     b.add_argument("--suite", help="digits or toy2d")
     b.add_argument("--methods", help="comma-separated methods/config names (default: the suite's)")
     b.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
@@ -235,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--configs", default="configs", help="folder with <method>_<suite>.yaml configs")
     b.add_argument("--model", default="digits", help="(sampler) model")
     b.add_argument("--batch", type=int, default=64)
-    b.add_argument("--steps", type=int, default=20)
+    b.add_argument("--steps", type=int, default=20, help="(sampler) sampling steps; (memory) steps with gradient")
     b.add_argument("--repeats", type=int, default=7, help="(sampler, step) timed repeats")
     b.set_defaults(fn=_bench)
     d = sub.add_parser("demo", help="align the digits model with DDPO and report before/after")

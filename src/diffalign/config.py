@@ -204,7 +204,12 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
         kwargs[key] = _coerce(value, hints[key], full)
     obj = cls(**kwargs)
     if hasattr(obj, "validate"):
-        obj.validate(prefix or "config")
+        try:
+            obj.validate(prefix or "config")
+        except ConfigError:
+            raise
+        except ValueError as e:  # a section's own check: the same kind of error as a bad key
+            raise ConfigError(str(e)) from None
     return obj
 
 

@@ -110,23 +110,25 @@ def bench_step(methods=None, configs="configs", suite: str = "digits", repeats: 
     from ..models import load_model
     from ..rewards import build_reward
     from ..sampler import Sampler
-    from .suite import SUITES, config_path
+    from .suite import SUITES, config_path, variant
+
+    from ..methods import get_method, resolve_config
 
     names = methods or SUITES[suite].methods
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         pairs = None
         for name in names:
-            path = config_path(Path(configs), name, suite)
-            extra = []
-            if "diffusion" in name:  # offline methods: a small pairs set of the base model
+            path, overrides = config_path(Path(configs), name, suite), variant(name)[1]
+            cfg, _ = resolve_config(path, overrides)
+            if getattr(get_method(cfg.method), "offline_data", False):  # a small pairs set of the base model
                 if pairs is None:
                     pairs = Path(tmp) / "pairs"
                     model = load_model(SUITES[suite].model, progress=False)
                     feedback.make_pairs(model, build_reward("classifier"), model.prompts, 64, pairs,
                                         sampler=Sampler(num_steps=model.num_inference_steps))
-                extra = [f"args.data={pairs / 'pairs.jsonl'}"]
-            rows.append(time_method(path, extra, repeats, Path(tmp) / f"run-{name}"))
+                overrides = overrides + [f"args.data={pairs / 'pairs.jsonl'}"]
+            rows.append(time_method(path, overrides, repeats, Path(tmp) / f"run-{len(rows)}"))
     result = {"suite": suite, "repeats": repeats, "threads": torch.get_num_threads(), "rows": rows}
     if out:
         Path(out).mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,10 @@ before an epoch would pass the budget; offline methods (Diffusion-DPO/KTO) learn
 a pair set whose construction costs the budget (budget / 2 pairs of base samples,
 built once per seed in OUT/data/seed-<s> and shared by them).
 
+A method may be a variant: `name@key=value@key=value` is the config `name` with those
+overrides (e.g. `nabla-gfn@args.beta=3`), reported under that label, so one command
+gives a method at several settings (a reward-vs-diversity front).
+
 Resumable: a cell with summary.json is read, not rerun; an interrupted cell resumes
 from its newest checkpoint. results.json is rewritten after every cell; report.md and
 the figures are written at the end (`report.write_report`).
@@ -50,7 +54,17 @@ METRICS = ["reward_mean", "eval_reward_mean", "reward_accuracy", "eval_reward_ac
            "optimum_floor", "optimum_beta"]
 
 
+def variant(label: str) -> tuple[str, list[str]]:
+    """'name@key=value@...' -> (config name, overrides)."""
+    name, *overrides = label.split("@")
+    bad = [o for o in overrides if "=" not in o]
+    if bad or not name:
+        raise ValueError(f"method variant {label!r}: write it as name@key=value (e.g. nabla-gfn@args.beta=3)")
+    return name, overrides
+
+
 def config_path(configs: Path, name: str, suite: str) -> Path:
+    name = variant(name)[0]
     exact = Path(configs) / f"{name}_{suite}.yaml"
     path = exact if exact.exists() else Path(configs) / f"{name.replace('-', '_')}_{suite}.yaml"
     if not path.exists():
@@ -84,7 +98,7 @@ def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None
     if p["budget"] < 1:
         raise ValueError("--budget must be a positive number of reward queries")
     for name in p["methods"]:  # every config is valid before anything runs
-        resolve_config(config_path(configs, name, suite), _overrides(p, 0, offline=False)[:2])
+        resolve_config(config_path(configs, name, suite), _overrides(p, 0, offline=False)[:2] + variant(name)[1])
     settings = out / "bench.json"
     if settings.exists():
         prev = json.loads(settings.read_text())
@@ -123,7 +137,7 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
     from ..train import resolve_config, train
 
     run = out / "runs" / name / f"seed-{seed}"
-    cfg, args = resolve_config(config_path(configs, name, p["suite"]))
+    cfg, args = resolve_config(config_path(configs, name, p["suite"]), variant(name)[1])
     offline = getattr(get_method(cfg.method), "offline_data", False)
     data = ensure_pairs(p, out, seed, cfg) if offline else None
     if not (run / "summary.json").exists():
@@ -132,7 +146,8 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
             train(cfg, args, run, resume=True)
         else:
             extra = [f"args.data={data['path']}"] if data else []
-            cfg, args = resolve_config(config_path(configs, name, p["suite"]), _overrides(p, seed, offline) + extra)
+            cfg, args = resolve_config(config_path(configs, name, p["suite"]),
+                                       _overrides(p, seed, offline) + extra + variant(name)[1])
             train(cfg, args, run)
     return make_row(name, seed, run, data)
 

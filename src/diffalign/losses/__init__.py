@@ -11,11 +11,14 @@ same function serves one process or many. Each is tested on hand-worked values i
   from denoising errors), with optional clipping of the log-ratio.
 - `kto_loss`, `kto_reference_point` — Diffusion-KTO.
 - `denoising_error` — per-sample mean squared error of a model output against its target.
+- `gaussian_scores`, `residual_db_loss` — ∇-GFlowNet's residual ∇-DB (`nabla_db.py`).
 """
 
 from .denoising import denoising_error
 from .dpo import dpo_loss, logratio_from_errors
 from .kto import kto_loss, kto_reference_point
+from .nabla_db import gaussian_scores, residual_db_loss
 from .ppo import ppo_clip_loss
 
-__all__ = ["denoising_error", "dpo_loss", "kto_loss", "kto_reference_point", "logratio_from_errors", "ppo_clip_loss"]
+__all__ = ["denoising_error", "dpo_loss", "gaussian_scores", "kto_loss", "kto_reference_point", "logratio_from_errors",
+           "ppo_clip_loss", "residual_db_loss"]

@@ -19,6 +19,10 @@ Contract:
   (offline feedback): pixel space 2·img − 1 by default, a VAE for latent models.
 - `eval_space()` describes where diversity and Fréchet distance are measured
   (`EvalSpace`), or None.
+- `make_field_net()` builds a fresh small network with the denoiser's inputs (called
+  through `forward`, like the denoiser) and the sample's shape as output, its output
+  layer zero-initialised: a second learned field beside the denoiser (∇-GFlowNet's
+  residual flow g_φ). None when the model has none.
 - `parts` holds every other module (VAE, text encoder); `to()` moves them all.
 - `lora_targets` names the modules peft adapts by default.
 """
@@ -63,6 +67,7 @@ class DiffusionModel:
     path: str | None = None  # folder the weights were loaded from
     image_encoder: Callable[[torch.Tensor], torch.Tensor] | None = None  # images -> samples; None = pixel space
     eval_space: Callable[[], EvalSpace | None] = lambda: None
+    make_field_net: Callable[[], nn.Module] | None = None  # fresh small net: denoiser's inputs, zero output
     parts: dict[str, nn.Module] = field(default_factory=dict)  # other modules (VAE, text encoder, ...)
     info: dict = field(default_factory=dict)
 
@@ -100,3 +105,13 @@ class DiffusionModel:
         for part in self.parts.values():
             part.to(device)
         return self
+
+
+def zero_output(net: nn.Module) -> nn.Module:
+    """Zero the weights and bias of `net`'s last Linear/Conv layer, so it outputs 0 at initialisation."""
+    last = [m for m in net.modules() if isinstance(m, (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d))][-1]
+    with torch.no_grad():
+        last.weight.zero_()
+        if last.bias is not None:
+            last.bias.zero_()
+    return net

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from ..cache import cached_dir
 from ..data import digits as digits_data
 from . import register_model
-from .base import DiffusionModel, EvalSpace
+from .base import DiffusionModel, EvalSpace, zero_output
 from .pretraining import denoising_pretrain, load_folder
 
 NULL_CLASS = 10
@@ -53,6 +53,9 @@ DEFAULT_CONFIG: dict = {
     "seed": 0,
     "threads": 1,  # one intra-op thread: barely slower than two on an idle 2-core box, far more robust when the CPU is shared
 }
+
+# a second, smaller class- and time-conditioned UNet for learned fields beside the denoiser
+FIELD_NET_CONFIG: dict = {**DEFAULT_CONFIG, "block_out_channels": [16, 32], "norm_num_groups": 8, "attention_head_dim": 8}
 
 GUIDANCE_SCALE = 2.0
 NUM_INFERENCE_STEPS = 20
@@ -179,6 +182,7 @@ def _build_model(folder: Path, unet, scheduler) -> DiffusionModel:
         num_inference_steps=NUM_INFERENCE_STEPS,
         path=str(folder),
         eval_space=eval_space,
+        make_field_net=lambda: zero_output(make_unet(FIELD_NET_CONFIG)),
         info={"null_class": NULL_CLASS, "decode_size": (8, 8)},
     )
 

@@ -30,7 +30,7 @@ from torch import nn
 from ..cache import cached_dir
 from ..rewards.toy2d import SCALE, TARGET
 from . import register_model
-from .base import DiffusionModel, EvalSpace
+from .base import DiffusionModel, EvalSpace, zero_output
 from .pretraining import denoising_pretrain, load_folder
 
 # Six components on a hexagon of radius 1.5, with different shapes and weights.
@@ -202,6 +202,7 @@ def _build_model(folder: Path, net: ToyMLP, scheduler) -> DiffusionModel:
         num_inference_steps=NUM_INFERENCE_STEPS,
         path=str(folder),
         eval_space=eval_space,
+        make_field_net=lambda: zero_output(ToyMLP(hidden=64, n_blocks=2, time_dim=32)),
         info={"means": MEANS, "covs": COVS, "weights": WEIGHTS},
     )
 

@@ -1,0 +1,54 @@
+"""Residual ∇-DB, the loss of ∇-GFlowNet (seed 002; METHODS.md §7).
+
+A GFlowNet on the denoising chain satisfies detailed balance for every transition
+x_t -> x_{t-1}: F(x_t) p_F(x_{t-1} | x_t) = F(x_{t-1}) p_B(x_t | x_{t-1}). Taking the
+gradient of its log with respect to x_{t-1} and to x_t, and subtracting the same two
+equations for the pretrained model (whose flow is F_ref; the backward policy p_B is the
+same and cancels), gives with the residual flow log F − log F_ref ≈ β·γ_t·log R(x0_hat) + ρ:
+
+    forward:  a_θ = a_ref + β γ_{t-1} ∇ log R(x0_hat(x_{t-1})) + g_φ(x_{t-1})
+    reverse:  b_θ = b_ref − β γ_t     ∇ log R(x0_hat(x_t))     − g_φ(x_t)
+
+where a = ∇_{x_{t-1}} log p(x_{t-1} | x_t) = −(x_{t-1} − μ(x_t)) / σ² and
+b = ∇_{x_t} log p(x_{t-1} | x_t) (through μ(x_t), by autograd), and g_φ ≈ ∇ρ is the learned
+residual flow score. At x_0 the flow is R^β exactly: the last transition's forward target
+has no g term and ||g_φ(x_0)||² is a penalty. The fixed point is p_θ(x_0) ∝ p_ref(x_0)·R(x_0)^β.
+
+Losses are per-element means of the squared residuals, per sample (as the reference code).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def gaussian_scores(mean: torch.Tensor, std: torch.Tensor, x_prev: torch.Tensor, x_t: torch.Tensor,
+                    create_graph: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) of the step Gaussian N(x_prev; mean(x_t), std²): a = −(x_prev − mean)/std² and
+    b = ∇_{x_t} log N(...) by autograd (`x_t` must require grad and `mean` depend on it).
+    `create_graph=True` keeps b differentiable, so a loss on b reaches the parameters of mean."""
+    var = std ** 2
+    a = -(x_prev.detach() - mean) / var
+    log_density = (-((x_prev.detach() - mean) ** 2) / (2 * var)).sum()  # std does not depend on x_t
+    (b,) = torch.autograd.grad(log_density, x_t, create_graph=create_graph)
+    return a, b
+
+
+def _mean(x: torch.Tensor) -> torch.Tensor:
+    return x.flatten(1).mean(1)
+
+
+def residual_db_loss(a, a_ref, b, b_ref, reward_prev, reward_t, flow_prev, flow_t, terminal: torch.Tensor,
+                     reverse_weight: float = 1.0):
+    """Per-sample residual ∇-DB loss: forward + reverse_weight·reverse + the terminal penalty.
+
+    `reward_prev`/`reward_t` are β γ ∇ log R(x0_hat(·)) at x_{t-1} and x_t (detached);
+    `flow_prev`/`flow_t` are g_φ at x_{t-1} (at timestep 0 for the last transition) and x_t;
+    `terminal` marks the last transition (x_{t-1} = x_0)."""
+    end = terminal.view(-1, *[1] * (a.ndim - 1)).to(a.dtype)
+    forward = _mean((a - (a_ref + reward_prev + (1 - end) * flow_prev)) ** 2)
+    reverse = _mean((b - (b_ref - reward_t - flow_t)) ** 2)
+    penalty = _mean(flow_prev ** 2) * terminal.to(a.dtype)
+    info = {"forward": forward.mean().detach(), "reverse": reverse.mean().detach(),
+            "terminal_flow": penalty.sum().detach() / terminal.sum().clamp(min=1)}
+    return forward + reverse_weight * reverse + penalty, info

@@ -1,0 +1,218 @@
+"""∇-GFlowNet with residual ∇-DB (Liu et al., ICLR 2025; seed 002; METHODS.md §7).
+
+Target: p*(x_0) ∝ p_ref(x_0)·R(x_0)^β, learned without collapsing diversity. Per epoch:
+
+1. collect: sample trajectories with the current model; pick about `train_fraction` of
+   each trajectory's transitions (always the last one, plus one random step per block of
+   the others); for each, compute with the current model the reward scores
+   β·γ·∇ log R(x0_hat(·)) at x_{t-1} and x_t (each sample scored with its own prompt;
+   at x_0 the reward itself, γ = 1), and with the frozen reference a_ref and b_ref;
+2. update: the residual ∇-DB loss (`losses.nabla_db`) on the policy's a_θ and b_θ (b_θ by
+   autograd with create_graph, so the reverse term reaches the LoRA *and* g_φ), the flow
+   network g_φ at x_{t-1} and x_t, plus the output regulariser λ·mean||out_θ − out_sampled||²
+   (the model output stored at sampling time: a trust region around the sampling policy).
+
+Decisions:
+- γ_t = ā_t (the paper's; `gamma: sqrt_alpha_bar` for √ā_t).
+- log R: `log_reward: reward` uses the reward as log R (right for rewards that are log
+  probabilities or log-scale scores: the digits classifier, toy2d's quadratic); `log`
+  uses log(reward) for a positive reward (an error names a non-positive one).
+- g_φ is `model.make_field_net()`: a small time- and prompt-conditioned network with the
+  sample's shape as output, zero at initialisation, its own learning rate and weight
+  decay (`flow_lr`, `flow_weight_decay`), called like the denoiser.
+- Reward queries: every reward-gradient evaluation on one image counts (2 per trained
+  transition) plus the final reward of each sample.
+- The sampler is plain: the aligned model is the fine-tuned denoiser alone.
+- Unlike the public code: every sample's reward uses its own prompt, the loop takes
+  exactly one optimizer step per update, and the reverse term is differentiated with
+  create_graph (there it never reached the policy).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from ..config import ConfigError
+from ..losses.nabla_db import gaussian_scores, residual_db_loss
+from ..seeding import seed_for
+from ..trajectory import Trajectory
+from . import Micro, Trainable, register
+
+
+@dataclass
+class Transitions:
+    """N trained transitions x_t -> x_prev on this process, with everything the loss needs."""
+
+    x_t: torch.Tensor  # (N, *shape)
+    x_prev: torch.Tensor  # (N, *shape)
+    t: torch.Tensor  # (N,) timestep of x_t
+    t_prev: torch.Tensor  # (N,) timestep of x_prev (0 for x_0)
+    cond: torch.Tensor | None
+    terminal: torch.Tensor  # (N,) bool: x_prev is x_0
+    output: torch.Tensor  # (N, *shape) the model output at sampling time
+    a_ref: torch.Tensor
+    b_ref: torch.Tensor
+    reward_prev: torch.Tensor  # β γ ∇ log R(x0_hat(x_prev))
+    reward_t: torch.Tensor  # β γ ∇ log R(x0_hat(x_t))
+    keys: torch.Tensor  # (N,) global ids (CPU)
+
+    def select(self, rows) -> "Transitions":
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        dev = rows.to(self.x_t.device)
+        return Transitions(**{k: None if v is None else v[rows if k == "keys" else dev] for k, v in vars(self).items()})
+
+    @staticmethod
+    def cat(items: list["Transitions"]) -> "Transitions":
+        return Transitions(**{k: None if getattr(items[0], k) is None else torch.cat([getattr(i, k) for i in items])
+                              for k in vars(items[0])})
+
+
+@dataclass
+class Batch:
+    transitions: Transitions
+    epoch: int
+
+
+@register
+class NablaGFN:
+    name = "nabla-gfn"
+    description = "∇-GFlowNet: residual ∇-DB, fine-tunes towards p_ref·R^β while keeping diversity (Liu et al. 2025)"
+    requires_logprob = True
+    requires_reference = True
+    requires_differentiable_reward = True
+    defaults = {"optim.lr": 1e-3}
+
+    @dataclass
+    class Config:
+        beta: float = 1.0  # reward temperature: the target is p_ref · R^beta
+        log_reward: str = "reward"  # 'reward': the reward is log R; 'log': log R = log(reward), reward > 0
+        gamma: str = "alpha_bar"  # weight γ_t of the reward term in the residual flow: alpha_bar or sqrt_alpha_bar
+        reverse_weight: float = 1.0  # weight of the reverse (x_t) term
+        output_reg: float = 100.0  # λ of the output regulariser λ·mean||out_θ − out_sampled||²
+        flow_lr: float = 1e-3  # learning rate of the flow network g_φ
+        flow_weight_decay: float = 1e-2  # its weight decay
+        train_fraction: float = 0.1  # transitions trained per trajectory: the last, plus one per block
+        inner_epochs: int = 1  # passes over each epoch's transitions
+        minibatches: int = 1  # optimizer steps per inner epoch
+
+        def validate(self, where):
+            if self.log_reward not in ("reward", "log"):
+                raise ValueError(f"config key '{where}.log_reward' must be 'reward' or 'log'")
+            if self.gamma not in ("alpha_bar", "sqrt_alpha_bar"):
+                raise ValueError(f"config key '{where}.gamma' must be 'alpha_bar' or 'sqrt_alpha_bar'")
+            if not 0 < self.train_fraction <= 1:
+                raise ValueError(f"config key '{where}.train_fraction' must be in (0, 1]")
+            if self.beta <= 0 or self.output_reg < 0 or self.reverse_weight < 0:
+                raise ValueError(f"config keys '{where}.beta' (> 0), 'output_reg', 'reverse_weight' (>= 0) out of range")
+
+    def __init__(self, run, args: Config):
+        self.run, self.args = run, args
+        self.sampler = run.sampler
+        if run.model.make_field_net is None:
+            raise ConfigError(f"method '{self.name}' needs a flow network, but model '{run.cfg.model}' has no "
+                              "make_field_net: add one to the model")
+        torch.manual_seed(seed_for(run.cfg.seed, "flow-init"))  # the same on every process and run
+        self.flow = run.model.make_field_net().to(run.device)
+
+    def modules(self):
+        return {"denoiser": Trainable(self.run.model.denoiser),
+                "flow": Trainable(self.flow, lr=self.args.flow_lr, weight_decay=self.args.flow_weight_decay)}
+
+    # ---- collect ------------------------------------------------------------------------
+    def trained_steps(self, epoch: int, batch: int, T: int) -> torch.Tensor:
+        """(global batch, n) step indices per sample: the last step, plus one random step in each of
+        n − 1 blocks of the others (n = round(train_fraction · T), at least 1)."""
+        n = max(1, int(round(self.args.train_fraction * T)))
+        g = self.run.generator("nabla-steps", epoch, batch)
+        blocks = torch.tensor_split(torch.arange(T - 1), n - 1) if n > 1 else []
+        picks = [torch.stack([blk[torch.randint(len(blk), (1,), generator=g)][0]
+                              for blk in blocks]) if blocks else torch.empty(0, dtype=torch.long)
+                 for _ in range(self.run.cfg.train.batch_size)]
+        return torch.stack([torch.cat([p, torch.tensor([T - 1])]) for p in picks])
+
+    def _gamma(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        a = self.run.model.scheduler.alphas_cumprod.to(x.device)[t.clamp(min=0)].to(x.dtype)
+        return (a if self.args.gamma == "alpha_bar" else a.sqrt()).view(-1, *[1] * (x.ndim - 1))
+
+    def reward_score(self, x, t, terminal, cond, prompts) -> torch.Tensor:
+        """β γ_t ∇_x log R(x0_hat(x)), x0_hat from the current model (x itself where terminal, γ = 1)."""
+        run, s = self.run, self.sampler
+        with torch.enable_grad():
+            x = x.detach().requires_grad_(True)
+            x0 = s.x0_hat(run.model, x, t.clamp(min=0), cond)
+            x0 = torch.where(terminal.view(-1, *[1] * (x.ndim - 1)), x, x0)
+            r = run.score(run.model.decode(x0), prompts)
+            if self.args.log_reward == "log":
+                if bool((r <= 0).any()):
+                    raise ValueError(f"args.log_reward: log needs a positive reward, but '{run.reward.name}' gave "
+                                     f"{float(r.min().detach()):.4g}: use log_reward: reward for a log-scale reward")
+                r = r.log()
+            (grad,) = torch.autograd.grad(r.sum(), x)
+        gamma = torch.where(terminal.view(-1, *[1] * (x.ndim - 1)), torch.ones_like(grad), self._gamma(t, x))
+        return self.args.beta * gamma * grad
+
+    def reference_scores(self, x_t, t, cond, x_prev):
+        """a_ref and b_ref of the frozen base at this transition. b_ref is differentiated exactly as
+        the policy's b_θ (create_graph, then detached): backward kernels differ in the last bits with
+        and without create_graph, and θ = reference must give b_θ = b_ref exactly."""
+        run, s = self.run, self.sampler
+        with torch.enable_grad(), run.reference():
+            x = x_t.detach().requires_grad_(True)
+            step = s.step(run.model, x, t, cond, prev_sample=x_prev, with_logprob=False)
+            a, b = gaussian_scores(step.mean, step.std, x_prev, x, create_graph=True)
+        return a.detach(), b.detach()
+
+    def collect(self, epoch: int):
+        run, s = self.run, self.sampler
+        n, T = run.cfg.train.batch_size, s.num_steps
+        items, rewards = [], []
+        for b in range(run.cfg.train.batches_per_epoch):
+            local = run.draw_prompts(epoch, b, n=n)[run.local_slice(n)]
+            traj: Trajectory = s.sample(run.model, local, generator=run.sample_generators("nabla", epoch, b, n_global=n),
+                                        with_logprob=False)
+            rewards.append(run.score(run.model.decode(traj.final), local))
+            steps = self.trained_steps(epoch, b, T)[run.local_slice(n)].to(run.device)
+            rows = torch.arange(len(local), device=run.device)
+            ts = traj.timesteps.to(run.device)
+            ts_next = torch.cat([ts[1:], torch.zeros(1, dtype=ts.dtype, device=ts.device)])
+            sl = run.local_slice(n)
+            for j in range(steps.shape[1]):
+                i = steps[:, j]
+                x_t, x_prev, t, t_prev = traj.latents[rows, i], traj.latents[rows, i + 1], ts[i], ts_next[i]
+                terminal = i == T - 1
+                a_ref, b_ref = self.reference_scores(x_t, t, traj.cond, x_prev)
+                items.append(Transitions(
+                    x_t, x_prev, t, t_prev, traj.cond, terminal, traj.outputs[rows, i], a_ref, b_ref,
+                    self.reward_score(x_prev, t_prev, terminal, traj.cond, local),
+                    self.reward_score(x_t, t, torch.zeros_like(terminal), traj.cond, local),
+                    (b * steps.shape[1] + j) * n + torch.arange(sl.start, sl.stop)))
+        g = run.gather(torch.cat(rewards)).cpu()
+        return Batch(Transitions.cat(items), epoch), {"reward_mean": float(g.mean()), "reward_std": float(g.std())}
+
+    # ---- update ---------------------------------------------------------------------------
+    def micro_steps(self, batch: Batch):
+        for inner in range(self.args.inner_epochs):
+            g = self.run.generator("nabla-perm", batch.epoch, inner)
+            for share in self.run.minibatches(batch.transitions.keys, self.args.minibatches, g):
+                yield Micro(self._loss(batch.transitions.select(share.rows), share))
+
+    def _loss(self, tr: Transitions, share):
+        def compute():
+            if len(tr.keys) == 0:
+                return None, {}
+            run, s, m = self.run, self.sampler, self.run.model
+            x_t = tr.x_t.detach().requires_grad_(True)
+            out = s.predict(m, x_t, tr.t, tr.cond)
+            step = s.step(m, x_t, tr.t, tr.cond, prev_sample=tr.x_prev, with_logprob=False, output=out)
+            a, b = gaussian_scores(step.mean, step.std, tr.x_prev, x_t, create_graph=True)
+            flow_prev = m.forward(self.flow, tr.x_prev, tr.t_prev, tr.cond)
+            flow_t = m.forward(self.flow, tr.x_t, tr.t, tr.cond)
+            per, info = residual_db_loss(a, tr.a_ref, b, tr.b_ref, tr.reward_prev, tr.reward_t, flow_prev, flow_t,
+                                         tr.terminal, self.args.reverse_weight)
+            reg = (out - tr.output).pow(2).flatten(1).mean(1)
+            loss = share.mean(per + self.args.output_reg * reg)
+            return loss, {"loss": loss.detach(), "output_reg": reg.mean().detach(), **info}
+
+        return compute
