@@ -81,6 +81,35 @@ def test_bench_runs_every_cell_resumes_and_reports(tmp_path, capsys):
     assert "no config for method 'ddpoo'" in capsys.readouterr().err
 
 
+def test_bench_variants_are_rows_of_their_own_and_a_diverging_one_is_reported(tmp_path, capsys, monkeypatch):
+    """name@key=value runs the config with overrides under its own label (a front on the figure); a
+    run that diverges (FloatingPointError) is written down as such and the bench goes on."""
+    import diffalign.train
+
+    real = diffalign.train.train
+
+    def train(cfg, args, out, **kw):
+        if cfg.optim.lr > 1:
+            raise FloatingPointError("loss became inf in method 'ddpo'; lower optim.lr")
+        return real(cfg, args, out, **kw)
+
+    monkeypatch.setattr(diffalign.train, "train", train)
+    out = tmp_path / "bench"
+    argv = ["bench", "--suite", "toy2d", "--methods", "ddpo,ddpo@optim.lr=1e-2,ddpo@optim.lr=10", "--seeds", "1",
+            "--budget", "24", "--per-prompt", "32", "--out", str(out), "--configs", str(_configs(tmp_path))]
+    assert main(argv) == 0
+    r = json.loads((out / "results.json").read_text())
+    rows = {x["method"]: x for x in r["rows"]}
+    assert rows["ddpo@optim.lr=1e-2"]["algorithm"] == "ddpo"
+    assert rows["ddpo"]["aligned_reward_mean"] != rows["ddpo@optim.lr=1e-2"]["aligned_reward_mean"]
+    assert "lower optim.lr" in rows["ddpo@optim.lr=10"]["failed"]
+    assert (out / "runs" / "ddpo@optim.lr=10" / "seed-0" / "failed.json").exists()
+    report = (out / "report.md").read_text()
+    assert "| ddpo@optim.lr=10 (diverged: 1 of 1 seeds) |" in report and (out / "reward_vs_diversity.png").exists()
+    assert main(argv) == 0  # rerun: the failure is read back, not retried
+    assert json.loads((out / "results.json").read_text())["rows"] == r["rows"]
+
+
 def test_bench_step_replays_the_updates_model_calls(tmp_path):
     """`bench step` times a method's update against a bare forward+backward of exactly the calls the
     update made (recorded): DDPO on toy2d makes one model call per micro-step (no guidance)."""

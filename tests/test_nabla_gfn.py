@@ -1,5 +1,6 @@
 """∇-GFlowNet (residual ∇-DB): terms by hand, where their gradients go, end to end."""
 
+import contextlib
 import math
 from types import SimpleNamespace
 
@@ -88,8 +89,9 @@ def test_one_transition_by_hand_on_toy2d():
     xt, xp = x_t.double(), x_prev.double()
     a_hand = {k: -(xp - m(k) * xt) / var for k in (k_pol, k_ref)}
     b_hand = {k: m(k) * (xp - m(k) * xt) / var for k in (k_pol, k_ref)}
-    s_prev = beta * a_p * (-c(k_pol, a_p) * (c(k_pol, a_p) * xp - target))
-    s_t = beta * a_t * (-c(k_pol, a_t) * (c(k_pol, a_t) * xt - target))
+    # the reward is scored at the reference's x0_hat (x0_from: reference, the default)
+    s_prev = beta * a_p * (-c(k_ref, a_p) * (c(k_ref, a_p) * xp - target))
+    s_t = beta * a_t * (-c(k_ref, a_t) * (c(k_ref, a_t) * xt - target))
     fwd_hand = ((a_hand[k_pol] - a_hand[k_ref] - s_prev) ** 2).mean(1)
     rev_hand = ((b_hand[k_pol] - b_hand[k_ref] + s_t) ** 2).mean(1)
 
@@ -97,6 +99,14 @@ def test_one_transition_by_hand_on_toy2d():
 
     quad = build_reward("quadratic")
     run = SimpleNamespace(model=pol, reward=quad, score=lambda images, prompts: quad(images, prompts)[0])
+
+    @contextlib.contextmanager
+    def reference():
+        run.model = ref
+        yield
+        run.model = pol
+
+    run.reference = reference
     meth = object.__new__(NablaGFN)
     meth.run, meth.sampler, meth.args = run, S, NablaGFN.Config(beta=beta)
     scores = {}
@@ -105,8 +115,8 @@ def test_one_transition_by_hand_on_toy2d():
         step = S.step(model, x, ts[i], None, prev_sample=x_prev, with_logprob=False)
         scores[k] = gaussian_scores(step.mean, step.std, x_prev, x, create_graph=False)
     no = torch.zeros(3, dtype=torch.bool)
-    r_prev = meth.reward_score(x_prev, torch.full((3,), t_prev), no, None, [""] * 3)
-    r_t = meth.reward_score(x_t, torch.full((3,), t), no, None, [""] * 3)
+    r_prev, _ = meth.reward_score(x_prev, torch.full((3,), t_prev), no, None, [""] * 3)
+    r_t, _ = meth.reward_score(x_t, torch.full((3,), t), no, None, [""] * 3)
     torch.testing.assert_close(r_prev.double(), s_prev, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(r_t.double(), s_t, rtol=1e-4, atol=1e-5)
     for k in (k_pol, k_ref):
@@ -118,7 +128,7 @@ def test_one_transition_by_hand_on_toy2d():
     torch.testing.assert_close(per.double(), fwd_hand + rev_hand, rtol=1e-4, atol=1e-4)
     # the last transition: the reward of x_0 itself (γ = 1), no flow term, ||g(x_0)||² as a penalty
     end = torch.ones(3, dtype=torch.bool)
-    r_end = meth.reward_score(x_prev, torch.full((3,), -1), end, None, [""] * 3)
+    r_end, _ = meth.reward_score(x_prev, torch.full((3,), -1), end, None, [""] * 3)
     torch.testing.assert_close(r_end.double(), beta * -(xp - target), rtol=1e-5, atol=1e-6)
     flow = torch.full((3, 2), 0.5)
     per_end, _ = residual_db_loss(scores[k_pol][0], scores[k_ref][0], scores[k_pol][1], scores[k_ref][1], r_end, r_t,
@@ -138,7 +148,8 @@ def test_the_reverse_term_reaches_the_lora_and_the_flow(tmp_path, monkeypatch):
     for p in tr.params["flow"]:  # a non-zero g_φ, so its gradient also reaches the layers before the output
         torch.nn.init.normal_(p, std=0.1) if p.ndim > 1 else None
 
-    def reverse_only(a, a_ref, b, b_ref, reward_prev, reward_t, flow_prev, flow_t, terminal, reverse_weight=1.0):
+    def reverse_only(a, a_ref, b, b_ref, reward_prev, reward_t, flow_prev, flow_t, terminal, reverse_weight=1.0,
+                     weight=None, flow_weight=None):
         rev = ((b - (b_ref - reward_t - flow_t)) ** 2).flatten(1).mean(1)
         return rev, {}
 
@@ -179,3 +190,68 @@ def test_subsampled_transitions_always_include_the_last():
     for j, block in enumerate(torch.tensor_split(torch.arange(19), 3)):
         assert all(int(s) in block.tolist() for s in steps[:, j])
     assert len({tuple(r.tolist()) for r in steps}) > 1  # drawn per trajectory
+
+
+def test_split_weighting_scales_the_policy_and_the_flow_gradients_separately():
+    """weight w on the policy's residuals, flow_weight on g_φ's: each gradient is the plain loss's
+    gradient times its own weight, and the fixed point (all residuals 0) is the same."""
+    torch.manual_seed(0)
+    n = 4
+    leaves = {k: torch.randn(n, 2, requires_grad=True) for k in ("a", "b", "flow_prev", "flow_t")}
+    fixed = {k: torch.randn(n, 2) for k in ("a_ref", "b_ref", "reward_prev", "reward_t")}
+    terminal = torch.tensor([False, False, True, False])
+    w = torch.tensor([0.5, 2.0, 1e-3, 1.0])
+
+    def grads(**kw):
+        for v in leaves.values():
+            v.grad = None
+        per, info = residual_db_loss(leaves["a"], fixed["a_ref"], leaves["b"], fixed["b_ref"], fixed["reward_prev"],
+                                     fixed["reward_t"], leaves["flow_prev"], leaves["flow_t"], terminal, 0.7, **kw)
+        per.sum().backward()
+        return {k: v.grad.clone() for k, v in leaves.items()}, info
+
+    plain, info_plain = grads()
+    split, info_split = grads(weight=w)
+    col = w.view(-1, 1)
+    torch.testing.assert_close(split["a"], col * plain["a"])
+    torch.testing.assert_close(split["b"], col * plain["b"])
+    # the terminal penalty on g(x_0) is not weighted; g's residual terms are (flow_weight None = 1)
+    torch.testing.assert_close(split["flow_prev"], plain["flow_prev"])
+    torch.testing.assert_close(split["flow_t"], plain["flow_t"])
+    both, _ = grads(weight=w, flow_weight=w)
+    torch.testing.assert_close(both["flow_t"], col * plain["flow_t"])
+    assert info_split["forward"] == info_plain["forward"] and info_split["reverse"] == info_plain["reverse"]
+
+
+def test_reward_scores_use_the_reference_x0_hat_unless_told(tmp_path):
+    """x0_from: reference makes β γ ∇ log R(x0_hat) a fixed function of x, whatever the policy does."""
+    cfg, a = resolve_config(base=TOY)
+    tr = Trainer(cfg, a, tmp_path)
+    x = torch.randn(5, 2)
+    t = torch.full((5,), int(tr.sampler.timesteps(tr.run.model)[3]))
+    no = torch.zeros(5, dtype=torch.bool)
+    before, _ = tr.method.reward_score(x, t, no, None, [""] * 5)
+    with torch.no_grad():
+        for n, p in tr.run.model.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.add_(0.5)
+    after_ref, _ = tr.method.reward_score(x, t, no, None, [""] * 5)
+    tr.method.args.x0_from = "policy"
+    after_pol, _ = tr.method.reward_score(x, t, no, None, [""] * 5)
+    torch.testing.assert_close(after_ref, before)
+    assert (after_pol - before).abs().max() > 1e-3
+
+
+def test_a_sample_costs_two_queries_per_trained_transition_and_its_reward_comes_with_them(tmp_path):
+    """TOY trains round(0.3 · 10) = 3 transitions per trajectory: 2 reward-gradient evaluations each,
+    and the sample's reward is the one at x_0 (no extra query)."""
+    cfg, a = resolve_config(base=TOY)
+    tr = Trainer(cfg, a, tmp_path)
+    q0 = tr.run.reward_queries
+    with torch.no_grad():
+        batch, metrics = tr.method.collect(0)
+    assert tr.run.reward_queries - q0 == 8 * 3 * 2
+    end = batch.transitions.terminal
+    assert int(end.sum()) == 8 and torch.equal(batch.transitions.t_prev[end], torch.zeros(8, dtype=batch.transitions.t_prev.dtype))
+    final = tr.run.score(batch.transitions.x_prev[end], [""] * 8)
+    assert metrics["reward_mean"] == pytest.approx(float(final.mean()), abs=1e-6)

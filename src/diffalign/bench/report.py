@@ -6,8 +6,8 @@
   queries, wall time (and on toy2d the distance to the exact optimum p*);
 - reward_vs_queries.png: training-batch reward against reward queries (mean over seeds), and
   the fixed evaluation set's reward of base and final model against the queries spent;
-- reward_vs_diversity.png: held-out (else training) reward against relative diversity, one
-  point per run;
+- reward_vs_diversity.png: held-out (else training) reward against relative diversity: faint
+  points per seed, the mean of each method variant joined into one front per algorithm;
 - samples.png: the first seed's final evaluation samples for every method.
 """
 
@@ -46,9 +46,13 @@ def summary_table(results: dict) -> str:
     cols = [c for c in COLUMNS if any(r.get(f"aligned_{c[0]}") is not None for r in rows)]
     head = ["method", *[c[1] for c in cols], "reward queries", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    base = [r for r in rows if r["seed"] == rows[0]["seed"]][:1]  # the base is identical in every cell
+    base = [r for r in rows if "failed" not in r][:1]  # the base is identical in every cell
     for label, group, prefix in [("base", base, "base")] + [(m, [r for r in rows if r["method"] == m], "aligned")
                                                             for m in methods]:
+        failed = sum("failed" in r for r in group)
+        if failed:
+            label = f"{label} (diverged: {failed} of {len(group)} seeds)"
+            group = [r for r in group if "failed" not in r]
         cells = [_mean_std([r.get(f"{prefix}_{k}") for r in group], fmt) for k, _, fmt in cols]
         q = "0" if prefix == "base" else _mean_std([r["reward_queries"] for r in group], "{:.0f}")
         w = "–" if prefix == "base" else _mean_std([r["wall_s"] for r in group], "{:.0f}")
@@ -58,7 +62,8 @@ def summary_table(results: dict) -> str:
 
 def write_report(out: str | Path, results: dict) -> Path:
     out = Path(out)
-    figs = [f for f in (reward_curves(out, results), reward_vs_diversity(out, results), sample_grids(out, results)) if f]
+    ok = {**results, "rows": [r for r in results["rows"] if "failed" not in r]}  # diverged runs: in the table only
+    figs = [f for f in (reward_curves(out, ok), reward_vs_diversity(out, ok), sample_grids(out, ok)) if f] if ok["rows"] else []
     rows = results["rows"]
     n_seeds = len({r["seed"] for r in rows})
     lines = [
@@ -139,12 +144,21 @@ def reward_vs_diversity(out: Path, results: dict) -> Path | None:
     key = "eval_reward_mean" if any(r.get("aligned_eval_reward_mean") is not None for r in rows) else "reward_mean"
     if not any(r.get("aligned_diversity_rel") is not None for r in rows):
         return None
-    fig, ax = plt.subplots(figsize=(5, 3.8))
+    fig, ax = plt.subplots(figsize=(5.5, 4.2))
     ax.scatter([1.0], [rows[0][f"base_{key}"]], marker="*", s=150, color="k", label="base")
-    for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
-        g = [r for r in rows if r["method"] == m]
-        ax.scatter([r["aligned_diversity_rel"] for r in g], [r[f"aligned_{key}"] for r in g], label=m,
-                   color=f"C{i % 10}")
+    # one colour per algorithm; its variants (name@key=value) are the points of a front, joined by a line
+    for i, alg in enumerate(dict.fromkeys(r.get("algorithm", r["method"]) for r in rows)):
+        means = []
+        for label in dict.fromkeys(r["method"] for r in rows if r.get("algorithm", r["method"]) == alg):
+            g = [r for r in rows if r["method"] == label]
+            xs, ys = [r["aligned_diversity_rel"] for r in g], [r[f"aligned_{key}"] for r in g]
+            ax.scatter(xs, ys, color=f"C{i % 10}", alpha=0.3, s=12)
+            means.append((sum(xs) / len(xs), sum(ys) / len(ys), label.partition("@")[2].replace("args.", "")))
+        means.sort()
+        ax.plot([m[0] for m in means], [m[1] for m in means], "o-", color=f"C{i % 10}", label=alg, ms=5)
+        for x, y, text in means:
+            if text:
+                ax.annotate(text, (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     ax.set_xlabel("diversity relative to base")
     ax.set_ylabel("held-out reward" if key == "eval_reward_mean" else "training reward")
     ax.grid(alpha=0.3)

@@ -42,10 +42,12 @@ class Suite:
 
 
 SUITES = {
-    "digits": Suite("digits", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "diffusion-dpo", "diffusion-kto"],
+    "digits": Suite("digits", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "diffusion-dpo", "diffusion-kto",
+                               "nabla-gfn", "alignprop", "draft", "refl", "dpok"],
                     budget=2048, seeds=3, per_prompt=20,
                     quick={"seeds": 1, "budget": 512}),
-    "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g"], budget=4096, seeds=3, per_prompt=1000,
+    "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "nabla-gfn", "alignprop", "draft", "refl",
+                             "dpok"], budget=4096, seeds=3, per_prompt=1000,
                    quick={"seeds": 1, "budget": 2048}),
 }
 
@@ -134,22 +136,39 @@ def _overrides(p: dict, seed: int, offline: bool) -> list[str]:
 
 def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
     from ..methods import get_method
+    from ..rewards import RewardError
     from ..train import resolve_config, train
 
     run = out / "runs" / name / f"seed-{seed}"
     cfg, args = resolve_config(config_path(configs, name, p["suite"]), variant(name)[1])
     offline = getattr(get_method(cfg.method), "offline_data", False)
     data = ensure_pairs(p, out, seed, cfg) if offline else None
+    if (run / "failed.json").exists():
+        return failed_row(name, seed, run, cfg.method)
     if not (run / "summary.json").exists():
-        if (run / "config.yaml").exists():
-            cfg, args = resolve_config(run / "config.yaml")
-            train(cfg, args, run, resume=True)
-        else:
-            extra = [f"args.data={data['path']}"] if data else []
-            cfg, args = resolve_config(config_path(configs, name, p["suite"]),
-                                       _overrides(p, seed, offline) + extra + variant(name)[1])
-            train(cfg, args, run)
+        try:
+            if (run / "config.yaml").exists():
+                cfg, args = resolve_config(run / "config.yaml")
+                train(cfg, args, run, resume=True)
+            else:
+                extra = [f"args.data={data['path']}"] if data else []
+                cfg, args = resolve_config(config_path(configs, name, p["suite"]),
+                                           _overrides(p, seed, offline) + extra + variant(name)[1])
+                train(cfg, args, run)
+        except (FloatingPointError, RewardError) as e:  # a setting that diverges is a result, not the end
+            if isinstance(e, RewardError) and "images themselves contain NaN/inf" not in str(e):
+                raise  # the reward's own fault, not the model's
+            run.mkdir(parents=True, exist_ok=True)
+            checkpoint.atomic_write_text(run / "failed.json", json.dumps({"error": str(e)}))
+            return failed_row(name, seed, run, cfg.method)
     return make_row(name, seed, run, data)
+
+
+def failed_row(name: str, seed: int, run: Path, algorithm: str) -> dict:
+    """The row of a run that diverged: no metrics, the error kept (the report counts it)."""
+    error = json.loads((run / "failed.json").read_text())["error"]
+    return {"method": name, "algorithm": algorithm, "seed": seed, "run": str(run), "failed": error,
+            "reward_queries": None, "wall_s": None, "epochs": None, "offline": False, "curve": []}
 
 
 def ensure_pairs(p: dict, out: Path, seed: int, cfg) -> dict:

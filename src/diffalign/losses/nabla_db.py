@@ -14,7 +14,11 @@ b = ∇_{x_t} log p(x_{t-1} | x_t) (through μ(x_t), by autograd), and g_φ ≈ 
 residual flow score. At x_0 the flow is R^β exactly: the last transition's forward target
 has no g term and ||g_φ(x_0)||² is a penalty. The fixed point is p_θ(x_0) ∝ p_ref(x_0)·R(x_0)^β.
 
-Losses are per-element means of the squared residuals, per sample (as the reference code).
+Losses are per-element means of the squared residuals, per sample (as the reference code),
+times an optional per-transition `weight`. Scores have the scale 1/σ (a = −z/σ for the
+step's noise z), so unweighted residuals of the last, nearly noiseless steps outweigh
+those of the early steps by 1/σ⁴; weight = σ² puts every transition on the scale of its
+noise. Positive weights do not move the fixed point: every residual is zero there.
 """
 
 from __future__ import annotations
@@ -39,16 +43,27 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
 
 
 def residual_db_loss(a, a_ref, b, b_ref, reward_prev, reward_t, flow_prev, flow_t, terminal: torch.Tensor,
-                     reverse_weight: float = 1.0):
+                     reverse_weight: float = 1.0, weight: torch.Tensor | None = None,
+                     flow_weight: torch.Tensor | None = None):
     """Per-sample residual ∇-DB loss: forward + reverse_weight·reverse + the terminal penalty.
 
     `reward_prev`/`reward_t` are β γ ∇ log R(x0_hat(·)) at x_{t-1} and x_t (detached);
     `flow_prev`/`flow_t` are g_φ at x_{t-1} (at timestep 0 for the last transition) and x_t;
-    `terminal` marks the last transition (x_{t-1} = x_0)."""
+    `terminal` marks the last transition (x_{t-1} = x_0). `weight` and `flow_weight` (N,) scale
+    each transition's squared residuals in the gradient of the policy (a, b) and of the flow
+    (g_φ) respectively (None: 1); with both None this is the plain sum of squares. The value
+    returned is the policy-weighted one plus the flow-weighted one, halved when both are given."""
     end = terminal.view(-1, *[1] * (a.ndim - 1)).to(a.dtype)
-    forward = _mean((a - (a_ref + reward_prev + (1 - end) * flow_prev)) ** 2)
-    reverse = _mean((b - (b_ref - reward_t - flow_t)) ** 2)
+    fwd_target = a_ref + reward_prev + (1 - end) * flow_prev
+    rev_target = b_ref - reward_t - flow_t
     penalty = _mean(flow_prev ** 2) * terminal.to(a.dtype)
-    info = {"forward": forward.mean().detach(), "reverse": reverse.mean().detach(),
+    plain = _mean((a - fwd_target) ** 2) + reverse_weight * _mean((b - rev_target) ** 2)
+    info = {"forward": _mean((a - fwd_target) ** 2).mean().detach(), "reverse": _mean((b - rev_target) ** 2).mean().detach(),
             "terminal_flow": penalty.sum().detach() / terminal.sum().clamp(min=1)}
-    return forward + reverse_weight * reverse + penalty, info
+    if weight is None and flow_weight is None:
+        return plain + penalty, info
+    w = 1.0 if weight is None else weight
+    wf = 1.0 if flow_weight is None else flow_weight
+    policy = _mean((a - fwd_target.detach()) ** 2) + reverse_weight * _mean((b - rev_target.detach()) ** 2)
+    flow = _mean((a.detach() - fwd_target) ** 2) + reverse_weight * _mean((b.detach() - rev_target) ** 2)
+    return w * policy + wf * flow + penalty, info

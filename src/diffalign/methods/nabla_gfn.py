@@ -4,9 +4,9 @@ Target: p*(x_0) ∝ p_ref(x_0)·R(x_0)^β, learned without collapsing diversity.
 
 1. collect: sample trajectories with the current model; pick about `train_fraction` of
    each trajectory's transitions (always the last one, plus one random step per block of
-   the others); for each, compute with the current model the reward scores
-   β·γ·∇ log R(x0_hat(·)) at x_{t-1} and x_t (each sample scored with its own prompt;
-   at x_0 the reward itself, γ = 1), and with the frozen reference a_ref and b_ref;
+   the others); for each, compute the reward scores β·γ·∇ log R(x0_hat(·)) at x_{t-1}
+   and x_t (each sample scored with its own prompt; at x_0 the reward itself, γ = 1),
+   and with the frozen reference a_ref and b_ref;
 2. update: the residual ∇-DB loss (`losses.nabla_db`) on the policy's a_θ and b_θ (b_θ by
    autograd with create_graph, so the reverse term reaches the LoRA *and* g_φ), the flow
    network g_φ at x_{t-1} and x_t, plus the output regulariser λ·mean||out_θ − out_sampled||²
@@ -20,8 +20,21 @@ Decisions:
 - g_φ is `model.make_field_net()`: a small time- and prompt-conditioned network with the
   sample's shape as output, zero at initialisation, its own learning rate and weight
   decay (`flow_lr`, `flow_weight_decay`), called like the denoiser.
-- Reward queries: every reward-gradient evaluation on one image counts (2 per trained
-  transition) plus the final reward of each sample.
+- Reward queries: every reward-gradient evaluation on one image counts, 2 per trained
+  transition; the sample's own reward comes with the gradient at x_0 (the last transition
+  is always trained), so a sample costs 2·(trained transitions) queries.
+- Two departures from the paper, both measured on toy2d (README, ∇-GFlowNet) and both
+  leaving the fixed point where it is:
+  - x0_hat for the reward term comes from the frozen reference (`x0_from: reference`).
+    The flow it approximates, log E_ref[R^β | x_t], is an expectation under the
+    reference's posterior, so the reference's x0_hat is the right plug-in, and it is a
+    fixed function: with the policy's x0_hat (`x0_from: policy`, the paper's) the target
+    moves with θ, and on toy2d runs at β ≥ 2 diverged (loss → inf within 16 epochs).
+  - Residual weights (`weighting`). Scores scale as 1/σ, so in the plain sum of squares
+    (`none`, the paper's) the last, nearly noiseless transitions outweigh the early ones
+    by up to 1/σ⁴ and the early steps, where the tilt towards R^β is decided, barely learn
+    (toy2d: the model hardly moved). `split` (default) weights the policy's gradient by σ²
+    and leaves g_φ's unweighted; `sigma2` weights both.
 - The sampler is plain: the aligned model is the fine-tuned denoiser alone.
 - Unlike the public code: every sample's reward uses its own prompt, the loop takes
   exactly one optimizer step per update, and the reverse term is differentiated with
@@ -30,6 +43,7 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +53,14 @@ from ..losses.nabla_db import gaussian_scores, residual_db_loss
 from ..seeding import seed_for
 from ..trajectory import Trajectory
 from . import Micro, Trainable, register
+
+
+def twice_differentiable():
+    """Attention kernels whose backward is itself differentiable (b_θ is differentiated with
+    create_graph): the fused flash/efficient kernels have no double backward."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 @dataclass
@@ -90,6 +112,8 @@ class NablaGFN:
         log_reward: str = "reward"  # 'reward': the reward is log R; 'log': log R = log(reward), reward > 0
         gamma: str = "alpha_bar"  # weight γ_t of the reward term in the residual flow: alpha_bar or sqrt_alpha_bar
         reverse_weight: float = 1.0  # weight of the reverse (x_t) term
+        x0_from: str = "reference"  # model whose x0_hat the reward is scored at: reference (fixed prior) or policy (the paper's)
+        weighting: str = "split"  # residual weights: split (σ² for the policy, 1 for g_φ), sigma2 (σ² both), none (the paper's)
         output_reg: float = 100.0  # λ of the output regulariser λ·mean||out_θ − out_sampled||²
         flow_lr: float = 1e-3  # learning rate of the flow network g_φ
         flow_weight_decay: float = 1e-2  # its weight decay
@@ -100,6 +124,10 @@ class NablaGFN:
         def validate(self, where):
             if self.log_reward not in ("reward", "log"):
                 raise ValueError(f"config key '{where}.log_reward' must be 'reward' or 'log'")
+            if self.weighting not in ("split", "sigma2", "none"):
+                raise ValueError(f"config key '{where}.weighting' must be 'split', 'sigma2' or 'none'")
+            if self.x0_from not in ("reference", "policy"):
+                raise ValueError(f"config key '{where}.x0_from' must be 'reference' or 'policy'")
             if self.gamma not in ("alpha_bar", "sqrt_alpha_bar"):
                 raise ValueError(f"config key '{where}.gamma' must be 'alpha_bar' or 'sqrt_alpha_bar'")
             if not 0 < self.train_fraction <= 1:
@@ -136,29 +164,33 @@ class NablaGFN:
         a = self.run.model.scheduler.alphas_cumprod.to(x.device)[t.clamp(min=0)].to(x.dtype)
         return (a if self.args.gamma == "alpha_bar" else a.sqrt()).view(-1, *[1] * (x.ndim - 1))
 
-    def reward_score(self, x, t, terminal, cond, prompts) -> torch.Tensor:
-        """β γ_t ∇_x log R(x0_hat(x)), x0_hat from the current model (x itself where terminal, γ = 1)."""
+    def reward_score(self, x, t, terminal, cond, prompts) -> tuple[torch.Tensor, torch.Tensor]:
+        """(β γ_t ∇_x log R(x0_hat(x)), the reward of x0_hat): x0_hat from the model `x0_from` names
+        (x itself where terminal, γ = 1). One reward query per sample: the gradient comes with the value."""
         run, s = self.run, self.sampler
+        which = run.reference() if self.args.x0_from == "reference" else contextlib.nullcontext()
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            x0 = s.x0_hat(run.model, x, t.clamp(min=0), cond)
+            with which:
+                x0 = s.x0_hat(run.model, x, t.clamp(min=0), cond)
             x0 = torch.where(terminal.view(-1, *[1] * (x.ndim - 1)), x, x0)
-            r = run.score(run.model.decode(x0), prompts)
+            reward = run.score(run.model.decode(x0), prompts)
+            log_r = reward
             if self.args.log_reward == "log":
-                if bool((r <= 0).any()):
+                if bool((reward <= 0).any()):
                     raise ValueError(f"args.log_reward: log needs a positive reward, but '{run.reward.name}' gave "
-                                     f"{float(r.min().detach()):.4g}: use log_reward: reward for a log-scale reward")
-                r = r.log()
-            (grad,) = torch.autograd.grad(r.sum(), x)
+                                     f"{float(reward.min().detach()):.4g}: use log_reward: reward for a log-scale reward")
+                log_r = reward.log()
+            (grad,) = torch.autograd.grad(log_r.sum(), x)
         gamma = torch.where(terminal.view(-1, *[1] * (x.ndim - 1)), torch.ones_like(grad), self._gamma(t, x))
-        return self.args.beta * gamma * grad
+        return self.args.beta * gamma * grad, reward.detach()
 
     def reference_scores(self, x_t, t, cond, x_prev):
         """a_ref and b_ref of the frozen base at this transition. b_ref is differentiated exactly as
         the policy's b_θ (create_graph, then detached): backward kernels differ in the last bits with
         and without create_graph, and θ = reference must give b_θ = b_ref exactly."""
         run, s = self.run, self.sampler
-        with torch.enable_grad(), run.reference():
+        with torch.enable_grad(), run.reference(), twice_differentiable():
             x = x_t.detach().requires_grad_(True)
             step = s.step(run.model, x, t, cond, prev_sample=x_prev, with_logprob=False)
             a, b = gaussian_scores(step.mean, step.std, x_prev, x, create_graph=True)
@@ -172,7 +204,6 @@ class NablaGFN:
             local = run.draw_prompts(epoch, b, n=n)[run.local_slice(n)]
             traj: Trajectory = s.sample(run.model, local, generator=run.sample_generators("nabla", epoch, b, n_global=n),
                                         with_logprob=False)
-            rewards.append(run.score(run.model.decode(traj.final), local))
             steps = self.trained_steps(epoch, b, T)[run.local_slice(n)].to(run.device)
             rows = torch.arange(len(local), device=run.device)
             ts = traj.timesteps.to(run.device)
@@ -183,15 +214,24 @@ class NablaGFN:
                 x_t, x_prev, t, t_prev = traj.latents[rows, i], traj.latents[rows, i + 1], ts[i], ts_next[i]
                 terminal = i == T - 1
                 a_ref, b_ref = self.reference_scores(x_t, t, traj.cond, x_prev)
+                score_prev, reward_prev = self.reward_score(x_prev, t_prev, terminal, traj.cond, local)
+                score_t, _ = self.reward_score(x_t, t, torch.zeros_like(terminal), traj.cond, local)
+                if j == steps.shape[1] - 1:  # the terminal transition: x_prev is x_0, its reward the sample's
+                    rewards.append(reward_prev)
                 items.append(Transitions(
                     x_t, x_prev, t, t_prev, traj.cond, terminal, traj.outputs[rows, i], a_ref, b_ref,
-                    self.reward_score(x_prev, t_prev, terminal, traj.cond, local),
-                    self.reward_score(x_t, t, torch.zeros_like(terminal), traj.cond, local),
-                    (b * steps.shape[1] + j) * n + torch.arange(sl.start, sl.stop)))
+                    score_prev, score_t, (b * steps.shape[1] + j) * n + torch.arange(sl.start, sl.stop)))
         g = run.gather(torch.cat(rewards)).cpu()
         return Batch(Transitions.cat(items), epoch), {"reward_mean": float(g.mean()), "reward_std": float(g.std())}
 
     # ---- update ---------------------------------------------------------------------------
+    def _weights(self, std: torch.Tensor, n: int):
+        """(policy weight, flow weight) per transition: see `weighting` (std does not depend on θ)."""
+        if self.args.weighting == "none":
+            return None, None
+        var = std.detach().pow(2).reshape(len(std), -1)[:, 0].expand(n)  # std is (N, 1, ...)
+        return var, (var if self.args.weighting == "sigma2" else None)
+
     def micro_steps(self, batch: Batch):
         for inner in range(self.args.inner_epochs):
             g = self.run.generator("nabla-perm", batch.epoch, inner)
@@ -204,13 +244,14 @@ class NablaGFN:
                 return None, {}
             run, s, m = self.run, self.sampler, self.run.model
             x_t = tr.x_t.detach().requires_grad_(True)
-            out = s.predict(m, x_t, tr.t, tr.cond)
+            with twice_differentiable():
+                out = s.predict(m, x_t, tr.t, tr.cond)
             step = s.step(m, x_t, tr.t, tr.cond, prev_sample=tr.x_prev, with_logprob=False, output=out)
             a, b = gaussian_scores(step.mean, step.std, tr.x_prev, x_t, create_graph=True)
             flow_prev = m.forward(self.flow, tr.x_prev, tr.t_prev, tr.cond)
             flow_t = m.forward(self.flow, tr.x_t, tr.t, tr.cond)
             per, info = residual_db_loss(a, tr.a_ref, b, tr.b_ref, tr.reward_prev, tr.reward_t, flow_prev, flow_t,
-                                         tr.terminal, self.args.reverse_weight)
+                                         tr.terminal, self.args.reverse_weight, *self._weights(step.std, len(a)))
             reg = (out - tr.output).pow(2).flatten(1).mean(1)
             loss = share.mean(per + self.args.output_reg * reg)
             return loss, {"loss": loss.detach(), "output_reg": reg.mean().detach(), **info}
