@@ -255,3 +255,18 @@ def test_a_sample_costs_two_queries_per_trained_transition_and_its_reward_comes_
     assert int(end.sum()) == 8 and torch.equal(batch.transitions.t_prev[end], torch.zeros(8, dtype=batch.transitions.t_prev.dtype))
     final = tr.run.score(batch.transitions.x_prev[end], [""] * 8)
     assert metrics["reward_mean"] == pytest.approx(float(final.mean()), abs=1e-6)
+
+
+@pytest.mark.parametrize("method", ["nabla-gfn", "dpok"])
+def test_runs_on_digits_with_its_unet_field_network(tmp_path, method):
+    """The digits field network is a small UNet with attention: the reverse term differentiates
+    through it twice (create_graph), which the fused attention kernels cannot do; the run must
+    go through and checkpoint the second module."""
+    cfg, a = resolve_config(base={"method": method, "model": "digits", "reward": "classifier", "prompts": ["3", "8"],
+                                  "sampling": {"num_steps": 4, "guidance_scale": 1.0},
+                                  "train": {"epochs": 1, "batch_size": 4, "batches_per_epoch": 1},
+                                  "eval": {"reward": None, "per_prompt": 2}})
+    s = train(cfg, a, tmp_path / "run")
+    assert s["finished"]
+    names = {p.name for p in (tmp_path / "run" / "checkpoints").rglob("*.safetensors")}
+    assert any(("flow" if method == "nabla-gfn" else "value") in n for n in names), names
