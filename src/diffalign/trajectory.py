@@ -4,13 +4,39 @@ Step i goes from `latents[:, i]` (x_t at `timesteps[i]`) to `latents[:, i + 1]`.
 `log_probs[:, i]` is log π(x_{i+1} | x_i) under the sampler that drew it, so
 re-scoring a stored step before any update reproduces it exactly (ratio 1).
 The sampling loop itself is `Sampler.sample` (`diffalign.sampler`).
+
+`Rows` is the shared base of what methods keep from trajectories (step pairs,
+transitions, replay buffers): a dataclass of tensors with one row per item.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
+
+
+class Rows:
+    """Mixin for a dataclass whose fields are tensors with one row per item (or None), among
+    them `keys`: the items' global ids, on the CPU; the other fields may live on a device."""
+
+    keys: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    def select(self, rows):
+        """The items `rows` (an index tensor on any device)."""
+        rows = torch.as_tensor(rows, dtype=torch.long)
+        return type(self)(**{f.name: None if (v := getattr(self, f.name)) is None else v[rows.to(v.device)]
+                             for f in fields(self)})
+
+    @classmethod
+    def cat(cls, items: list):
+        """All items of `items` in order (each field on the last item's device)."""
+        last = items[-1]
+        return cls(**{f.name: None if (v := getattr(last, f.name)) is None else
+                      torch.cat([getattr(i, f.name).to(v.device) for i in items]) for f in fields(cls)})
 
 
 @dataclass

@@ -107,12 +107,11 @@ def bench_step(methods=None, configs="configs", suite: str = "digits", repeats: 
     import json
 
     from ..data import feedback
+    from ..methods import get_method, resolve_config
     from ..models import load_model
     from ..rewards import build_reward
     from ..sampler import Sampler
     from .suite import SUITES, config_path, variant
-
-    from ..methods import get_method, resolve_config
 
     names = methods or SUITES[suite].methods
     rows = []

@@ -51,19 +51,27 @@ def residual_db_loss(a, a_ref, b, b_ref, reward_prev, reward_t, flow_prev, flow_
     `flow_prev`/`flow_t` are g_φ at x_{t-1} (at timestep 0 for the last transition) and x_t;
     `terminal` marks the last transition (x_{t-1} = x_0). `weight` and `flow_weight` (N,) scale
     each transition's squared residuals in the gradient of the policy (a, b) and of the flow
-    (g_φ) respectively (None: 1); with both None this is the plain sum of squares. The value
-    returned is the policy-weighted one plus the flow-weighted one, halved when both are given."""
+    (g_φ) respectively (None: 1); with both None this is the plain sum of squares. Given a
+    weight, the value is w·(policy-side residuals) + wf·(flow-side residuals): the same residuals
+    twice, each half reaching only its own side's parameters (with w = wf = 1, twice the plain
+    value, with the plain gradient on each side)."""
     end = terminal.view(-1, *[1] * (a.ndim - 1)).to(a.dtype)
     fwd_target = a_ref + reward_prev + (1 - end) * flow_prev
     rev_target = b_ref - reward_t - flow_t
     penalty = _mean(flow_prev ** 2) * terminal.to(a.dtype)
-    plain = _mean((a - fwd_target) ** 2) + reverse_weight * _mean((b - rev_target) ** 2)
-    info = {"forward": _mean((a - fwd_target) ** 2).mean().detach(), "reverse": _mean((b - rev_target) ** 2).mean().detach(),
-            "terminal_flow": penalty.sum().detach() / terminal.sum().clamp(min=1)}
+
+    def residuals(a, fwd_target, b, rev_target):
+        return _mean((a - fwd_target) ** 2), _mean((b - rev_target) ** 2)
+
     if weight is None and flow_weight is None:
-        return plain + penalty, info
-    w = 1.0 if weight is None else weight
-    wf = 1.0 if flow_weight is None else flow_weight
-    policy = _mean((a - fwd_target.detach()) ** 2) + reverse_weight * _mean((b - rev_target.detach()) ** 2)
-    flow = _mean((a.detach() - fwd_target) ** 2) + reverse_weight * _mean((b.detach() - rev_target) ** 2)
-    return w * policy + wf * flow + penalty, info
+        forward, reverse = residuals(a, fwd_target, b, rev_target)
+        loss = forward + reverse_weight * reverse
+    else:
+        w = 1.0 if weight is None else weight
+        wf = 1.0 if flow_weight is None else flow_weight
+        forward, reverse = residuals(a, fwd_target.detach(), b, rev_target.detach())  # reaches θ only
+        ff, fr = residuals(a.detach(), fwd_target, b.detach(), rev_target)  # the same values, reaches g_φ only
+        loss = w * (forward + reverse_weight * reverse) + wf * (ff + reverse_weight * fr)
+    info = {"forward": forward.mean().detach(), "reverse": reverse.mean().detach(),
+            "terminal_flow": penalty.sum().detach() / terminal.sum().clamp(min=1)}
+    return loss + penalty, info

@@ -28,11 +28,12 @@ import torch
 
 from ..config import ConfigError
 from ..seeding import seed_for
+from ..trajectory import Rows
 from . import Micro, Trainable, register
 
 
 @dataclass
-class Buffer:
+class Buffer(Rows):
     """Transitions of recent trajectories on this process (every tensor has N rows)."""
 
     x_t: torch.Tensor
@@ -43,23 +44,6 @@ class Buffer:
     out_ref: torch.Tensor  # the reference model's (guided) output at x_t
     reward: torch.Tensor  # the trajectory's final reward
     keys: torch.Tensor  # global ids (CPU)
-
-    def __len__(self):
-        return len(self.keys)
-
-    def select(self, rows) -> "Buffer":
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        dev = rows.to(self.x_t.device)
-        return Buffer(**{f.name: None if getattr(self, f.name) is None else
-                         getattr(self, f.name)[rows if f.name == "keys" else dev] for f in fields(self)})
-
-    @staticmethod
-    def cat(a: "Buffer | None", b: "Buffer") -> "Buffer":
-        if a is None:
-            return b
-        return Buffer(**{f.name: None if getattr(b, f.name) is None else
-                         torch.cat([getattr(a, f.name).to(getattr(b, f.name).device), getattr(b, f.name)])
-                         for f in fields(b)})
 
 
 @dataclass
@@ -128,9 +112,9 @@ class DPOK:
                 out_ref = s.predict(m, x_t, t, cond)
             sl = run.local_slice(n)
             sample_ids = (epoch * run.cfg.train.batches_per_epoch + b) * n + torch.arange(sl.start, sl.stop)
-            self.buffer = Buffer.cat(self.buffer, Buffer(
-                x_t, x_prev, t, cond, traj.log_probs.flatten(), out_ref, r.repeat_interleave(T),
-                sample_ids.repeat_interleave(T) * T + torch.arange(T).repeat(B)))
+            new = Buffer(x_t, x_prev, t, cond, traj.log_probs.flatten(), out_ref, r.repeat_interleave(T),
+                         sample_ids.repeat_interleave(T) * T + torch.arange(T).repeat(B))
+            self.buffer = new if self.buffer is None else Buffer.cat([self.buffer, new])
         keep = self.args.buffer_size * T  # the newest transitions
         if len(self.buffer) > keep:
             self.buffer = self.buffer.select(torch.arange(len(self.buffer) - keep, len(self.buffer)))

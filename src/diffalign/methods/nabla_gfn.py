@@ -51,7 +51,7 @@ import torch
 from ..config import ConfigError
 from ..losses.nabla_db import gaussian_scores, residual_db_loss
 from ..seeding import seed_for
-from ..trajectory import Trajectory
+from ..trajectory import Rows, Trajectory
 from . import Micro, Trainable, register
 
 
@@ -64,7 +64,7 @@ def twice_differentiable():
 
 
 @dataclass
-class Transitions:
+class Transitions(Rows):
     """N trained transitions x_t -> x_prev on this process, with everything the loss needs."""
 
     x_t: torch.Tensor  # (N, *shape)
@@ -79,16 +79,6 @@ class Transitions:
     reward_prev: torch.Tensor  # β γ ∇ log R(x0_hat(x_prev))
     reward_t: torch.Tensor  # β γ ∇ log R(x0_hat(x_t))
     keys: torch.Tensor  # (N,) global ids (CPU)
-
-    def select(self, rows) -> "Transitions":
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        dev = rows.to(self.x_t.device)
-        return Transitions(**{k: None if v is None else v[rows if k == "keys" else dev] for k, v in vars(self).items()})
-
-    @staticmethod
-    def cat(items: list["Transitions"]) -> "Transitions":
-        return Transitions(**{k: None if getattr(items[0], k) is None else torch.cat([getattr(i, k) for i in items])
-                              for k in vars(items[0])})
 
 
 @dataclass
@@ -200,15 +190,15 @@ class NablaGFN:
         run, s = self.run, self.sampler
         n, T = run.cfg.train.batch_size, s.num_steps
         items, rewards = [], []
+        sl = run.local_slice(n)
         for b in range(run.cfg.train.batches_per_epoch):
-            local = run.draw_prompts(epoch, b, n=n)[run.local_slice(n)]
+            local = run.draw_prompts(epoch, b, n=n)[sl]
             traj: Trajectory = s.sample(run.model, local, generator=run.sample_generators("nabla", epoch, b, n_global=n),
                                         with_logprob=False)
-            steps = self.trained_steps(epoch, b, T)[run.local_slice(n)].to(run.device)
+            steps = self.trained_steps(epoch, b, T)[sl].to(run.device)
             rows = torch.arange(len(local), device=run.device)
             ts = traj.timesteps.to(run.device)
             ts_next = torch.cat([ts[1:], torch.zeros(1, dtype=ts.dtype, device=ts.device)])
-            sl = run.local_slice(n)
             for j in range(steps.shape[1]):
                 i = steps[:, j]
                 x_t, x_prev, t, t_prev = traj.latents[rows, i], traj.latents[rows, i + 1], ts[i], ts_next[i]

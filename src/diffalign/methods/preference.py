@@ -13,11 +13,12 @@ as functions the methods compose (no base class).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import torch
 
 from ..losses import dpo_loss
+from ..trajectory import Rows
 from . import Micro
 
 
@@ -36,7 +37,7 @@ class PreferenceConfig:
 
 
 @dataclass
-class StepPairs:
+class StepPairs(Rows):
     """N step-level preference pairs on this process (every tensor has N rows)."""
 
     x_t_w: torch.Tensor  # (N, *shape) condition of the winner's step
@@ -49,22 +50,11 @@ class StepPairs:
     ref_w: torch.Tensor | None = None  # (N,) log π_ref(x_w | x_t_w)
     ref_l: torch.Tensor | None = None
 
-    def __len__(self):
-        return self.x_w.shape[0]
-
-    def select(self, rows) -> "StepPairs":
-        rows = torch.as_tensor(rows, dtype=torch.long)
-        dev = rows.to(self.x_w.device)
-        return StepPairs(**{f.name: None if getattr(self, f.name) is None else
-                            getattr(self, f.name)[rows if f.name == "keys" else dev] for f in fields(self)})
-
-    @staticmethod
-    def cat(items: list["StepPairs"]) -> "StepPairs | None":
+    @classmethod
+    def cat(cls, items: list["StepPairs"]) -> "StepPairs | None":
+        """The non-empty items concatenated; None when there are none."""
         items = [p for p in items if len(p)]
-        if not items:
-            return None
-        return StepPairs(**{f.name: None if getattr(items[0], f.name) is None else
-                            torch.cat([getattr(p, f.name) for p in items]) for f in fields(StepPairs)})
+        return super().cat(items) if items else None
 
 
 @dataclass
