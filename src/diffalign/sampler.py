@@ -7,6 +7,8 @@ guidance, log-prob reduction) and two optional hooks:
 - `correction(model, x_t, t, cond) -> Δ` is added to the score ∇_x log p_t(x_t) at every
   step (e.g. DDO's Doob h-transform ∇_x log h_t). In noise terms ε ← ε − sqrt(1 − ā_t)·Δ,
   applied to the model output in its own prediction type (`sampling.output_shift`).
+  A correction with `uses_output = True` also gets the (guided, uncorrected) model output
+  at x_t as `output=`, so it need not call the model again (`diffalign.doob`).
 - `transition(model, output, t, x_t, *, generator, prev_sample, with_logprob) -> StepOutput`
   replaces the Gaussian DDIM/DDPM step (`sampling.step_with_logprob`) entirely.
 
@@ -90,7 +92,8 @@ class Sampler:
             out_u, out_c = model.predict_noise(torch.cat([x, x]), t2, torch.cat([null, cond])).chunk(2)
             out = out_u + g * (out_c - out_u)
         if self.correction is not None:
-            d_score = self.correction(model, x, t, cond)
+            d_score = self.correction(model, x, t, cond, output=out) if getattr(self.correction, "uses_output", False) \
+                else self.correction(model, x, t, cond)
             out = out + output_shift(model.scheduler, -(1 - alpha_bar(model.scheduler, t, x)).sqrt() * d_score, t, x)
         return out
 

@@ -157,11 +157,13 @@ class Trainer:
             self.method.load_state_dict(method_state)
 
     def save_weights(self, folder: Path) -> None:
-        """final/: the denoiser as diffusers loads it (LoRA file, or a `unet/` folder), and every
-        other module as `<name>.safetensors`."""
+        """final/: the denoiser as diffusers loads it (LoRA file, or a `unet/` folder) when the
+        method trains it, and every other module as `<name>.safetensors`."""
         den = adapters.unwrap(self.run.model.denoiser)
         with checkpoint.atomic_dir(folder) as tmp:
-            if self.run.lora_config is not None:
+            if "denoiser" not in self.modules:
+                pass  # e.g. DDO: the pretrained weights are the aligned model's, unchanged
+            elif self.run.lora_config is not None:
                 adapters.write_lora(den, tmp, self.run.lora_config)
             elif hasattr(den, "save_pretrained"):  # full fine-tune: a diffusers `unet/` folder
                 den.save_pretrained(tmp / "unet")

@@ -48,9 +48,31 @@ def save_png(img: torch.Tensor, path: Path, scale: int = 1) -> None:
     im.save(path)
 
 
+def is_image(sample: torch.Tensor) -> bool:
+    """Decoded samples of shape (C, H, W) are images (PNG files); anything else (toy2d's points)
+    is stored exactly as a .npy array."""
+    return sample.ndim == 3
+
+
+def sample_suffix(sample: torch.Tensor) -> str:
+    return ".png" if is_image(sample) else ".npy"
+
+
+def save_sample(sample: torch.Tensor, path: Path) -> None:
+    """A decoded sample as PNG (an image) or .npy (float32, anything else)."""
+    if path.suffix == ".npy":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(path, sample.detach().float().cpu().numpy(), allow_pickle=False)
+    else:
+        save_png(sample, path)
+
+
 def load_png(path: Path) -> torch.Tensor:
-    """An 8-bit PNG as float (C, H, W) in [0, 1]."""
+    """An 8-bit PNG as float (C, H, W) in [0, 1]; a .npy file (a non-image sample) as it was saved."""
     from PIL import Image
+
+    if Path(path).suffix == ".npy":
+        return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
 
     with Image.open(path) as im:
         im.load()
@@ -241,15 +263,16 @@ def make_pairs(model, reward, prompts, n_pairs: int, out_dir, seed: int = 0, bt_
             gens = [generators(model.device, "pairs", seed, side, indices=[i])[0] for i in idx]
             traj = sampler.sample(model, ps, generator=gens, with_logprob=False)
             imgs.append(model.decode(traj.final).cpu())
-        # score the images as they will be loaded back (8-bit quantised)
-        qa, qb = [(x.clamp(0, 1) * 255).round() / 255 for x in imgs]
+        # score the images as they will be loaded back (8-bit quantised; other samples are stored exactly)
+        qa, qb = [(x.clamp(0, 1) * 255).round() / 255 if is_image(x[0]) else x for x in imgs]
         ra, _ = reward(qa.to(model.device), ps)
         rb, _ = reward(qb.to(model.device), ps)
         ra, rb = ra.float().cpu(), rb.float().cpu()
         for j, i in enumerate(idx):
-            fa, fb = f"img/{i:06d}_a.png", f"img/{i:06d}_b.png"
-            save_png(qa[j], out / fa)
-            save_png(qb[j], out / fb)
+            ext = sample_suffix(qa[j])
+            fa, fb = f"img/{i:06d}_a{ext}", f"img/{i:06d}_b{ext}"
+            save_sample(qa[j], out / fa)
+            save_sample(qb[j], out / fb)
             d = float(ra[j] - rb[j])
             if bt_noise is None:
                 a_wins, tie = d > 0, d == 0

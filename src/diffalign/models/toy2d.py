@@ -195,6 +195,7 @@ def _build_model(folder: Path, net: ToyMLP, scheduler) -> DiffusionModel:
         encode_prompts=lambda prompts: None,
         forward=lambda denoiser, x, t, cond: denoiser(x, t),
         decode=lambda x0: x0,
+        image_encoder=lambda points: points,  # samples are the points themselves (feedback sets store them as .npy)
         null_condition=lambda n: None,
         prompts=[""],
         lora_targets=linear_names(net),
