@@ -273,11 +273,17 @@ def test_learned_correction_trains_and_samples(tmp_path):
 @pytest.mark.parametrize("bad, match", [
     ({"beta": 0.0}, "beta' must be > 0"),
     ({"beta": -1.0}, "beta' must be > 0"),
-    ({"objective": "dpo"}, "set 'args.data' to a pairs JSONL"),
-    ({"objective": "kto"}, "labels"),
     ({"option": 3}, "must be 1 or 2"),
     ({"estimator": "magic"}, "continuation, gaussian, learned"),
 ])
 def test_bad_settings_are_refused_with_the_fix(bad, match):
     with pytest.raises(ConfigError, match=match):
         resolve_config(base=dict(SMALL, args=bad))
+
+
+@pytest.mark.parametrize("objective, match", [("dpo", "set 'args.data' to a pairs JSONL"), ("kto", "labels")])
+def test_feedback_objective_without_a_file_stops_before_anything_is_written(tmp_path, objective, match):
+    cfg, args = resolve_config(base=dict(SMALL, args={"objective": objective}))
+    with pytest.raises(ConfigError, match=match):
+        train(cfg, args, tmp_path / "run")
+    assert not (tmp_path / "run").exists()

@@ -39,6 +39,7 @@ class Suite:
     seeds: int
     per_prompt: int  # evaluation samples per prompt (fixed seeds, base and aligned alike)
     quick: dict = field(default_factory=dict)  # what --quick changes
+    bt_noise: float | None = None  # offline methods' pairs: Bradley–Terry labels at this temperature (None: the max wins)
 
 
 SUITES = {
@@ -47,8 +48,8 @@ SUITES = {
                     budget=2048, seeds=3, per_prompt=20,
                     quick={"seeds": 1, "budget": 512}),
     "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "nabla-gfn", "alignprop", "draft", "refl",
-                             "dpok"], budget=4096, seeds=3, per_prompt=1000,
-                   quick={"seeds": 1, "budget": 2048}),
+                             "dpok", "ddo", "ddo-dpo", "diffusion-dpo", "diffusion-kto"], budget=4096, seeds=3, per_prompt=1000,
+                   quick={"seeds": 1, "budget": 2048}, bt_noise=1.0),  # BT pairs at temperature 1: DPO's optimum is p*
 }
 
 METRICS = ["reward_mean", "eval_reward_mean", "reward_accuracy", "eval_reward_accuracy", "diversity", "diversity_rel",
@@ -185,7 +186,8 @@ def ensure_pairs(p: dict, out: Path, seed: int, cfg) -> dict:
         model = load_model(cfg.model)
         with checkpoint.atomic_dir(folder) as tmp:
             stats = feedback.make_pairs(model, build_reward(cfg.reward), cfg.prompts or model.prompts, p["budget"] // 2,
-                                        tmp, seed=1000 + seed, sampler=Sampler.from_config(cfg.sampling, model))
+                                        tmp, seed=1000 + seed, sampler=Sampler.from_config(cfg.sampling, model),
+                                        bt_noise=SUITES[p["suite"]].bt_noise)
             stats.update(wall_s=round(time.time() - start, 2), reward_queries=2 * (p["budget"] // 2))
             (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     stats = json.loads(stats_path.read_text())

@@ -117,10 +117,6 @@ class DDO:
                 raise ValueError(f"config key '{where}.beta_prime' must be >= beta ({self.beta}) or 0 (= beta)")
             if self.option not in da.OPTIONS:
                 raise ValueError(f"config key '{where}.option' must be 1 or 2, got {self.option}")
-            if self.objective != "reward" and not self.data:
-                kind = "pairs" if self.objective == "dpo" else "labels (or pairs)"
-                raise ValueError(f"objective '{self.objective}' learns from feedback: set '{where}.data' to a "
-                                 f"{kind} JSONL (make one with `diffalign data {kind.split()[0]}`)")
             if self.estimator not in ESTIMATORS:
                 raise ValueError(f"config key '{where}.estimator' must be one of {', '.join(ESTIMATORS)}")
             for key in ("pool_size", "fit_size", "fit_epochs", "fit_batch", "particles", "reference_samples"):
@@ -156,6 +152,10 @@ class DDO:
         from ..data import feedback
 
         a, m = self.args, self.run.model
+        if a.objective != "reward" and not a.data:  # checked here, not in validate: the bench fills it in later
+            kind = "pairs" if a.objective == "dpo" else "labels (or pairs)"
+            raise ConfigError(f"objective '{a.objective}' learns from feedback: set 'args.data' to a {kind} JSONL "
+                              f"(make one with `diffalign data {kind.split()[0]}`)")
         if a.objective == "dpo":
             ps = feedback.load_pairs(a.data)
             self.data = {"x_w": m.encode_images(ps.winners.to(self.run.device)).detach(),
