@@ -115,6 +115,22 @@ def test_dpo_iterates_reach_the_first_order_condition_of_F():
     assert mean_r[0] < mean_r[1] < float((star / star.sum() * r).sum())
 
 
+@pytest.mark.parametrize("objective", ["reward", "dpo"])
+def test_centring_the_targets_leaves_every_iterate_unchanged(objective):
+    """`center_targets`: f's constant does not change q, and the recurrence carries it along."""
+    x, p = grid()
+    fv = reward_fv(x)[0] if objective == "reward" else dpo_fv(x, p)[0]
+    plain = implementation_iterates(fv, p, 0.5, 0.5, 2, 8)
+    qs, f = [], torch.zeros_like(p)
+    for k in range(1, 9):
+        q = q_of(f, p)
+        qs.append(q)
+        f = da.da_target(f, fv(q), k, 2, 0.5, 0.5)
+        f = f - f.mean()
+    for a, b in zip(plain, qs):
+        assert torch.allclose(a, b, atol=1e-12)
+
+
 def test_the_per_pair_dpo_estimate_averages_to_the_population_first_variation():
     x, p = grid()
     r = -0.5 * (x - 2.0) ** 2
@@ -259,6 +275,15 @@ def test_ddo_dpo_learns_from_toy2d_pairs(tmp_path):
     assert s["final_reward_mean"] > s["base_reward_mean"] + 0.5
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["implicit_accuracy"] > 0.6 and s["reward_queries"] == 0
+
+
+def test_centred_targets_have_mean_zero_and_still_align(tmp_path):
+    spec = dict(SMALL, train=dict(SMALL["train"], epochs=2), args=dict(SMALL["args"], center_targets=True))
+    cfg, args = resolve_config(base=spec)
+    s = train(cfg, args, tmp_path / "run")
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(abs(r["target_mean"]) < 1e-5 for r in rows)
+    assert s["final_reward_mean"] > s["base_reward_mean"] + 1.0
 
 
 def test_learned_correction_trains_and_samples(tmp_path):

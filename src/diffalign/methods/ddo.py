@@ -105,6 +105,7 @@ class DDO:
         reference_samples: int = 1024  # learned: reference samples it is trained on (drawn once)
         correction_steps: int = 100  # learned: optimizer steps per iteration
         correction_lr: float = 1e-3  # learned: its learning rate
+        center_targets: bool = False  # subtract the targets' mean (q ∝ exp(−f)·p_ref ignores f's constant, the fit does not)
 
         def validate(self, where):
             if self.objective not in OBJECTIVES:
@@ -201,6 +202,8 @@ class DDO:
         pick = torch.randperm(len(x), generator=g)[: a.fit_size]
         fx = self.f(x[pick], ids[pick])
         target = da.da_target(fx, dl[pick], k, a.option, a.beta, self.beta_prime)
+        if a.center_targets:  # exact: every later target is shifted by the same constant, which q ignores
+            target = target - target.mean()
         metrics.update(first_variation_mean=float(dl.mean()), target_mean=float(target.mean()),
                        potential_mean=float(fx.mean()), pool=len(x), **self.correction.stats)
         self.correction.reset_stats()
