@@ -312,3 +312,17 @@ def test_feedback_objective_without_a_file_stops_before_anything_is_written(tmp_
     with pytest.raises(ConfigError, match=match):
         train(cfg, args, tmp_path / "run")
     assert not (tmp_path / "run").exists()
+
+
+def test_toy2d_reports_the_distance_to_its_own_data_the_practical_limit():
+    from diffalign.eval.core import sample_metrics
+    from diffalign.models import load_model
+    from diffalign.models.toy2d import sample_data
+    from diffalign.rewards import build_reward
+
+    model = load_model("toy2d", progress=False)
+    data = sample_data(400, torch.Generator().manual_seed(3))
+    m = sample_metrics(model, data, [""] * 400, build_reward("quadratic"), 1.0)
+    assert m["data_distance"] < 1.6 * m["data_floor"]  # exact data: about the floor
+    shifted = sample_metrics(model, data + 0.5, [""] * 400, build_reward("quadratic"), 1.0)
+    assert shifted["data_distance"] > 3 * m["data_floor"]

@@ -94,6 +94,12 @@ def write_report(out: str | Path, results: dict) -> Path:
     if opt:
         lines.append(f"Distance to the exact KL-regularised optimum p* (β = {opt[0]['aligned_optimum_beta']}), sliced "
                      f"Wasserstein; floor between two exact samples of p*: {opt[0]['aligned_optimum_floor']:.3f}.")
+        fid = [r for r in opt if r.get("base_data_distance") is not None]
+        if fid:
+            d, f = fid[0]["base_data_distance"], fid[0]["base_data_floor"]
+            lines.append(f"The practical limit: the base model's own distance to its training data at the same n is "
+                         f"{d:.3f}, {d / f:.2f}× that comparison's floor ({f:.3f}); no aligned model can be expected "
+                         "to get nearer p* than that ratio.")
     lines += ["", *[f"![{f.stem}]({f.name})" for f in figs], ""]
     path = out / "report.md"
     checkpoint.atomic_write_text(path, "\n".join(lines))

@@ -217,7 +217,8 @@ def eval_space() -> EvalSpace:
         if getattr(reward, "name", None) != "quadratic" or not hasattr(fn, "target"):
             return {}
         d = distance_to_optimum(points.cpu(), beta, target=fn.target, scale=fn.scale)
-        return {"optimum_distance": d["distance"], "optimum_floor": d["floor"], "optimum_beta": beta}
+        return {"optimum_distance": d["distance"], "optimum_floor": d["floor"], "optimum_beta": beta,
+                **distance_to_data(points.cpu())}
 
     return EvalSpace("toy2d", lambda x: x.float(), lambda: sample_data(20000, torch.Generator().manual_seed(0)),
                      description="the 2-D points", extra=extra)
@@ -270,6 +271,18 @@ def distance_to_optimum(points: torch.Tensor, beta: float, seed: int = 0, n_proj
     return {"beta": beta,
             "distance": sliced_wasserstein(points, a, n_proj=n_proj, generator=proj()),
             "floor": sliced_wasserstein(b, a, n_proj=n_proj, generator=proj())}
+
+
+def distance_to_data(points: torch.Tensor, seed: int = 0, n_proj: int = 256) -> dict:
+    """Sliced Wasserstein distance from `points` to a same-size sample of the mixture itself, and its
+    floor (two mixture samples): for the base model, its own fidelity, the practical limit of any
+    aligned model's distance to p* at this n."""
+    g = torch.Generator().manual_seed(seed + 10)
+    n = len(points)
+    a, b = sample_data(n, g), sample_data(n, g)
+    proj = lambda: torch.Generator().manual_seed(seed + 1)  # noqa: E731
+    return {"data_distance": sliced_wasserstein(points, a, n_proj=n_proj, generator=proj()),
+            "data_floor": sliced_wasserstein(b, a, n_proj=n_proj, generator=proj())}
 
 
 def _load(folder: Path, fix: str) -> DiffusionModel:
