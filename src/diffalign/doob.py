@@ -12,7 +12,7 @@ for q with the tilted posterior q(x_0|x_t) ∝ p_ref(x_0|x_t)·exp(−f(x_0)). S
 
 a difference of posterior means; no gradient of f or of the denoiser is needed.
 
-Estimators (`make_correction`):
+Estimators (`DoobCorrection(estimator=...)`):
 
 - `continuation` (default): M reference continuations from x_t down to x_0 in K evenly
   spaced DDPM jumps (DDIM with eta = 1; K = 20 by default, whatever t is) are M draws
@@ -136,7 +136,7 @@ class DoobCorrection:
         log_w = -self.potential(x0s.flatten(0, 1), flat_cond).view(B, M).double()
         if not torch.isfinite(log_w).all():
             raise FloatingPointError("the DDO potential returned NaN/inf at the Doob particles: the potential "
-                                     "network diverged (lower args.potential_lr, or check the objective's targets)")
+                                     "network diverged (lower optim.lr, or check the objective's targets)")
         if t_int != last_timestep(model.scheduler):  # at the last step every particle is the same x0_hat
             self.ess.append(float(effective_sample_size(log_w).mean()))
         return tilted_shift(model.scheduler, t_int, x, x0s, log_w)

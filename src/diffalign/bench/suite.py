@@ -49,7 +49,7 @@ SUITES = {
                     quick={"seeds": 1, "budget": 512}),
     "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "nabla-gfn", "alignprop", "draft", "refl",
                              "dpok", "ddo", "ddo-dpo", "diffusion-dpo", "diffusion-kto"], budget=4096, seeds=3, per_prompt=1000,
-                   quick={"seeds": 1, "budget": 2048}, bt_noise=1.0),  # BT pairs at temperature 1: DPO's optimum is p*
+                   quick={"seeds": 1, "budget": 2048}, bt_noise=1.0),  # BT pairs at temperature 1: DPO's own optimum (no KL term) is p*
 }
 
 METRICS = ["reward_mean", "eval_reward_mean", "reward_accuracy", "eval_reward_accuracy", "diversity", "diversity_rel",

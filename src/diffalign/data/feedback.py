@@ -67,12 +67,16 @@ def save_sample(sample: torch.Tensor, path: Path) -> None:
         save_png(sample, path)
 
 
-def load_png(path: Path) -> torch.Tensor:
-    """An 8-bit PNG as float (C, H, W) in [0, 1]; a .npy file (a non-image sample) as it was saved."""
-    from PIL import Image
-
+def load_sample(path: Path) -> torch.Tensor:
+    """A sample as `save_sample` wrote it: a .npy array as saved, else an image (`load_png`)."""
     if Path(path).suffix == ".npy":
         return torch.from_numpy(np.load(path, allow_pickle=False).astype(np.float32))
+    return load_png(path)
+
+
+def load_png(path: Path) -> torch.Tensor:
+    """An 8-bit PNG as float (C, H, W) in [0, 1]."""
+    from PIL import Image
 
     with Image.open(path) as im:
         im.load()
@@ -140,7 +144,7 @@ def _image(base: Path, rel, key: str, lineno: int, errors: list, shapes: set):
         errors.append(f"line {lineno}: '{key}' file {rel!r} not found")
         return None
     try:
-        img = load_png(p)
+        img = load_sample(p)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad row
         errors.append(f"line {lineno}: '{key}' file {rel!r} is not a readable image ({type(e).__name__})")
         return None

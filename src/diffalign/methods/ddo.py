@@ -243,22 +243,25 @@ class DDO:
         if a.objective == "dpo":
             x = torch.cat([d["x_w"], d["x_l"]])
             ids = torch.cat([d["prompt"], d["prompt"]])
-            f = self.f(x, ids)
-            log_z = torch.logsumexp(-f, 0) - math.log(len(f))  # the set's images are reference samples
-            h = da.log_ratio(f, log_z)
+            f, log_z, h = self._log_ratios(x, ids)
             n = len(d["x_w"])
             gw, gl = da.dpo_first_variation(h[:n], h[n:], a.gamma)
             dl = torch.cat([gw, gl]).clamp(-a.clip, a.clip)
             acc = float((h[:n] > h[n:]).double().mean())
             return x, ids, dl, {"implicit_accuracy": acc, "log_z": float(log_z)}
         x, ids = d["x"], d["prompt"]
-        f = self.f(x, ids)
-        log_z = torch.logsumexp(-f, 0) - math.log(len(f))
-        h = da.log_ratio(f, log_z)
+        f, log_z, h = self._log_ratios(x, ids)
         z = float((torch.softmax(-f, 0) * h).sum())  # KL(q‖p_ref) = E_ref[(q/p_ref)·h]
         dl = da.kto_first_variation(h, d["desirable"].to(h.device), a.gamma, z, a.lambda_d,
                                     a.lambda_u).clamp(-a.clip, a.clip)
         return x, ids, dl, {"kl_ref_point": z, "log_z": float(log_z)}
+
+    def _log_ratios(self, x, ids):
+        """(f, log Z, h = log q/p_ref) at the feedback set's images, which are reference samples:
+        Z = E_ref[exp(−f)] is their mean of exp(−f)."""
+        f = self.f(x, ids)
+        log_z = torch.logsumexp(-f, 0) - math.log(len(f))
+        return f, log_z, da.log_ratio(f, log_z)
 
     def micro_steps(self, batch: Fit):
         a, n = self.args, len(batch.target)
@@ -267,8 +270,11 @@ class DDO:
             for rows in order.split(a.fit_batch):
                 yield Micro(self._fit_loss(batch, rows.to(batch.x.device)))
         if self.net is not None:
+            # the potential's steps are done when the generator gets here: weights by f_{k+1}, once
+            f = self.f(self.ref["x"], self.ref["prompt"])
+            weights = torch.softmax(-f, 0) * len(f)  # exp(−f) normalised to mean 1 over the pool
             for s in range(a.correction_steps):
-                yield Micro(self._correction_loss(batch.epoch, s))
+                yield Micro(self._correction_loss(batch.epoch, s, weights))
 
     def _fit_loss(self, batch: Fit, rows):
         def compute():
@@ -279,16 +285,14 @@ class DDO:
 
         return compute
 
-    def _correction_loss(self, epoch: int, step: int):
+    def _correction_loss(self, epoch: int, step: int, weights: torch.Tensor):
         def compute():
             g = self.run.generator("ddo-corr", epoch, step)
             x, ids = self.ref["x"], self.ref["prompt"]
             rows = torch.randperm(len(x), generator=g)[: self.args.fit_batch]
-            f = self.f(x, ids)
-            w = torch.softmax(-f, 0) * len(f)  # exp(−f) normalised to mean 1 over the pool
             loss = learned_correction_loss(self.run.model, self.net, x[rows.to(x.device)], self._cond(ids[rows]),
-                                           w[rows.to(w.device)].float(), self.sampler.timesteps(self.run.model).cpu(),
-                                           generator=g)
+                                           weights[rows.to(weights.device)].float(),
+                                           self.sampler.timesteps(self.run.model).cpu(), generator=g)
             return loss, {"correction_loss": loss.detach()}
 
         return compute

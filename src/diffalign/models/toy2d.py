@@ -264,25 +264,26 @@ def optimum_log_prob(x: torch.Tensor, beta: float, **kw) -> torch.Tensor:
 def distance_to_optimum(points: torch.Tensor, beta: float, seed: int = 0, n_proj: int = 256, **kw) -> dict:
     """Sliced Wasserstein distance from `points` to a sample of p* of the same size, and the
     floor: the same distance between two independent samples of p* of that size."""
-    g = torch.Generator().manual_seed(seed)
-    n = len(points)
-    a, b = sample_optimum(n, beta, g, **kw), sample_optimum(n, beta, g, **kw)
-    proj = lambda: torch.Generator().manual_seed(seed + 1)  # noqa: E731
-    return {"beta": beta,
-            "distance": sliced_wasserstein(points, a, n_proj=n_proj, generator=proj()),
-            "floor": sliced_wasserstein(b, a, n_proj=n_proj, generator=proj())}
+    d, floor = _distance_and_floor(points, lambda n, g: sample_optimum(n, beta, g, **kw), seed, seed + 1, n_proj)
+    return {"beta": beta, "distance": d, "floor": floor}
+
+
+def _distance_and_floor(points, draw, draw_seed: int, proj_seed: int, n_proj: int) -> tuple[float, float]:
+    """Sliced W2 from `points` to a same-size draw a, and from a second draw b to a (the floor);
+    a and b come one after the other from one generator seeded `draw_seed`."""
+    g = torch.Generator().manual_seed(draw_seed)
+    a, b = draw(len(points), g), draw(len(points), g)
+    proj = lambda: torch.Generator().manual_seed(proj_seed)  # noqa: E731
+    return (sliced_wasserstein(points, a, n_proj=n_proj, generator=proj()),
+            sliced_wasserstein(b, a, n_proj=n_proj, generator=proj()))
 
 
 def distance_to_data(points: torch.Tensor, seed: int = 0, n_proj: int = 256) -> dict:
     """Sliced Wasserstein distance from `points` to a same-size sample of the mixture itself, and its
     floor (two mixture samples): for the base model, its own fidelity, the practical limit of any
     aligned model's distance to p* at this n."""
-    g = torch.Generator().manual_seed(seed + 10)
-    n = len(points)
-    a, b = sample_data(n, g), sample_data(n, g)
-    proj = lambda: torch.Generator().manual_seed(seed + 1)  # noqa: E731
-    return {"data_distance": sliced_wasserstein(points, a, n_proj=n_proj, generator=proj()),
-            "data_floor": sliced_wasserstein(b, a, n_proj=n_proj, generator=proj())}
+    d, floor = _distance_and_floor(points, sample_data, seed + 10, seed + 1, n_proj)
+    return {"data_distance": d, "data_floor": floor}
 
 
 def _load(folder: Path, fix: str) -> DiffusionModel:
