@@ -9,7 +9,7 @@
     diffalign bench sampler [--batch N] [--steps S]
     diffalign bench step [--methods a,b] [--repeats R]
     diffalign bench memory [--config alignprop.yaml] [--steps K]
-    diffalign bench suite --suite digits|toy2d [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
+    diffalign bench suite --suite digits|toy2d|digits-minority [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
     diffalign demo [--out DIR]
     diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
     diffalign data labels --pairs DIR/pairs.jsonl --out DIR
@@ -141,7 +141,7 @@ def _bench(a) -> int:
         print(f"sampling with log-probs / diffusers scheduler loop: {r['ratio']:.3f}x (target <= 1.15x)")
         return 0
     if what != "suite" or not a.suite:
-        raise SystemExit("usage: diffalign bench --suite digits|toy2d [--methods a,b] [--seeds K] [--budget N] "
+        raise SystemExit("usage: diffalign bench --suite digits|toy2d|digits-minority [--methods a,b] [--seeds K] [--budget N] "
                          "[--out DIR] [--quick]   or   diffalign bench sampler   or   diffalign bench step")
     from .bench import run_bench
     from .bench.report import summary_table
@@ -230,12 +230,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0, help="noise seed (the same for --base and the aligned model)")
     sm.add_argument("--base", action="store_true", help="sample the base model instead of the aligned one")
     sm.set_defaults(fn=_sample)
-    b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d (methods at equal reward budget), sampler, step")
+    b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d (methods at equal reward budget), digits-minority (constrained training), sampler, step")
     b.add_argument("what", nargs="?", choices=["sampler", "suite", "step", "memory"],
                    help="sampler, step (one update vs bare forward+backward), memory (one AlignProp update with and "
                         "without gradient checkpointing), or suite (implied by --suite)")
     b.add_argument("--config", help="(memory) the config to measure (default configs/alignprop_digits.yaml)")
-    b.add_argument("--suite", help="digits or toy2d")
+    b.add_argument("--suite", help="digits, toy2d or digits-minority")
     b.add_argument("--methods", help="comma-separated methods/config names (default: the suite's)")
     b.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
     b.add_argument("--budget", type=int, default=None, help="reward queries per run")

@@ -44,10 +44,17 @@ def summary_table(results: dict) -> str:
     rows = results["rows"]
     methods = list(dict.fromkeys(r["method"] for r in rows))
     cols = [c for c in COLUMNS if any(r.get(f"aligned_{c[0]}") is not None for r in rows)]
+    if not results.get("budget"):  # no reward is trained on and no base to compare with: only the sample metrics
+        cols = [c for c in cols if c[0] in ("frechet", "optimum_distance")]
     head = ["method", *[c[1] for c in cols], "reward queries", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    from .suite import SUITES
+
+    suite = SUITES.get(results.get("suite"))
     base = [r for r in rows if "failed" not in r][:1]  # the base is identical in every cell
-    for label, group, prefix in [("base", base, "base")] + [(m, [r for r in rows if r["method"] == m], "aligned")
+    if suite is not None and not suite.base_row:
+        base = []
+    for label, group, prefix in [("base", base, "base")] * bool(base) + [(m, [r for r in rows if r["method"] == m], "aligned")
                                                             for m in methods]:
         failed = sum("failed" in r for r in group)
         if failed:
@@ -63,11 +70,15 @@ def summary_table(results: dict) -> str:
 def write_report(out: str | Path, results: dict) -> Path:
     out = Path(out)
     ok = {**results, "rows": [r for r in results["rows"] if "failed" not in r]}  # diverged runs: in the table only
-    figs = [f for f in (reward_curves(out, ok), reward_vs_diversity(out, ok), sample_grids(out, ok)) if f] if ok["rows"] else []
+    rewarded = bool(results.get("budget"))
+    figs = [f for f in (reward_curves(out, ok) if rewarded else None, reward_vs_diversity(out, ok) if rewarded else None,
+                        sample_grids(out, ok), multiplier_curves(out, ok)) if f] if ok["rows"] else []
     rows = results["rows"]
     n_seeds = len({r["seed"] for r in rows})
+    budget = (f"{results['budget']} reward queries per run" if results["budget"]
+              else "the same training steps and data per run (no reward queries)")
     lines = [
-        f"# Bench: suite `{results['suite']}`, {results['budget']} reward queries per run, {n_seeds} seed(s)",
+        f"# Bench: suite `{results['suite']}`, {budget}, {n_seeds} seed(s)",
         "",
         f"Command: `{results['command']}`  ",
         f"Machine: {results['machine']['platform']}, {results['machine']['cpus']} CPUs, torch "
@@ -75,14 +86,17 @@ def write_report(out: str | Path, results: dict) -> Path:
         "",
         summary_table(results),
         "",
-        f"Mean ± sample standard deviation over seeds. Every model is evaluated on the same "
+        (f"Mean ± sample standard deviation over seeds. Every model is evaluated on the same "
+         f"{results['per_prompt']} fixed-noise samples per prompt. *Fréchet dist.*: between samples and real data in the "
+         "evaluation feature space; *wall time*: training time on this machine." if not rewarded else
+         f"Mean ± sample standard deviation over seeds. Every model is evaluated on the same "
         f"{results['per_prompt']} fixed-noise samples per prompt. *Training reward* is the reward optimised; "
         "*held-out reward* is a second, independently trained network. *Held-out win rate*: fraction of the fixed "
         "seeds where the aligned sample beats the base sample from the same noise. *Diversity (rel.)*: mean pairwise "
         "feature distance within a prompt, divided by the base's. *Fréchet dist.*: between samples and real data in "
         "the evaluation feature space. *KL*: path KL to the base, summed over steps. *Reward queries* count every "
         "call of the training reward on one image, including the pair set of the offline methods; *wall time* is "
-        "training time (plus building the pair set for offline methods) on this machine.",
+        "training time (plus building the pair set for offline methods) on this machine."),
         "",
     ]
     real = [r.get("aligned_frechet_real") for r in rows if r.get("aligned_frechet_real") is not None]
@@ -100,10 +114,50 @@ def write_report(out: str | Path, results: dict) -> Path:
             lines.append(f"The practical limit: the base model's own distance to its training data at the same n is "
                          f"{d:.3f}, {d / f:.2f}× that comparison's floor ({f:.3f}); no aligned model can be expected "
                          "to get nearer p* than that ratio.")
+    shares = class_shares(results)
+    if shares:
+        lines += ["", shares]
     lines += ["", *[f"![{f.stem}]({f.name})" for f in figs], ""]
     path = out / "report.md"
     checkpoint.atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def class_shares(results: dict) -> str:
+    """The suite's classes of interest: each one's share of the aligned samples (mean ± std over seeds)."""
+    from .suite import SUITES
+
+    suite = SUITES.get(results.get("suite"))
+    rows = [r for r in results["rows"] if r.get("aligned_class_histogram")]
+    if suite is None or not suite.classes or not rows:
+        return ""
+    head = ["method", *[f"class {c}" for c in suite.classes], "smallest", "Fréchet dist."]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == m]
+        cells = [_mean_std([r["aligned_class_histogram"][c] for r in group], "{:.3f}") for c in suite.classes]
+        low = _mean_std([min(r["aligned_class_histogram"][c] for c in suite.classes) for r in group], "{:.3f}")
+        lines.append("| " + " | ".join([m, *cells, low, _mean_std([r["aligned_frechet"] for r in group], "{:.2f}")]) + " |")
+    n = len(rows[0]["aligned_class_histogram"])
+    return "\n".join([f"Share of each class in the aligned models' samples under the held-out classifier (a fair share "
+                      f"is {1 / n:.2f}); *smallest* is the least-sampled of these classes per seed.", "", *lines])
+
+
+def multiplier_curves(out: Path, results: dict) -> Path | None:
+    """mu.png: every constraint's multiplier against training epochs (first seed of each row)."""
+    rows = [r for r in results["rows"] if r.get("mu_curve")]
+    if not rows:
+        return None
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        r = next(r for r in rows if r["method"] == m)
+        for name in r["mu_curve"][0][1]:
+            ax.plot([e for e, _ in r["mu_curve"]], [d[name] for _, d in r["mu_curve"]], label=f"{m}: μ {name}")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("multiplier μ (epoch mean)")
+    ax.legend(fontsize=7)
+    return _save(plt, fig, out / "mu.png")
 
 
 def _save(plt, fig, path: Path) -> Path:

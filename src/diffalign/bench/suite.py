@@ -40,6 +40,8 @@ class Suite:
     per_prompt: int  # evaluation samples per prompt (fixed seeds, base and aligned alike)
     quick: dict = field(default_factory=dict)  # what --quick changes
     bt_noise: float | None = None  # offline methods' pairs: Bradley–Terry labels at this temperature (None: the max wins)
+    base_row: bool = True  # report the base model (False: runs from scratch, whose base is a random init)
+    classes: list[int] = field(default_factory=list)  # classes whose sample share the report tabulates
 
 
 SUITES = {
@@ -50,6 +52,9 @@ SUITES = {
     "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "nabla-gfn", "alignprop", "draft", "refl",
                              "dpok", "ddo", "ddo-dpo", "diffusion-dpo", "diffusion-kto"], budget=4096, seeds=3, per_prompt=1000,
                    quick={"seeds": 1, "budget": 2048}, bt_noise=1.0),  # BT pairs at temperature 1: DPO's own optimum (no KL term) is p*
+    # budget 0: no reward is queried; every row trains its config's steps on the same data (constrained training)
+    "digits-minority": Suite("digits", ["unconstrained", "constrained", "constrained-resilient"], budget=0, seeds=3,
+                             per_prompt=1000, quick={"seeds": 1}, base_row=False, classes=[4, 5, 7]),
 }
 
 METRICS = ["reward_mean", "eval_reward_mean", "reward_accuracy", "eval_reward_accuracy", "diversity", "diversity_rel",
@@ -68,10 +73,11 @@ def variant(label: str) -> tuple[str, list[str]]:
 
 def config_path(configs: Path, name: str, suite: str) -> Path:
     name = variant(name)[0]
-    exact = Path(configs) / f"{name}_{suite}.yaml"
-    path = exact if exact.exists() else Path(configs) / f"{name.replace('-', '_')}_{suite}.yaml"
+    tries = [Path(configs) / f"{n}_{s}.yaml" for n in dict.fromkeys((name, name.replace("-", "_")))
+             for s in dict.fromkeys((suite, suite.replace("-", "_")))]
+    path = next((t for t in tries if t.exists()), tries[-1])
     if not path.exists():
-        have = sorted(p.stem[: -len(suite) - 1] for p in Path(configs).glob(f"*_{suite}.yaml"))
+        have = sorted(p.stem[: -len(suite) - 1] for p in Path(configs).glob(f"*_{suite.replace('-', '_')}.yaml"))
         raise FileNotFoundError(f"no config for method '{name}' in suite '{suite}' ({path} is missing); "
                                 f"configs for {suite}: {', '.join(have) or 'none'} (or pass --configs DIR)")
     return path
@@ -98,7 +104,7 @@ def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None
 
     p = plan(suite, methods, seeds, budget, quick, per_prompt)
     out = Path(out)
-    if p["budget"] < 1:
+    if p["budget"] < 1 and SUITES[suite].budget > 0:
         raise ValueError("--budget must be a positive number of reward queries")
     for name in p["methods"]:  # every config is valid before anything runs
         resolve_config(config_path(configs, name, suite), _overrides(p, 0, offline=False)[:2] + variant(name)[1])
@@ -130,7 +136,7 @@ def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None
 
 def _overrides(p: dict, seed: int, offline: bool) -> list[str]:
     o = [f"seed={seed}", f"eval.per_prompt={p['per_prompt']}", "train.keep_checkpoints=1"]
-    if not offline:  # the budget ends training; the epoch count only caps it
+    if not offline and p["budget"] > 0:  # the budget ends training; the epoch count only caps it
         o += [f"train.reward_budget={p['budget']}", "train.epochs=1000000"]
     return o
 
@@ -206,6 +212,9 @@ def make_row(name: str, seed: int, run: Path, data: dict | None) -> dict:
             row[f"{prefix}_{key}"] = e.get(key)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     row["curve"] = [[m["reward_queries"], m["reward_mean"]] for m in metrics if "reward_mean" in m]
+    dual = [[m["epoch"] + 1, {k[3:]: v for k, v in m.items() if k.startswith("mu_")}] for m in metrics]
+    if any(d for _, d in dual):  # constrained training: the multipliers per epoch
+        row["mu_curve"] = dual
     return row
 
 

@@ -1,7 +1,8 @@
 """The embedded `digits` model: a small class-conditional UNet2DModel on 8x8 digits.
 
 Classes 0..9 are the digits, class 10 is the null (unconditional) class used for
-classifier-free guidance; about 12% of training labels are dropped to it.
+classifier-free guidance; about 12% of training labels are dropped to it. The empty
+prompt '' asks for the null class (unconditional sampling).
 Images live in [-1, 1] inside the diffusion; `decode` maps them back to [0, 1].
 
 The first `load()` pretrains the model on the digits train split (about two
@@ -152,7 +153,7 @@ def _build_model(folder: Path, unet, scheduler) -> DiffusionModel:
     def encode_prompts(prompts: Sequence[str]) -> torch.Tensor:
         if isinstance(prompts, str):
             prompts = [prompts]
-        labels = [digits_data.parse_digit(p) for p in prompts]
+        labels = [NULL_CLASS if not p.strip() else digits_data.parse_digit(p) for p in prompts]  # '' = unconditional
         return torch.tensor(labels, dtype=torch.long, device=device())
 
     def null_condition(n: int) -> torch.Tensor:
