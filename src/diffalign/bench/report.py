@@ -48,11 +48,8 @@ def summary_table(results: dict) -> str:
         cols = [c for c in cols if c[0] in ("frechet", "optimum_distance")]
     head = ["method", *[c[1] for c in cols], "reward queries", "wall time (s)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    from .suite import SUITES
-
-    suite = SUITES.get(results.get("suite"))
     base = [r for r in rows if "failed" not in r][:1]  # the base is identical in every cell
-    if suite is not None and not suite.base_row:
+    if not results.get("base_row", True):  # trained from scratch: the base is a random init
         base = []
     for label, group, prefix in [("base", base, "base")] * bool(base) + [(m, [r for r in rows if r["method"] == m], "aligned")
                                                             for m in methods]:
@@ -125,18 +122,16 @@ def write_report(out: str | Path, results: dict) -> Path:
 
 def class_shares(results: dict) -> str:
     """The suite's classes of interest: each one's share of the aligned samples (mean ± std over seeds)."""
-    from .suite import SUITES
-
-    suite = SUITES.get(results.get("suite"))
+    classes = results.get("classes") or []
     rows = [r for r in results["rows"] if r.get("aligned_class_histogram")]
-    if suite is None or not suite.classes or not rows:
+    if not classes or not rows:
         return ""
-    head = ["method", *[f"class {c}" for c in suite.classes], "smallest", "Fréchet dist."]
+    head = ["method", *[f"class {c}" for c in classes], "smallest", "Fréchet dist."]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for m in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == m]
-        cells = [_mean_std([r["aligned_class_histogram"][c] for r in group], "{:.3f}") for c in suite.classes]
-        low = _mean_std([min(r["aligned_class_histogram"][c] for c in suite.classes) for r in group], "{:.3f}")
+        cells = [_mean_std([r["aligned_class_histogram"][c] for r in group], "{:.3f}") for c in classes]
+        low = _mean_std([min(r["aligned_class_histogram"][c] for c in classes) for r in group], "{:.3f}")
         lines.append("| " + " | ".join([m, *cells, low, _mean_std([r["aligned_frechet"] for r in group], "{:.2f}")]) + " |")
     n = len(rows[0]["aligned_class_histogram"])
     return "\n".join([f"Share of each class in the aligned models' samples under the held-out classifier (a fair share "

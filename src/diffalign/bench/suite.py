@@ -93,7 +93,7 @@ def plan(suite: str, methods=None, seeds=None, budget=None, quick=False, per_pro
             "seeds": int(seeds or q.get("seeds", s.seeds)),
             "budget": int(budget or q.get("budget", s.budget)),
             "per_prompt": int(per_prompt or q.get("per_prompt", s.per_prompt)),
-            "quick": bool(quick)}
+            "quick": bool(quick), "base_row": s.base_row, "classes": list(s.classes)}
 
 
 def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None, quick=False, per_prompt=None,
