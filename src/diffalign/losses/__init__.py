@@ -12,6 +12,8 @@ same function serves one process or many. Each is tested on hand-worked values i
 - `kto_loss`, `kto_reference_point` — Diffusion-KTO.
 - `denoising_error` — per-sample mean squared error of a model output against its target.
 - `gaussian_scores`, `residual_db_loss` — ∇-GFlowNet's residual ∇-DB (`nabla_db.py`).
+- `constrained.dual_step`, `constrained.lagrangian` — primal-dual constrained training
+  (plain and resilient dual steps; the resilient factor derived there).
 """
 
 from .denoising import denoising_error
