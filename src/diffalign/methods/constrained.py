@@ -237,12 +237,11 @@ class Constrained:
     @torch.no_grad()
     def _starting_loss(self, s: Set, i: int) -> float:
         g = self.run.generator("constrained-bound", i)
-        n = self.args.estimate_size
+        n, T = self.args.estimate_size, self.run.model.scheduler.config.num_train_timesteps
         total = 0.0
         for lo in range(0, n, 256):
             m = min(256, n - lo)
             idx = torch.randint(len(s.x), (m,), generator=g)
-            T = self.run.model.scheduler.config.num_train_timesteps
             ts = torch.randint(0, T, (m,), generator=g).to(self.run.device)
             eps = torch.randn((m, *s.x.shape[1:]), generator=g).to(self.run.device)
             total += float(self._errors(s, idx.to(self.run.device), ts, eps, None).sum())
@@ -304,10 +303,9 @@ class Constrained:
             self.window_steps += 1
             self.steps += 1
             if losses and self.steps % self.args.dual_every == 0:
-                if self.steps > self.args.dual_start:
+                if self.steps > self.args.dual_start:  # before: warm-up, μ stays
                     self._dual_update()
-                else:  # warm-up: the window restarts, μ stays
-                    self.window, self.window_steps = torch.zeros_like(self.window), 0
+                self.window, self.window_steps = torch.zeros_like(self.window), 0
             return loss, metrics
 
         return compute
@@ -329,8 +327,6 @@ class Constrained:
                 warnings.warn(msg, InfeasibleWarning, stacklevel=1)
         self.mu = new
         self.history.append([self.steps, *[round(float(v), 6) for v in new], *[round(float(v), 6) for v in estimate]])
-        self.window = torch.zeros_like(self.window)
-        self.window_steps = 0
 
     # ---- run state -------------------------------------------------------------------
     def state_dict(self) -> dict:
