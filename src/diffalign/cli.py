@@ -4,6 +4,7 @@
     diffalign train --resume DIR
     diffalign pretrain MODEL
     diffalign methods | rewards | models
+    diffalign models make-tiny-sd OUT | make-tiny-clip OUT
     diffalign eval RUN_DIR [--per-prompt N] [--seed S]
     diffalign sample RUN_DIR --out PATH [--n N] [--prompts P ...] [--seed S] [--base]
     diffalign bench sampler [--batch N] [--steps S]
@@ -40,7 +41,7 @@ def _train(a) -> int:
         if not a.config:
             raise SystemExit("usage: diffalign train CONFIG.yaml [--set key=value ...] [--out DIR]")
         cfg, args = resolve_config(a.config, a.set)
-        out = Path(a.out or f"runs/{cfg.method}-{cfg.model}-{time.strftime('%Y%m%d-%H%M%S')}")
+        out = Path(a.out or f"runs/{cfg.method}-{Path(cfg.model).name}-{time.strftime('%Y%m%d-%H%M%S')}")
         summary = train(cfg, args, out)
     if summary.get("finished"):
         print(format_summary(summary))
@@ -114,6 +115,18 @@ def _list(kind: str) -> int:
     w = max(len(n) for n, _ in rows)
     for name, desc in rows:
         print(f"{name.ljust(w)}  {desc}")
+    return 0
+
+
+def _models(a) -> int:
+    if a.action is None:
+        return _list("models")
+    if not a.out:
+        raise SystemExit(f"usage: diffalign models {a.action} OUT")
+    from .models import tiny
+
+    make = tiny.make_tiny_sd if a.action == "make-tiny-sd" else tiny.make_tiny_clip
+    print(f"{a.action}: wrote {make(a.out, seed=a.seed)} (random weights: for tests, not for images)")
     return 0
 
 
@@ -214,8 +227,15 @@ def build_parser() -> argparse.ArgumentParser:
     pt = sub.add_parser("pretrain", help="pretrain and cache an embedded base model")
     pt.add_argument("model", help="a registered model (`diffalign models`)")
     pt.set_defaults(fn=_pretrain)
-    for kind in ("methods", "rewards", "models"):
+    for kind in ("methods", "rewards"):
         sub.add_parser(kind, help=f"list registered {kind}").set_defaults(fn=lambda a, k=kind: _list(k))
+    mo = sub.add_parser("models", help="list registered models, or build a tiny random test pipeline folder")
+    mo.add_argument("action", nargs="?", choices=["make-tiny-sd", "make-tiny-clip"],
+                    help="make-tiny-sd: a tiny random Stable Diffusion folder; make-tiny-clip: a tiny random CLIP "
+                         "folder (for rewards and eval.features); none: list the models")
+    mo.add_argument("out", nargs="?", help="output folder (make-tiny-*)")
+    mo.add_argument("--seed", type=int, default=0)
+    mo.set_defaults(fn=_models)
     e = sub.add_parser("eval", help="evaluate a run's aligned model against its base on fixed seeds (eval.json)")
     e.add_argument("run", help="run folder (the --out of `diffalign train`)")
     e.add_argument("--n", type=int, default=None, help="total samples (rounded up to a whole number per prompt)")

@@ -82,6 +82,7 @@ class TrainConfig:
     keep_checkpoints: int = 2  # newest checkpoints kept on disk
     sample_grid_every: int = 0  # epochs between sample grids (0 = start and end only)
     reward_budget: int = 0  # stop before an epoch would take the training reward queries past this (0 = off)
+    gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory, slower)
 
     def validate(self, where: str):
         _check(self.epochs >= 1, f"{where}.epochs", "must be >= 1")
@@ -106,13 +107,23 @@ class EvalConfig:
 
 
 @dataclass
+class PipelineConfig:
+    resolution: int | None = None  # image side in pixels for pipeline folders; None = the model's default
+    negative_prompt: str = ""  # what the unconditional branch of classifier-free guidance encodes
+
+    def validate(self, where: str):
+        _check(self.resolution is None or self.resolution >= 8, f"{where}.resolution", "must be >= 8 pixels")
+
+
+@dataclass
 class RunConfig:
     method: str = "ddpo"  # registered method name (`diffalign methods`)
-    model: str = "digits"  # base model by name (`diffalign models`)
+    model: str = "digits"  # base model by name (`diffalign models`), or a local diffusers pipeline folder
     reward: Any = "classifier"  # reward name, 'module:function', or {name: weight}
-    prompts: list[str] | None = None  # training prompts; None = the model's defaults
+    prompts: list[str] | str | None = None  # a list, a prompts file (one per line), or a prompt set name; None = the model's defaults
     seed: int = 0  # run seed: every epoch's randomness derives from (seed, epoch)
     device: str | None = None  # None = accelerate's choice (GPU if available)
+    pipeline: PipelineConfig = field(default_factory=PipelineConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     lora: LoraSection = field(default_factory=LoraSection)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -25,6 +25,7 @@ from accelerate import Accelerator
 
 from . import adapters
 from .config import ConfigError, RunConfig
+from .data.prompts import resolve_prompts
 from .models import load_model
 from .rewards import build_reward
 from .sampler import Sampler
@@ -80,9 +81,17 @@ class Run:
                               "(choose one marked differentiable in `diffalign rewards`)")
         self.eval_reward = build_reward(cfg.eval.reward, device=str(self.device)) if cfg.eval.reward else None
         with self.acc.main_process_first():  # main pretrains/caches, the others then load
-            self.model = load_model(cfg.model, progress=self.acc.is_main_process)
+            try:
+                self.model = load_model(cfg.model, progress=self.acc.is_main_process,
+                                        resolution=cfg.pipeline.resolution, negative_prompt=cfg.pipeline.negative_prompt)
+            except ValueError as e:
+                raise ConfigError(f"config key 'model': {e}") from e
         self.model.to(self.device)
-        self.prompts = list(cfg.prompts or self.model.prompts)
+        self._frozen_parts_dtype()
+        try:
+            self.prompts = resolve_prompts(cfg.prompts, self.model.prompts)
+        except ValueError as e:
+            raise ConfigError(f"config key 'prompts': {e}") from e
         for p in self.prompts:
             self.model.encode_prompts([p])  # a bad prompt fails now, with the model's message
         self.sampler = Sampler.from_config(cfg.sampling, self.model)
@@ -97,7 +106,20 @@ class Run:
             den.requires_grad_(True)
             if keep_reference:  # full fine-tuning keeps a frozen copy
                 self.ref_denoiser = copy.deepcopy(den).requires_grad_(False).eval()
+        if cfg.train.gradient_checkpointing:
+            if not getattr(den, "_supports_gradient_checkpointing", False):
+                raise ConfigError(f"config key 'train.gradient_checkpointing': the denoiser of '{cfg.model}' "
+                                  f"({type(den).__name__}) does not support it; set it to false")
+            den.enable_gradient_checkpointing()
         self.reward_queries = 0
+
+    def _frozen_parts_dtype(self) -> None:
+        """With fp16/bf16 mixed precision on an accelerator, the frozen parts (VAE, text encoder)
+        are stored in that dtype, as diffusers' training scripts do; the trained weights stay fp32."""
+        dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.cfg.train.mixed_precision)
+        if dtype is not None and self.device.type != "cpu":
+            for part in self.model.parts.values():
+                part.to(dtype=dtype)
 
     # ---- seeding and data ----------------------------------------------------------------
     def local_slice(self, n_global: int) -> slice:

@@ -4,6 +4,10 @@ A model file in this package defines a loader `load(progress=True) -> DiffusionM
 and decorates it; importing the package finds them all, so adding a model is one
 new file (see `toy2d.py`). `load_model(name)` returns a `DiffusionModel`
 (`models/base.py`).
+
+A name that is a folder path loads a diffusers pipeline folder: its `model_index.json`
+names the pipeline class, and the loader registered for that class with
+`@register_pipeline` reads it (`sd.py`: Stable Diffusion 1.x/2.x).
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ class ModelEntry:
 
 
 MODELS: dict[str, ModelEntry] = {}
+PIPELINES: dict[str, Callable[..., DiffusionModel]] = {}  # model_index.json _class_name -> loader(path, **options)
 
 
 def register_model(name: str, description: str):
@@ -33,6 +38,16 @@ def register_model(name: str, description: str):
         if name in MODELS and MODELS[name].load is not load:
             raise ValueError(f"model {name!r} is registered twice")
         MODELS[name] = ModelEntry(name, load, description)
+        return load
+
+    return deco
+
+
+def register_pipeline(class_name: str):
+    """Decorator for a folder loader `load(path, **options) -> DiffusionModel` of one pipeline class."""
+
+    def deco(load: Callable) -> Callable:
+        PIPELINES[class_name] = load
         return load
 
     return deco
@@ -51,9 +66,45 @@ def list_models() -> list[tuple[str, str]]:
     return [(n, MODELS[n].description) for n in model_names()]
 
 
-def load_model(name: str, device: str | None = None, progress: bool = True) -> DiffusionModel:
-    """Load a registered base model, pretraining and caching it on first use."""
+def is_path(name: str) -> bool:
+    """A model name that means a folder: contains a path separator or starts with '.' or '~'."""
+    return "/" in name or "\\" in name or name.startswith((".", "~"))
+
+
+def load_folder(path: str, **options) -> DiffusionModel:
+    """A diffusers pipeline folder, by the class its model_index.json names."""
+    import json
+    from pathlib import Path
+
+    from .sd import ModelFolderError
+
+    _discover()
+    folder = Path(path).expanduser()
+    if not folder.is_dir():
+        raise ModelFolderError(f"model folder {str(folder)!r} does not exist: give the path of a diffusers "
+                               "pipeline folder (one holding model_index.json), or a model name from `diffalign models`")
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelFolderError(f"{str(folder)!r} has no model_index.json, so it is not a diffusers pipeline folder: "
+                               "save one with `pipe.save_pretrained(folder)`")
+    kind = json.loads(index.read_text()).get("_class_name", "")
+    if kind not in PIPELINES:
+        raise ModelFolderError(f"{str(folder)!r} holds a {kind or 'unnamed'} pipeline; diffalign loads "
+                               f"{', '.join(sorted(PIPELINES))} folders")
+    return PIPELINES[kind](folder, **options)
+
+
+def load_model(name: str, device: str | None = None, progress: bool = True, **options) -> DiffusionModel:
+    """Load a registered base model (pretraining and caching it on first use), or a pipeline
+    folder when `name` is a path (`options`: the loader's, e.g. resolution, negative_prompt)."""
+    if is_path(name):
+        model = load_folder(name, **options)
+        return model.to(device) if device is not None else model
     names = model_names()
+    set_options = {k: v for k, v in options.items() if v not in (None, "")}
+    if set_options:
+        raise ValueError(f"options {sorted(set_options)} apply to pipeline folders only, not to the embedded "
+                         f"model {name!r}: remove them from the config's 'pipeline' section")
     if name not in MODELS:
         close = difflib.get_close_matches(name, names, n=1)
         hint = f" Did you mean {close[0]!r}?" if close else ""
@@ -64,4 +115,5 @@ def load_model(name: str, device: str | None = None, progress: bool = True) -> D
     return model
 
 
-__all__ = ["DiffusionModel", "EvalSpace", "MODELS", "list_models", "load_model", "model_names", "register_model"]
+__all__ = ["DiffusionModel", "EvalSpace", "MODELS", "list_models", "load_model", "model_names", "register_model",
+           "register_pipeline", "is_path", "load_folder"]

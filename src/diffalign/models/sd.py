@@ -1,0 +1,154 @@
+"""Stable Diffusion (1.x / 2.x class) pipeline folders as a `DiffusionModel`.
+
+`model: /path/to/stable-diffusion-v1-5` in a config loads the folder's UNet2DConditionModel,
+AutoencoderKL, CLIP text encoder and tokenizer with `local_files_only=True` (never the
+network) and safetensors weights. The diffusion runs in the VAE's latent space:
+
+- `encode_prompts`: tokenizer (padded to its max length) -> text encoder's last hidden
+  state, (B, 77, D); cached per prompt, since the text encoder is frozen.
+- `null_condition`: the negative prompt ('' by default) for classifier-free guidance.
+- `decode`: latents / scaling_factor -> VAE decoder -> images in [0, 1]; differentiable.
+- `encode_images`: images -> VAE encoder's mean x scaling_factor (offline feedback data).
+- The scheduler is the folder's config loaded as diffusers' `DDIMScheduler` (eta > 0 gives
+  the Gaussian policy the likelihood methods need).
+
+The sample resolution is the model's default (UNet sample_size x the VAE's factor) unless
+`pipeline.resolution` overrides it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+from . import register_pipeline
+from .base import DiffusionModel, zero_output
+
+PARTS = {  # subfolder -> files it must hold (any one of each tuple)
+    "unet": (("config.json",), ("diffusion_pytorch_model.safetensors",)),
+    "vae": (("config.json",), ("diffusion_pytorch_model.safetensors",)),
+    "text_encoder": (("config.json",), ("model.safetensors",)),
+    "tokenizer": (("tokenizer_config.json",), ("vocab.json", "tokenizer.json")),
+    "scheduler": (("scheduler_config.json",),),
+}
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
+GUIDANCE_SCALE = 7.5
+NUM_INFERENCE_STEPS = 50
+
+
+class ModelFolderError(FileNotFoundError):
+    """A model folder is missing or incomplete; the message names what is missing."""
+
+
+def check_folder(folder: Path, parts: dict = PARTS, kind: str = "Stable Diffusion pipeline") -> None:
+    """Raise `ModelFolderError` naming every missing subfolder or file."""
+    missing = []
+    for sub, needs in parts.items():
+        for options in needs:
+            if not any((folder / sub / f).is_file() for f in options):
+                missing.append(f"{sub}/{' or '.join(options)}")
+    if missing:
+        raise ModelFolderError(
+            f"{str(folder)!r} is an incomplete {kind} folder: missing {', '.join(missing)}. Save one with "
+            "`pipe.save_pretrained(folder, safe_serialization=True)` (weights must be .safetensors), or make a "
+            "tiny test folder with `diffalign models make-tiny-sd OUT`")
+
+
+def vae_factor(vae) -> int:
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+@register_pipeline("StableDiffusionPipeline")
+def load_pipeline(path, resolution: int | None = None, negative_prompt: str = "") -> DiffusionModel:
+    """Load a local SD 1.x/2.x pipeline folder (see the module docstring)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import AutoTokenizer, CLIPTextModel
+
+    folder = Path(path).expanduser()
+    check_folder(folder)
+    local = dict(local_files_only=True, use_safetensors=True)
+    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
+    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
+    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local)
+    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
+    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder, subfolder="scheduler"))
+    for part in (unet, vae, text_encoder):
+        part.eval().requires_grad_(False)
+    return build(folder, unet, vae, text_encoder, tokenizer, scheduler, resolution, negative_prompt)
+
+
+def build(folder: Path, unet, vae, text_encoder, tokenizer, scheduler, resolution: int | None = None,
+          negative_prompt: str = "") -> DiffusionModel:
+    factor = vae_factor(vae)
+    size = resolution or unet.config.sample_size * factor
+    if size % factor:
+        raise ValueError(f"pipeline.resolution = {size} is not a multiple of the VAE's factor {factor}")
+    scale = vae.config.scaling_factor
+    cache: dict[tuple, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode_prompts(prompts: Sequence[str]) -> torch.Tensor:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        device = text_encoder.device
+        todo = [p for p in dict.fromkeys(prompts) if (p, device) not in cache]
+        if todo:
+            ids = tokenizer(todo, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                            return_tensors="pt").input_ids.to(device)
+            for p, h in zip(todo, text_encoder(ids)[0].float()):
+                cache[(p, device)] = h
+        return torch.stack([cache[(p, device)] for p in prompts])
+
+    def null_condition(n: int) -> torch.Tensor:
+        return encode_prompts([negative_prompt] * n)
+
+    def forward(denoiser, x, t, cond):
+        return denoiser(x, t, encoder_hidden_states=cond).sample
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        images = vae.decode((latents / scale).to(vae.dtype)).sample.float()
+        return ((images + 1) / 2).clamp(0, 1)
+
+    def encode_images(images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if tuple(images.shape[-2:]) != (size, size):
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            latents = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
+        return latents.float() * scale
+
+    def field_net():
+        from diffusers import UNet2DConditionModel
+
+        net = UNet2DConditionModel(sample_size=size // factor, in_channels=unet.config.in_channels,
+                                   out_channels=unet.config.out_channels, layers_per_block=1,
+                                   block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+                                   cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8)
+        return zero_output(net)
+
+    index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").exists() else {}
+    return DiffusionModel(
+        name=str(folder),
+        denoiser=unet,
+        scheduler=scheduler,
+        sample_shape=(unet.config.in_channels, size // factor, size // factor),
+        encode_prompts=encode_prompts,
+        forward=forward,
+        decode=decode,
+        null_condition=null_condition,
+        prompts=[],  # a pipeline has no prompt set of its own: the config names one
+        lora_targets=list(LORA_TARGETS),
+        guidance_scale=GUIDANCE_SCALE,
+        num_inference_steps=NUM_INFERENCE_STEPS,
+        path=str(folder),
+        image_encoder=encode_images,
+        make_field_net=field_net,
+        parts={"vae": vae, "text_encoder": text_encoder},
+        info={"pipeline": index.get("_class_name", "StableDiffusionPipeline"), "resolution": size,
+              "tokenizer": tokenizer, "negative_prompt": negative_prompt},
+    )

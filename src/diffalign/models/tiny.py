@@ -1,0 +1,112 @@
+"""Tiny, randomly initialised stand-ins for real models, built locally with no download.
+
+- `make_tiny_sd(out)`: a complete Stable Diffusion pipeline folder (UNet2DConditionModel,
+  AutoencoderKL, CLIPTextModel, CLIP tokenizer, DDIM scheduler) that
+  `StableDiffusionPipeline.from_pretrained(out)` and diffalign's `model: out` both load.
+  32x32 images, 4x8x8 latents: every method runs on it on a CPU in seconds.
+- `make_tiny_clip(out)`: a `CLIPModel` + `CLIPProcessor` folder, the layout the CLIP-based
+  rewards (`clip-score`, `pickscore`, `aesthetic`) and `eval.features` read.
+
+The tokenizer is written by the project: a byte-level BPE vocabulary of the 256 byte
+symbols (alone and word-final) and no merges, so any text tokenises, one symbol per byte.
+The weights are random: these folders test loading, shapes, gradients and export, not
+image quality.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from ..checkpoint import atomic_dir
+
+TEXT_DIM = 32
+MAX_LENGTH = 77
+
+
+def _byte_symbols() -> list[str]:
+    """The 256 printable stand-ins for bytes used by byte-level BPE (GPT-2 / CLIP)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+    codes, extra = keep[:], 0
+    for b in range(256):
+        if b not in keep:
+            codes.append(256 + extra)
+            extra += 1
+    return [chr(c) for c in codes]
+
+
+def write_tokenizer(folder: str | Path):
+    """Write a CLIP tokenizer (vocab.json + merges.txt, then `save_pretrained`) into `folder`."""
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    symbols = _byte_symbols()
+    vocab = {s: i for i, s in enumerate(symbols + [s + "</w>" for s in symbols])}
+    vocab["<|startoftext|>"] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    raw = folder / "_raw"
+    raw.mkdir(exist_ok=True)
+    (raw / "vocab.json").write_text(json.dumps(vocab))
+    (raw / "merges.txt").write_text("#version: 0.2\n")
+    tok = CLIPTokenizer(str(raw / "vocab.json"), str(raw / "merges.txt"), model_max_length=MAX_LENGTH)
+    tok.save_pretrained(str(folder))
+    for f in raw.iterdir():
+        f.unlink()
+    raw.rmdir()
+    return tok
+
+
+def _text_config(vocab_size: int):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(vocab_size=vocab_size, hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=4, max_position_embeddings=MAX_LENGTH, projection_dim=TEXT_DIM,
+                          bos_token_id=vocab_size - 2, eos_token_id=vocab_size - 1, pad_token_id=vocab_size - 1)
+
+
+def make_tiny_sd(out: str | Path, seed: int = 0, resolution: int = 32) -> Path:
+    """Write a tiny random Stable Diffusion pipeline folder to `out` (atomically)."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+                        layers_per_block=1, latent_channels=4, norm_num_groups=8, sample_size=resolution)
+    latent = resolution // 4
+    unet = UNet2DConditionModel(sample_size=latent, in_channels=4, out_channels=4, layers_per_block=1,
+                                block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), cross_attention_dim=TEXT_DIM,
+                                attention_head_dim=8, norm_num_groups=8)
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1, num_train_timesteps=1000)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        tok = write_tokenizer(Path(tmp) / "tokenizer")
+        text = CLIPTextModel(_text_config(len(tok)))
+        pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
+                                       safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
+
+
+def make_tiny_clip(out: str | Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a tiny random `CLIPModel` + `CLIPProcessor` folder to `out` (atomically)."""
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor, CLIPVisionConfig
+
+    torch.manual_seed(seed)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        tok = write_tokenizer(tmp)
+        vision = CLIPVisionConfig(hidden_size=TEXT_DIM, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=4, image_size=image_size, patch_size=8, projection_dim=TEXT_DIM)
+        config = CLIPConfig(text_config=_text_config(len(tok)).to_dict(), vision_config=vision.to_dict(),
+                            projection_dim=TEXT_DIM)
+        CLIPModel(config).save_pretrained(tmp, safe_serialization=True)
+        images = CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size,
+                                                                                  "width": image_size})
+        CLIPProcessor(image_processor=images, tokenizer=tok).save_pretrained(tmp)
+    return out

@@ -1,0 +1,166 @@
+"""Stable Diffusion pipeline folders: loading (latents, text prompts, guidance, resolution),
+folder errors, prompt sources, and every online method for one epoch on a tiny random
+pipeline built by `diffalign models make-tiny-sd`."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign.cli import main
+from diffalign.config import ConfigError
+from diffalign.data.prompts import PROMPT_SETS, resolve_prompts
+from diffalign.methods import get_method, list_methods
+from diffalign.models import load_model
+from diffalign.models.sd import ModelFolderError
+from diffalign.sampler import Sampler
+from diffalign.train import resolve_config, train
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "sd"
+    assert main(["models", "make-tiny-sd", str(out)]) == 0
+    return str(out)
+
+
+def test_loads_as_latent_text_model(sd):
+    m = load_model(sd)
+    assert m.sample_shape == (4, 8, 8) and m.info["resolution"] == 32
+    cond = m.encode_prompts(["a cat", "a dog", "a cat"])
+    assert cond.shape == (3, 77, 32)
+    assert torch.equal(cond[0], cond[2]) and not torch.equal(cond[0], cond[1])
+    assert torch.equal(m.null_condition(2)[0], m.encode_prompts([""])[0])
+    x = torch.randn(2, *m.sample_shape, requires_grad=True)
+    images = m.decode(x)
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    images.mean().backward()
+    assert x.grad.abs().sum() > 0  # decode is differentiable (the gradient methods need it)
+    assert m.encode_images(torch.rand(2, 3, 48, 48)).shape == (2, 4, 8, 8)  # resized to the model's resolution
+    out = m.predict_noise(torch.randn(3, *m.sample_shape), torch.tensor(500), cond)
+    assert out.shape == (3, *m.sample_shape)
+
+
+def test_sampler_matches_the_diffusers_pipeline(sd):
+    """The base model sampled by diffalign (DDIM, eta 0, guidance 3) equals the pipeline's own loop."""
+    from diffusers import StableDiffusionPipeline
+
+    m = load_model(sd)
+    latents = torch.randn(2, *m.sample_shape, generator=torch.Generator().manual_seed(0))
+    ours = Sampler(num_steps=5, eta=0.0, guidance_scale=3.0).sample(m, ["a cat", "a dog"], latents=latents,
+                                                                     with_logprob=False).final
+    pipe = StableDiffusionPipeline.from_pretrained(sd, local_files_only=True)
+    pipe.scheduler = m.scheduler.__class__.from_config(pipe.scheduler.config)
+    theirs = pipe(["a cat", "a dog"], num_inference_steps=5, guidance_scale=3.0, eta=0.0, latents=latents.clone(),
+                  output_type="latent").images
+    assert (ours - theirs).abs().max() < 1e-4
+
+
+def test_resolution_and_negative_prompt_options(sd):
+    m = load_model(sd, resolution=64, negative_prompt="blurry")
+    assert m.sample_shape == (4, 16, 16)
+    assert m.decode(torch.zeros(1, 4, 16, 16)).shape == (1, 3, 64, 64)
+    assert torch.equal(m.null_condition(1)[0], m.encode_prompts(["blurry"])[0])
+    with pytest.raises(ValueError, match="multiple of the VAE's factor 4"):
+        load_model(sd, resolution=30)
+    with pytest.raises(ValueError, match="pipeline folders only"):
+        load_model("digits", resolution=64)
+
+
+def test_folder_errors_name_what_is_missing(sd, tmp_path):
+    with pytest.raises(ModelFolderError, match="does not exist"):
+        load_model(str(tmp_path / "nowhere"))
+    with pytest.raises(ModelFolderError, match="no model_index.json"):
+        load_model(str(tmp_path))
+    broken = tmp_path / "broken"
+    shutil.copytree(sd, broken)
+    (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    shutil.rmtree(broken / "tokenizer")
+    with pytest.raises(ModelFolderError, match=r"missing vae/diffusion_pytorch_model.safetensors, tokenizer/"):
+        load_model(str(broken))
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelFolderError, match="FluxPipeline pipeline; diffalign loads"):
+        load_model(str(broken))
+    # through the command line: one clear line, exit code 2, nothing written
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"method: ddpo\nmodel: {tmp_path / 'nowhere'}\nreward: ink\nprompts: animals\n")
+    assert main(["train", str(cfg), "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+
+
+def test_prompt_sources(tmp_path):
+    assert resolve_prompts(["a", "b"], []) == ["a", "b"]
+    assert resolve_prompts("animals", []) == PROMPT_SETS["animals"]
+    f = tmp_path / "p.txt"
+    f.write_text("a red car\n\n# comment\na blue car\n")
+    assert resolve_prompts(str(f), []) == ["a red car", "a blue car"]
+    assert resolve_prompts(None, ["0"]) == ["0"]
+    with pytest.raises(ValueError, match="neither a prompt set"):
+        resolve_prompts("no-such-set", [])
+    with pytest.raises(ValueError, match="no default prompts"):
+        resolve_prompts(None, [])
+
+
+def test_pipeline_without_prompts_is_a_config_error(sd, tmp_path):
+    cfg, args = resolve_config(base={"method": "ddpo", "model": sd, "reward": "ink"})
+    with pytest.raises(ConfigError, match="prompts"):
+        train(cfg, args, tmp_path / "run")
+    assert not (tmp_path / "run").exists()
+
+
+ONLINE = [n for n, _ in list_methods() if not getattr(get_method(n), "offline_data", False)]
+ARGS = {"refl": {"window": 2, "target": 1.0}, "spo": {"threshold": 0.0, "single_path_steps": 2}, "tailorpo": {"train_steps": [6, 4, 2]}, "tailorpo-g": {"train_steps": [6, 4, 2]},
+        "constrained": {"conditional": False, "data": "PNGS",
+                        "constraints": [{"data": "samples:4", "name": "own", "kind": "distill", "bound": 0.01}]}}
+BASE = {"reward": "ink", "prompts": ["a cat", "a dog"], "sampling": {"num_steps": 6}, "optim": {"lr": 1e-2},
+        "train": {"batch_size": 4, "batches_per_epoch": 1, "epochs": 1}, "eval": {"reward": None, "per_prompt": 2}}
+
+
+@pytest.mark.parametrize("name", ONLINE)
+def test_every_online_method_runs_on_a_pipeline_folder(sd, tmp_path, name):
+    from PIL import Image
+
+    args = dict(ARGS.get(name, {}))
+    if args.get("data") == "PNGS":  # a folder of RGB images of another size than the model's
+        (tmp_path / "pngs").mkdir()
+        for i in range(4):
+            Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / "pngs" / f"{i}.png")
+        args["data"] = str(tmp_path / "pngs")
+    cfg, args = resolve_config(base=dict(BASE, model=sd, method=name, args=args))
+    summary = train(cfg, args, tmp_path / "run")
+    assert summary["finished"] and torch.isfinite(torch.tensor(summary["final_reward_mean"]))
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert all(torch.isfinite(torch.tensor(v)) for r in rows for v in r.values() if isinstance(v, float))
+    final = tmp_path / "run" / "final"
+    if name == "ddo":  # DDO keeps the base weights and learns its h-network beside them
+        assert any(final.glob("*.safetensors"))
+        return
+    if not cfg.lora.enabled:  # constrained: a full fine-tune
+        tuned = load_file(str(final / "unet" / "diffusion_pytorch_model.safetensors"))
+        base = load_file(f"{sd}/unet/diffusion_pytorch_model.safetensors")
+        assert any(not torch.equal(tuned[k], base[k]) for k in base)
+        return
+    lora = load_file(str(final / "pytorch_lora_weights.safetensors"))
+    ups = [v for k, v in lora.items() if "lora_B" in k]
+    assert ups and any(v.abs().sum() > 0 for v in ups), f"{name} left its LoRA at the zero init"
+
+
+def test_gradient_checkpointing_gives_the_same_update(sd, tmp_path):
+    finals = []
+    for flag in (False, True):
+        cfg, args = resolve_config(base=dict(BASE, model=sd, method="draft", args={"grad_steps": 2},
+                                             train={**BASE["train"], "gradient_checkpointing": flag}))
+        train(cfg, args, tmp_path / str(flag))
+        finals.append(load_file(str(tmp_path / str(flag) / "final" / "pytorch_lora_weights.safetensors")))
+    assert all(torch.allclose(finals[0][k], finals[1][k], atol=1e-6) for k in finals[0])
+    assert any(v.abs().sum() > 0 for k, v in finals[1].items() if "lora_B" in k)
+
+
+def test_gradient_checkpointing_refused_where_unsupported(tmp_path):
+    cfg, args = resolve_config(base={"method": "ddpo", "model": "toy2d", "reward": "quadratic", "prompts": [""],
+                                     "train": {"gradient_checkpointing": True}})
+    with pytest.raises(ConfigError, match="gradient_checkpointing"):
+        train(cfg, args, tmp_path / "run")
