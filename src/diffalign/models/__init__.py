@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from ..registry import import_all
-from .base import DiffusionModel, EvalSpace
+from .base import DiffusionModel, EvalSpace, ModelFolderError
 
 
 @dataclass
@@ -76,8 +76,6 @@ def load_folder(path: str, **options) -> DiffusionModel:
     import json
     from pathlib import Path
 
-    from .sd import ModelFolderError
-
     _discover()
     folder = Path(path).expanduser()
     if not folder.is_dir():
@@ -116,4 +114,4 @@ def load_model(name: str, device: str | None = None, progress: bool = True, **op
 
 
 __all__ = ["DiffusionModel", "EvalSpace", "MODELS", "list_models", "load_model", "model_names", "register_model",
-           "register_pipeline", "is_path", "load_folder"]
+           "register_pipeline", "is_path", "load_folder", "ModelFolderError"]

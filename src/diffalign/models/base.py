@@ -36,13 +36,17 @@ import torch
 from torch import nn
 
 
+class ModelFolderError(FileNotFoundError):
+    """A model folder is missing or incomplete; the message names what is missing."""
+
+
 @dataclass
 class EvalSpace:
     """Where a model's samples are compared with each other and with real data."""
 
     name: str
     features: Callable[[torch.Tensor], torch.Tensor]  # decoded samples -> (N, d)
-    real: Callable[[], torch.Tensor]  # real data, decoded like samples
+    real: Callable[[], torch.Tensor] | None = None  # real data, decoded like samples; None = no Fréchet distance
     classes: Callable[[torch.Tensor], torch.Tensor] | None = None  # decoded samples -> (N,) labels
     num_classes: int = 0
     description: str = ""

@@ -25,7 +25,7 @@ from typing import Sequence
 import torch
 
 from . import register_pipeline
-from .base import DiffusionModel, zero_output
+from .base import DiffusionModel, ModelFolderError, zero_output
 
 PARTS = {  # subfolder -> files it must hold (any one of each tuple)
     "unet": (("config.json",), ("diffusion_pytorch_model.safetensors",)),
@@ -37,10 +37,6 @@ PARTS = {  # subfolder -> files it must hold (any one of each tuple)
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0"]
 GUIDANCE_SCALE = 7.5
 NUM_INFERENCE_STEPS = 50
-
-
-class ModelFolderError(FileNotFoundError):
-    """A model folder is missing or incomplete; the message names what is missing."""
 
 
 def check_folder(folder: Path, parts: dict = PARTS, kind: str = "Stable Diffusion pipeline") -> None:
