@@ -22,6 +22,7 @@ BUILTINS = {
     "classifier_heldout": True,
     "ink": True,
     "compressibility": False,
+    "incompressibility": False,
     "quadratic": True,
 }
 
@@ -149,6 +150,16 @@ def test_compressibility_prefers_blank_and_is_not_differentiable(test_split):
     assert (r_blank > r_real).all() and (r_real.mean() > r_noise.mean())
     assert r_blank[0].item() == pytest.approx(-rdigits.png_bytes(blank[0, 0].to(torch.uint8).numpy()) / 1000)
     assert info["png_bytes_mean"] > 0
+
+
+def test_incompressibility_is_minus_compressibility_at_any_resolution():
+    g = torch.Generator().manual_seed(0)
+    images = torch.cat([torch.zeros(1, 3, 64, 48), torch.rand(1, 3, 64, 48, generator=g)])  # RGB, not square
+    comp, inc = build_reward("compressibility"), build_reward("incompressibility")
+    r, _ = comp(images, ["", ""])
+    assert r[0] > r[1] and not inc.differentiable
+    assert torch.equal(inc(images, ["", ""])[0], -r)
+    assert r[1] < -5  # 64x48x3 uniform noise: about 9 kB of PNG
 
 
 # ---------------------------------------------------------------- validation

@@ -41,6 +41,10 @@ def test_loads_as_latent_text_model(sd):
     assert m.encode_images(torch.rand(2, 3, 48, 48)).shape == (2, 4, 8, 8)  # resized to the model's resolution
     out = m.predict_noise(torch.randn(3, *m.sample_shape), torch.tensor(500), cond)
     assert out.shape == (3, *m.sample_shape)
+    from diffusers.models.attention_processor import AttnProcessor2_0
+
+    procs = m.denoiser.attn_processors.values()  # PyTorch's scaled_dot_product_attention
+    assert procs and all(isinstance(p, AttnProcessor2_0) for p in procs)
 
 
 def test_sampler_matches_the_diffusers_pipeline(sd):

@@ -100,6 +100,8 @@ class EvalConfig:
     seed: int = 1234  # evaluation seed: base and final use the same noise
     every: int = 0  # epochs between evaluations during training (0 = start and end only)
     beta: float = 1.0  # toy2d: beta of the exact optimum p* ∝ p_ref exp(r / beta) that samples are compared with
+    features: str | None = None  # CLIP folder: diversity and Fréchet distance in its image-embedding space (None = the model's own space)
+    real: str | None = None  # real images for the Fréchet distance: a data spec (see diffalign.data.datasets), None = the model's own (if any)
 
     def validate(self, where: str):
         _check(self.per_prompt >= 2, f"{where}.per_prompt", "must be >= 2 (diversity needs two samples per prompt)")

@@ -87,6 +87,8 @@ class Run:
             except ValueError as e:
                 raise ConfigError(f"config key 'model': {e}") from e
         self.model.to(self.device)
+        from .eval.spaces import configure as configure_eval  # eval.features / eval.real
+        configure_eval(self.model, cfg.eval)
         self._frozen_parts_dtype()
         try:
             self.prompts = resolve_prompts(cfg.prompts, self.model.prompts)

@@ -175,6 +175,8 @@ def step_with_logprob(
         )
     if model_output.shape != sample.shape:
         raise ValueError(f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}")
+    if model_output.dtype != sample.dtype:  # fp16/bf16 model output under autocast: the step is in the sample's dtype (fp32)
+        model_output = model_output.to(sample.dtype)
     if _is_ddpm(scheduler):
         if eta != 1.0:
             raise ValueError("DDPMScheduler has a fixed variance (eta = 1); use DDIMScheduler to choose eta")

@@ -98,7 +98,8 @@ def evaluate(run, sampler, grid_path: Path | None = None, label: str = "", per_p
 
 
 def sample_metrics(model, images: torch.Tensor, prompts: list[str], reward=None, beta: float = 1.0) -> dict:
-    """Diversity, Fréchet distance, class histogram (and the space's extras) of decoded samples."""
+    """Diversity, Fréchet distance (when the space has real data), class histogram (and the space's
+    extras) of decoded samples."""
     from .metrics import class_histogram, frechet_distance, pairwise_diversity
     from .spaces import get_space, real_features
 
@@ -106,10 +107,12 @@ def sample_metrics(model, images: torch.Tensor, prompts: list[str], reward=None,
     if space is None:
         return {}
     feats, real = space.features(images).cpu(), real_features(model)
-    out = {"diversity": pairwise_diversity(feats, prompts), "frechet": frechet_distance(feats, real)}
-    # the same distance for a random same-size subset of real data: what sampling error alone gives at this n
-    sub = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:len(feats)]
-    out["frechet_real"] = frechet_distance(real[sub], real)
+    out = {"diversity": pairwise_diversity(feats, prompts)}
+    if real is not None:  # no real data: no Fréchet distance
+        out["frechet"] = frechet_distance(feats, real)
+        # the same distance for a random same-size subset of real data: what sampling error alone gives at this n
+        sub = torch.randperm(len(real), generator=torch.Generator().manual_seed(0))[:len(feats)]
+        out["frechet_real"] = frechet_distance(real[sub], real)
     if space.classes is not None:
         out["class_histogram"] = class_histogram(space.classes(images), space.num_classes)
     if space.extra is not None and reward is not None:

@@ -18,6 +18,13 @@ into NaN losses three modules later.
 Building rewards (:func:`build_reward`) from a *spec*:
 
 - a registered name: ``'classifier'`` (see :func:`list_rewards`);
+- a call with keyword arguments for the factory:
+  ``'aesthetic(path=/models/clip-vit-l-14, head=/models/aesthetic.safetensors)'``.
+  Values are read as YAML scalars (``3`` an int, ``0.5`` a float, ``true`` a bool,
+  anything else text; quote a value to keep it text or to hold ``,`` or ``)``); a
+  leading ``~`` is expanded. Unknown keyword names are an error listing the accepted
+  ones. ``build_reward('aesthetic', path=..., head=...)`` is the same (the
+  reward's name is the bare ``'aesthetic'``);
 - ``'package.module:function'`` for your own code. The function is used
   **directly as the reward** if its first parameter is named ``images``
   (signature ``fn(images, prompts, metadata)``); otherwise it is a **factory**,
@@ -28,9 +35,11 @@ Building rewards (:func:`build_reward`) from a *spec*:
   string (else the docstring's first line) describes it;
 - a weighted sum: a dict ``{spec: weight, ...}`` or a string
   ``'1.0*classifier+0.1*ink'`` (terms ``[sign][weight*]spec`` joined by ``+``
-  or ``-``). The sum is differentiable only if every part is; its `info` holds
-  each part's raw (unweighted, detached) rewards under the part's name and each
-  part's own info entries as ``'<part>/<key>'``;
+  or ``-``; a term may be a call: ``'1.0*clip-score(path=/x)+0.1*brightness'``;
+  a registered name holding ``-``, like ``clip-score``, is read whole). The
+  sum is differentiable only if every part is; its `info` holds each part's
+  raw (unweighted, detached) rewards under the part's name and each part's own
+  info entries as ``'<part>/<key>'``;
 - an existing :class:`Reward` (returned unchanged).
 
 Adding a built-in reward::
@@ -122,8 +131,8 @@ _REGISTRY: dict[str, _Entry] = {}
 
 def register(name: str, description: str, differentiable: bool):
     """Decorator registering `factory(device='cpu', **kwargs) -> fn` under `name`."""
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError(f"reward name {name!r} must be an identifier (letters, digits, underscores)")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*(?:-[A-Za-z0-9_]+)*", name):
+        raise ValueError(f"reward name {name!r} must be letters, digits and underscores (hyphens between them)")
 
     def deco(factory: Callable) -> Callable:
         old = _REGISTRY.get(name)
@@ -160,19 +169,29 @@ def list_rewards() -> list[tuple[str, str, bool]]:
 # ---------------------------------------------------------------- building
 
 _NUM = r"(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?"
-_NAME = r"[A-Za-z_][\w.]*(?::[A-Za-z_][\w.]*)?"
-_TERM = re.compile(rf"\s*([+-]?)\s*(?:({_NUM})\s*\*\s*)?({_NAME})\s*")
+_PLAIN = r"[A-Za-z_][\w.]*(?::[A-Za-z_][\w.]*)?"
+_ARGS = r"""\((?:"[^"]*"|'[^']*'|[^()"'])*\)"""  # (key=value, ...); quoted values may hold anything
+_KWARG = re.compile(r"""\s*([A-Za-z_]\w*)\s*=\s*("[^"]*"|'[^']*'|[^,"']*?)\s*(?:,|$)""")
+
+
+def _name() -> str:
+    """A spec's name: a registered name holding '-' (read whole, longest first), else an identifier or
+    module:function."""
+    hyphenated = sorted((n for n in _REGISTRY if "-" in n), key=len, reverse=True)
+    return "(?:" + "|".join([re.escape(n) + r"(?![\w.])" for n in hyphenated] + [_PLAIN]) + ")"
 
 
 def _parse_weighted(spec: str) -> dict[str, float] | None:
-    """'1.0*classifier+0.1*ink' -> {'classifier': 1.0, 'ink': 0.1}; None for a plain spec."""
-    if re.fullmatch(rf"\s*{_NAME}\s*", spec):
+    """'1.0*classifier+0.1*ink' -> {'classifier': 1.0, 'ink': 0.1}; None for a plain spec or call."""
+    name = _name()
+    if re.fullmatch(rf"\s*{name}\s*(?:{_ARGS})?\s*", spec):
         return None
+    term = re.compile(rf"\s*([+-]?)\s*(?:({_NUM})\s*\*\s*)?({name}\s*(?:{_ARGS})?)\s*")
     terms: dict[str, float] = {}
     pos = 0
     first = True
     while pos < len(spec):
-        m = _TERM.match(spec, pos)
+        m = term.match(spec, pos)
         if m is None or m.end() == pos or (not first and not m.group(1)):
             raise ValueError(
                 f"cannot parse reward spec {spec!r} near position {pos} ({spec[pos:pos + 20]!r}); "
@@ -187,6 +206,66 @@ def _parse_weighted(spec: str) -> dict[str, float] | None:
         pos = m.end()
         first = False
     return terms
+
+
+def _parse_call(spec: str) -> tuple[str, dict]:
+    """'aesthetic(path=/x, head=/y.safetensors)' -> ('aesthetic', {...}); a spec without '(' -> (spec, {})."""
+    if "(" not in spec:
+        return spec, {}
+    m = re.fullmatch(r"\s*([^()\s]+)\s*\((.*)\)\s*", spec, re.S)
+    if m is None:
+        raise ValueError(f"cannot parse reward spec {spec!r}; expected name(key=value, ...), "
+                         "e.g. 'aesthetic(path=/models/clip, head=/models/aesthetic.safetensors)'")
+    name, inner = m.group(1), m.group(2).strip()
+    kwargs: dict = {}
+    pos = 0
+    while pos < len(inner):
+        km = _KWARG.match(inner, pos)
+        if km is None or km.end() == pos:
+            raise ValueError(f"cannot parse the arguments of reward spec {spec!r} near {inner[pos:pos + 20]!r}; "
+                             "expected key=value pairs separated by commas (quote a value holding ',' or ')')")
+        if km.group(1) in kwargs:
+            raise ValueError(f"reward spec {spec!r} gives {km.group(1)!r} twice")
+        kwargs[km.group(1)] = _scalar(km.group(2))
+        pos = km.end()
+    return name, kwargs
+
+
+def _scalar(raw: str):
+    """A call argument: a YAML scalar (int, float, bool, null) or text; quotes keep text; '~' expanded."""
+    import os
+
+    import yaml
+
+    if raw[:1] in ("'", '"'):
+        value = raw[1:-1]
+    else:
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            value = raw
+        if value is not None and not isinstance(value, (str, int, float, bool)):
+            value = raw  # e.g. a date or 'a: b': keep the text
+        if isinstance(value, str) and re.fullmatch(rf"[+-]?{_NUM}", value):
+            value = float(value)  # YAML 1.1 reads 1e-4 as text
+    return os.path.expanduser(value) if isinstance(value, str) and value.startswith("~") else value
+
+
+def _check_kwargs(name: str, factory, kwargs: dict) -> None:
+    """Unknown keyword names fail here, naming the reward and the keywords it accepts."""
+    try:
+        params = inspect.signature(factory).parameters.values()
+    except (TypeError, ValueError):
+        return
+    if any(p.kind == p.VAR_KEYWORD for p in params):
+        return
+    accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "device"]
+    bad = sorted(set(kwargs) - set(accepted))
+    if bad:
+        close = [c for b in bad for c in difflib.get_close_matches(b, accepted, n=1)]
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise ValueError(f"reward {name!r} has no keyword argument {', '.join(bad)}{hint}; it accepts "
+                         f"{', '.join(accepted) or 'none'}" + (" (the device is the run's)" if "device" in bad else ""))
 
 
 def build_reward(spec, device="cpu", **kwargs) -> Reward:
@@ -220,8 +299,14 @@ def build_reward(spec, device="cpu", **kwargs) -> Reward:
                 f"keyword arguments {sorted(kwargs)} cannot be passed to the weighted sum {spec!r}"
             )
         return _build_sum(weighted, device)
+    spec, call_kwargs = _parse_call(spec)
+    if set(call_kwargs) & set(kwargs):
+        raise ValueError(f"reward {spec!r}: {sorted(set(call_kwargs) & set(kwargs))} given in the spec and as "
+                         "keyword arguments; give each once")
+    kwargs = {**call_kwargs, **kwargs}
     if spec in _REGISTRY:
         entry = _REGISTRY[spec]
+        _check_kwargs(spec, entry.factory, kwargs)
         fn = entry.factory(device=device, **kwargs)
         return Reward(spec, fn, entry.differentiable, entry.description)
     if ":" in spec:
@@ -257,6 +342,7 @@ def _build_user(spec: str, device, kwargs: dict) -> Reward:
             )
         fn = obj
     else:
+        _check_kwargs(spec, obj, kwargs)
         if _accepts_kw(obj, "device"):
             fn = obj(device=device, **kwargs)
         else:

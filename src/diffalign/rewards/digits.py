@@ -371,10 +371,24 @@ def png_bytes(image: np.ndarray) -> int:
     differentiable=False,
 )
 def _compressibility(device="cpu", scale_bytes: float = 1000.0):
+    return _png_size_reward(-1.0, scale_bytes, "compressibility")
+
+
+@register(
+    "incompressibility",
+    description="the PNG size (Pillow, compress_level 9) in kilobytes of the 8-bit image at its own resolution "
+    "(minus `compressibility`); not differentiable",
+    differentiable=False,
+)
+def _incompressibility(device="cpu", scale_bytes: float = 1000.0):
+    return _png_size_reward(1.0, scale_bytes, "incompressibility")
+
+
+def _png_size_reward(sign: float, scale_bytes: float, who: str):
     def fn(images, prompts, metadata=None):
         if not torch.is_tensor(images) or images.ndim != 4 or images.shape[1] not in (1, 3):
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
-            raise ValueError(f"compressibility needs images (N, 1 or 3, H, W), got {shape}")
+            raise ValueError(f"{who} needs images (N, 1 or 3, H, W), got {shape}")
         x = images.detach().float().clamp(0.0, 1.0)
         arr = (x * 255.0).round().to(torch.uint8).cpu().numpy()
         sizes = []
@@ -382,7 +396,7 @@ def _compressibility(device="cpu", scale_bytes: float = 1000.0):
             img = img[0] if img.shape[0] == 1 else np.ascontiguousarray(img.transpose(1, 2, 0))
             sizes.append(png_bytes(img))
         sizes_t = torch.tensor(sizes, dtype=torch.float32, device=images.device)
-        return -sizes_t / scale_bytes, {"png_bytes_mean": float(np.mean(sizes)) if sizes else float("nan")}
+        return sign * sizes_t / scale_bytes, {"png_bytes_mean": float(np.mean(sizes)) if sizes else float("nan")}
 
     fn.differentiable = False
     return fn
