@@ -2,7 +2,10 @@
 
 Saved LoRA weights use the diffusers layout: `pytorch_lora_weights.safetensors` with
 peft key names prefixed by `unet.` (what `pipe.load_lora_weights(dir)` reads for
-UNet pipelines), plus `adapter_config.json`.
+UNet pipelines), plus `adapter_config.json`. The file's safetensors metadata holds the
+adapter config under `lora_adapter_metadata` (keys `unet.r`, `unet.lora_alpha`, ...),
+as diffusers' own `save_lora_weights` writes it, so `load_lora_weights` applies the same
+alpha / rank scale (diffusers >= 0.35 reads it; older versions assume alpha = rank).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from .checkpoint import atomic_dir
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PREFIX = "unet."
+METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:
@@ -67,13 +71,22 @@ def adapters_disabled(denoiser: torch.nn.Module):
                 p.requires_grad_(grads[id(p)])
 
 
+def config_dict(config: LoraConfig) -> dict:
+    """The adapter config as JSON-ready values (sets become sorted lists)."""
+    return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+
+
 def write_lora(denoiser: torch.nn.Module, folder: str | Path, config: LoraConfig | None = None) -> None:
-    """Write the adapters (diffusers layout) into the existing `folder`."""
+    """Write the adapters (diffusers layout, alpha / rank in the metadata) into the existing `folder`."""
     state = get_peft_model_state_dict(unwrap(denoiser))
-    save_file({PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}, str(Path(folder) / LORA_FILE))
+    metadata = {"format": "pt"}
     if config is not None:
-        cfg = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
+        cfg = config_dict(config)
+        metadata[METADATA_KEY] = json.dumps({PREFIX + k: v for k, v in cfg.items()}, indent=2, sort_keys=True,
+                                            default=str)
         (Path(folder) / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
+    save_file({PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}, str(Path(folder) / LORA_FILE),
+              metadata=metadata)
 
 
 def save_lora(denoiser: torch.nn.Module, folder: str | Path, config: LoraConfig | None = None) -> Path:

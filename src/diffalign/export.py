@@ -1,0 +1,98 @@
+"""A run's aligned denoiser as a diffusers pipeline folder: `diffalign export RUN --out DIR [--merge]`.
+
+- LoRA run, no `--merge`: the base pipeline folder copied, with the run's
+  `pytorch_lora_weights.safetensors` beside `model_index.json`:
+  `StableDiffusionPipeline.from_pretrained(DIR).load_lora_weights(DIR)`.
+- LoRA run, `--merge`: diffusers loads the base, applies the LoRA
+  (`load_lora_weights`), fuses it into the UNet (`fuse_lora`) and saves the pipeline:
+  `from_pretrained(DIR)` alone gives the aligned model.
+- full fine-tune: the base folder with the run's UNet in place of its own (what a
+  finished run's `final/` already holds).
+
+Only pipeline-folder models export (the embedded models keep their weights in
+`RUN/final`); a method that does not train the denoiser (DDO: its aligned model is the
+base plus a learned sampler correction) has nothing to export as a pipeline.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+from . import adapters
+from .checkpoint import atomic_dir
+
+
+def copy_pipeline(base: str | Path, dest: Path, skip: tuple[str, ...] = ()) -> None:
+    """Copy a pipeline folder's files and subfolders into the existing `dest`, except `skip`."""
+    base = Path(base)
+    for entry in base.iterdir():
+        if entry.name in skip or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dest / entry.name)
+        else:
+            shutil.copy2(entry, dest / entry.name)
+
+
+def write_pipeline(base: str | Path, dest: Path, unet) -> None:
+    """A complete pipeline folder in `dest`: `base` with `unet` in place of its own."""
+    copy_pipeline(base, dest, skip=("unet", adapters.LORA_FILE))
+    unet.save_pretrained(dest / "unet", safe_serialization=True)
+
+
+def pipeline_class(folder: str | Path):
+    import diffusers
+
+    name = json.loads((Path(folder) / "model_index.json").read_text()).get("_class_name", "")
+    cls = getattr(diffusers, name, None)
+    if cls is None:
+        raise ValueError(f"{folder}: diffusers has no pipeline class {name!r}")
+    return cls
+
+
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
+    """Write the newest weights of the run in `run_dir` as a pipeline folder `out` (atomically)."""
+    from .eval.run import load_run
+
+    lr = load_run(run_dir)
+    run, base = lr.run, lr.run.model.path
+    if not base or not (Path(base) / "model_index.json").is_file():
+        raise ValueError(f"{run_dir}: its model {lr.cfg.model!r} is not a diffusers pipeline folder, so there is no "
+                         "pipeline to export; its weights are in RUN/final (unet/ or the LoRA file)")
+    if not _trains_denoiser(lr):
+        raise ValueError(f"{run_dir}: method {lr.cfg.method!r} does not train the denoiser (its aligned model is the "
+                         "base with its own sampler), so a pipeline folder would be the base unchanged")
+    if getattr(lr.sampler, "correction", None) is not None or getattr(lr.sampler, "transition", None) is not None:
+        warnings.warn(f"method {lr.cfg.method!r} samples with its own score correction; the exported pipeline "
+                      "holds the weights only and samples without it", stacklevel=2)
+    den = adapters.unwrap(run.model.denoiser)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise FileExistsError(f"{out} exists and is not empty: choose a new --out folder")
+    with atomic_dir(out) as tmp:
+        if run.lora_config is None:
+            if merge:
+                warnings.warn("--merge has no effect on a full fine-tune", stacklevel=2)
+            write_pipeline(base, tmp, den)
+        elif not merge:
+            copy_pipeline(base, tmp, skip=(adapters.LORA_FILE,))
+            adapters.write_lora(den, tmp, run.lora_config)
+        else:
+            with tempfile.TemporaryDirectory() as lora_dir:
+                adapters.write_lora(den, lora_dir, run.lora_config)
+                pipe = pipeline_class(base).from_pretrained(base, local_files_only=True)
+                pipe.load_lora_weights(lora_dir)
+                pipe.fuse_lora()
+                pipe.unload_lora_weights()
+                pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
+
+
+def _trains_denoiser(lr) -> bool:
+    from .methods import modules_of
+
+    return "denoiser" in modules_of(lr.method, lr.run)
