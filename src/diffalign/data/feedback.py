@@ -3,7 +3,9 @@
 Files (image paths are relative to the JSONL file's folder; images are 8-bit PNG):
 
     pairs.jsonl   {"prompt": str, "winner": "img/..png", "loser": "img/..png", "tie": bool?}
+                  ("chosen" / "rejected" are read as "winner" / "loser", the Pick-a-Pic naming)
     labels.jsonl  {"prompt": str, "image": "img/..png", "desirable": true|false}
+                  ("label": true|false, or 1|0, is read as "desirable")
 
 Loading validates every row first and raises one `FeedbackError` naming each bad
 row by line number (bad JSON, missing key, missing file, bad label, unreadable
@@ -12,8 +14,11 @@ and counted.
 
 Images are stored as the *decoded* image (what rewards see, [0, 1]) and mapped
 back into the model's sample space by the model's `encode_images` (pixel models:
-x = 2·img − 1; latent models: their VAE), once when a method starts, so the
-latents are cached in memory for the whole run.
+x = 2·img − 1; latent models: their VAE), once when a method starts
+(`diffalign.data.latents.encode_files`: batched, and cached on disk for latent
+models). With `images=False` a loader checks that every image can be opened (from
+its header) without decoding it, and the set holds file paths only: what a latent
+model's methods use, so a large set of real images never sits in memory.
 """
 
 from __future__ import annotations
@@ -89,8 +94,8 @@ def load_png(path: Path) -> torch.Tensor:
 @dataclass
 class PairSet:
     prompts: list[str]
-    winners: torch.Tensor  # (N, C, H, W) decoded images in [0, 1]
-    losers: torch.Tensor
+    winners: torch.Tensor | None  # (N, C, H, W) decoded images in [0, 1]; None when loaded with images=False
+    losers: torch.Tensor | None
     ties_dropped: int = 0
     path: Path | None = None
     winner_paths: list[str] = field(default_factory=list)
@@ -99,13 +104,22 @@ class PairSet:
     def __len__(self):
         return len(self.prompts)
 
+    @property
+    def winner_files(self) -> list[Path]:
+        return [self.path.parent / p for p in self.winner_paths]
+
+    @property
+    def loser_files(self) -> list[Path]:
+        return [self.path.parent / p for p in self.loser_paths]
+
 
 @dataclass
 class LabelSet:
     prompts: list[str]
-    images: torch.Tensor  # (N, C, H, W) in [0, 1]
+    images: torch.Tensor | None  # (N, C, H, W) in [0, 1]; None when loaded with images=False
     desirable: torch.Tensor  # (N,) bool
     path: Path | None = None
+    files: list[Path] = field(default_factory=list)  # the image files, row by row
 
     def __len__(self):
         return len(self.prompts)
@@ -135,7 +149,7 @@ def _read_rows(path: Path):
     return path, rows, errors
 
 
-def _image(base: Path, rel, key: str, lineno: int, errors: list, shapes: set):
+def _image(base: Path, rel, key: str, lineno: int, errors: list, shapes: set, load: bool = True):
     if not isinstance(rel, str) or not rel:
         errors.append(f"line {lineno}: '{key}' must be an image path")
         return None
@@ -144,12 +158,25 @@ def _image(base: Path, rel, key: str, lineno: int, errors: list, shapes: set):
         errors.append(f"line {lineno}: '{key}' file {rel!r} not found")
         return None
     try:
-        img = load_sample(p)
+        img = load_sample(p) if load else _check_readable(p)
     except Exception as e:  # noqa: BLE001 - any decoder failure is a bad row
         errors.append(f"line {lineno}: '{key}' file {rel!r} is not a readable image ({type(e).__name__})")
         return None
-    shapes.add(tuple(img.shape))
-    return img
+    if load:
+        shapes.add(tuple(img.shape))
+    return img if load else p
+
+
+def _check_readable(path: Path) -> Path:
+    """Open an image's header (or a .npy array's) without decoding the pixels."""
+    if path.suffix == ".npy":
+        np.load(path, mmap_mode="r", allow_pickle=False)
+        return path
+    from PIL import Image
+
+    with Image.open(path) as im:
+        im.verify()
+    return path
 
 
 def _raise(path: Path, errors: list[str], n_rows: int) -> None:
@@ -172,55 +199,66 @@ def _has_keys(row: dict, keys: tuple[str, ...], i: int, errors: list) -> bool:
     return True
 
 
-def load_pairs(path) -> PairSet:
+def load_pairs(path, images: bool = True) -> PairSet:
     """Load and validate a pairs JSONL; ties are dropped (counted in `ties_dropped`)."""
     path, rows, errors = _read_rows(path)
     base, shapes = path.parent, set()
     prompts, W, L, wp, lp, ties = [], [], [], [], [], 0
     for i, row in rows:
-        if not _has_keys(row, ("prompt", "winner", "loser"), i, errors):
+        keys = ("chosen", "rejected") if "winner" not in row and "loser" not in row and (
+            "chosen" in row or "rejected" in row) else ("winner", "loser")
+        if not _has_keys(row, ("prompt", *keys), i, errors):
+            if "missing key" in errors[-1]:
+                errors[-1] += " (a pair is {prompt, winner, loser} or {prompt, chosen, rejected})"
             continue
         tie = row.get("tie", False)
         if not isinstance(tie, bool):
             errors.append(f"line {i}: 'tie' must be true or false, got {tie!r}")
             continue
         n_err = len(errors)
-        w = _image(base, row["winner"], "winner", i, errors, shapes)
-        lo = _image(base, row["loser"], "loser", i, errors, shapes)
+        w = _image(base, row[keys[0]], keys[0], i, errors, shapes, images)
+        lo = _image(base, row[keys[1]], keys[1], i, errors, shapes, images)
         if len(errors) > n_err:
             continue
         if tie:
             ties += 1
             continue
-        prompts.append(row["prompt"]), W.append(w), L.append(lo), wp.append(row["winner"]), lp.append(row["loser"])
+        prompts.append(row["prompt"]), W.append(w), L.append(lo), wp.append(row[keys[0]]), lp.append(row[keys[1]])
     if len(shapes) > 1:
         errors.append(f"images have different shapes: {sorted(shapes)}")
     _raise(path, errors, len(prompts))
+    if not images:
+        return PairSet(prompts, None, None, ties, path, wp, lp)
     return PairSet(prompts, torch.stack(W), torch.stack(L), ties, path, wp, lp)
 
 
-def load_labels(path) -> LabelSet:
+def load_labels(path, images: bool = True) -> LabelSet:
     """Load and validate a labels JSONL."""
     path, rows, errors = _read_rows(path)
     base, shapes = path.parent, set()
-    prompts, imgs, labels = [], [], []
+    prompts, imgs, labels, files = [], [], [], []
     for i, row in rows:
+        if "desirable" not in row and "label" in row:
+            row = {**row, "desirable": row["label"] if isinstance(row["label"], bool) else
+                   {1: True, 0: False}.get(row["label"], row["label"])}
         if not _has_keys(row, ("prompt", "image", "desirable"), i, errors):
             continue
         if not isinstance(row["desirable"], bool):
             errors.append(f"line {i}: 'desirable' must be true or false, got {row['desirable']!r}")
             continue
-        img = _image(base, row["image"], "image", i, errors, shapes)
+        img = _image(base, row["image"], "image", i, errors, shapes, images)
         if img is None:
             continue
         prompts.append(row["prompt"]), imgs.append(img), labels.append(row["desirable"])
+        files.append(base / row["image"])
     if len(shapes) > 1:
         errors.append(f"images have different shapes: {sorted(shapes)}")
     _raise(path, errors, len(prompts))
-    return LabelSet(prompts, torch.stack(imgs), torch.tensor(labels, dtype=torch.bool), path)
+    return LabelSet(prompts, torch.stack(imgs) if images else None, torch.tensor(labels, dtype=torch.bool), path,
+                    files)
 
 
-def load_feedback(path):
+def load_feedback(path, images: bool = True):
     """A pairs or labels set, told apart by the first row's keys."""
     path = Path(path)
     if not path.is_file():
@@ -232,9 +270,9 @@ def load_feedback(path):
             except ValueError:
                 break
             if isinstance(first, dict) and "image" in first:
-                return load_labels(path)
+                return load_labels(path, images)
             break
-    return load_pairs(path)
+    return load_pairs(path, images)
 
 
 # ---- building sets from a base model and a reward ----------------------------------
@@ -301,6 +339,23 @@ def make_pairs(model, reward, prompts, n_pairs: int, out_dir, seed: int = 0, bt_
              "agreement_with_reward": agree / max(1, n), "bt_noise": bt_noise}
     (out / "pairs_stats.json").write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def labels_from_pair_set(ps: PairSet) -> LabelSet:
+    """In memory: the Pick-a-Pic rule (preferred at least once = desirable) on a loaded PairSet
+    (images or file paths only, as it was loaded)."""
+    first: dict[str, tuple[str, int, bool]] = {}  # image path -> (prompt, row, winner side), first seen
+    wins = set()
+    for i, (wp, lp) in enumerate(zip(ps.winner_paths, ps.loser_paths)):
+        first.setdefault(wp, (ps.prompts[i], i, True))
+        first.setdefault(lp, (ps.prompts[i], i, False))
+        wins.add(wp)
+    keys = list(first)
+    images = None
+    if ps.winners is not None:
+        images = torch.stack([(ps.winners if first[k][2] else ps.losers)[first[k][1]] for k in keys])
+    return LabelSet([first[k][0] for k in keys], images, torch.tensor([k in wins for k in keys], dtype=torch.bool),
+                    ps.path, [ps.path.parent / k for k in keys] if ps.path is not None else [])
 
 
 def labels_from_pairs(pairs, out_dir=None) -> tuple[list[dict], dict]:

@@ -41,7 +41,7 @@ import torch
 
 from .. import adapters
 from ..config import ConfigError
-from ..data import datasets
+from ..data import datasets, latents
 from ..losses import denoising_error
 from ..losses.constrained import dual_step, lagrangian
 from ..seeding import generators, seed_for
@@ -197,7 +197,7 @@ class Constrained:
         if self.conditional and data.labels is None:
             raise ConfigError(f"data set {spec!r} ({name}) has no labels, but args.conditional is true: give labelled "
                               "data (subfolders per label, 'labels' in the .npz) or set args.conditional: false")
-        x = self.run.model.encode_images(data.images.to(self.run.device)).detach()
+        x = latents.encode(self.run.model, data.images)
         if x.shape[1:] != tuple(self.run.model.sample_shape):
             raise ConfigError(f"data set {spec!r} ({name}) holds samples of shape {tuple(x.shape[1:])}, model "
                               f"'{self.run.cfg.model}' samples {tuple(self.run.model.sample_shape)}")

@@ -150,7 +150,7 @@ class DDO:
         return mods
 
     def start(self):
-        from ..data import feedback
+        from ..data import latents
 
         a, m = self.args, self.run.model
         if a.objective != "reward" and not a.data:  # checked here, not in validate: the bench fills it in later
@@ -158,17 +158,11 @@ class DDO:
             raise ConfigError(f"objective '{a.objective}' learns from feedback: set 'args.data' to a {kind} JSONL "
                               f"(make one with `diffalign data {kind.split()[0]}`)")
         if a.objective == "dpo":
-            ps = feedback.load_pairs(a.data)
-            self.data = {"x_w": m.encode_images(ps.winners.to(self.run.device)).detach(),
-                         "x_l": m.encode_images(ps.losers.to(self.run.device)).detach(),
-                         "prompt": self._prompt_ids(ps.prompts)}
+            ps, x_w, x_l = latents.pairs(m, a.data)
+            self.data = {"x_w": x_w, "x_l": x_l, "prompt": self._prompt_ids(ps.prompts)}
         elif a.objective == "kto":
-            from .offline import labels_set_from_pairs
-
-            ls = feedback.load_feedback(a.data)
-            ls = labels_set_from_pairs(ls) if isinstance(ls, feedback.PairSet) else ls
-            self.data = {"x": m.encode_images(ls.images.to(self.run.device)).detach(), "desirable": ls.desirable,
-                         "prompt": self._prompt_ids(ls.prompts)}
+            ls, x = latents.labels(m, a.data)
+            self.data = {"x": x, "desirable": ls.desirable, "prompt": self._prompt_ids(ls.prompts)}
 
     def _prompt_ids(self, prompts) -> torch.Tensor:
         unknown = sorted(set(prompts) - set(self.run.prompts))

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..data import feedback
+from ..data import feedback, latents
 from ..losses import denoising_error, dpo_loss, kto_loss, kto_reference_point, logratio_from_errors
 from ..sampling import training_target
 from . import Micro, register
@@ -132,10 +132,8 @@ class DiffusionDPO:
         self.t_range = check_args(run, args, self.name)
 
     def start(self):
-        ps = feedback.load_pairs(self.args.data)
+        ps, self.x_w, self.x_l = latents.pairs(self.run.model, self.args.data)
         self.n, self.ties_dropped, self.prompts = len(ps), ps.ties_dropped, ps.prompts
-        self.x_w = self.run.model.encode_images(ps.winners.to(self.run.device)).detach()
-        self.x_l = self.run.model.encode_images(ps.losers.to(self.run.device)).detach()
 
     def collect(self, epoch: int):
         run, n = self.run, self.run.cfg.train.batch_size
@@ -205,11 +203,8 @@ class DiffusionKTO:
         self.t_range = check_args(run, args, self.name)
 
     def start(self):
-        ls = feedback.load_feedback(self.args.data)
-        if isinstance(ls, feedback.PairSet):
-            ls = labels_set_from_pairs(ls)
+        ls, self.x = latents.labels(self.run.model, self.args.data)
         self.prompts, self.labels, self.counts = ls.prompts, ls.desirable, ls.counts
-        self.x = self.run.model.encode_images(ls.images.to(self.run.device)).detach()
         self.pools = (torch.nonzero(~ls.desirable).flatten(), torch.nonzero(ls.desirable).flatten())
         for kind, pool in zip(("undesirable", "desirable"), self.pools):
             wanted = self.args.gamma if kind == "desirable" else 1 - self.args.gamma
@@ -255,12 +250,4 @@ class DiffusionKTO:
 
 def labels_set_from_pairs(ps: "feedback.PairSet") -> "feedback.LabelSet":
     """In memory: the Pick-a-Pic rule (preferred at least once = desirable) on a loaded PairSet."""
-    imgs: dict[str, tuple[str, torch.Tensor]] = {}
-    wins = set()
-    for i, (wp, lp) in enumerate(zip(ps.winner_paths, ps.loser_paths)):
-        imgs.setdefault(wp, (ps.prompts[i], ps.winners[i]))
-        imgs.setdefault(lp, (ps.prompts[i], ps.losers[i]))
-        wins.add(wp)
-    keys = list(imgs)
-    return feedback.LabelSet([imgs[k][0] for k in keys], torch.stack([imgs[k][1] for k in keys]),
-                             torch.tensor([k in wins for k in keys], dtype=torch.bool), ps.path)
+    return feedback.labels_from_pair_set(ps)
