@@ -133,7 +133,9 @@ def test_every_online_method_runs_on_a_pipeline_folder(sd, tmp_path, name):
         for i in range(4):
             Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / "pngs" / f"{i}.png")
         args["data"] = str(tmp_path / "pngs")
-    cfg, args = resolve_config(base=dict(BASE, model=sd, method=name, args=args))
+    # with the UNet's gradient checkpointing: its recomputed forward must see the same adapters (on/off)
+    cfg, args = resolve_config(base=dict(BASE, model=sd, method=name, args=args,
+                                         train={**BASE["train"], "gradient_checkpointing": True}))
     summary = train(cfg, args, tmp_path / "run")
     assert summary["finished"] and torch.isfinite(torch.tensor(summary["final_reward_mean"]))
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
@@ -168,3 +170,51 @@ def test_gradient_checkpointing_refused_where_unsupported(tmp_path):
                                      "train": {"gradient_checkpointing": True}})
     with pytest.raises(ConfigError, match="gradient_checkpointing"):
         train(cfg, args, tmp_path / "run")
+
+
+def test_accelerate_launch_two_processes_matches_one(sd, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2` on a CPU-only machine (two gloo processes; `--cpu`
+    would start one) on a pipeline folder: DDPO with two
+    global minibatches gives the weights of one process with the same global batch."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+
+    spec = dict(BASE, model=sd, method="ddpo", args={"minibatches": 2})
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    cfg, args = resolve_config(p)
+    train(cfg, args, tmp_path / "one")
+    launch = Path(sys.executable).with_name("accelerate")
+    r = subprocess.run([str(launch), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                        "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "29551",
+                        "-m", "diffalign.cli", "train", str(p), "--out", str(tmp_path / "two")],
+                       capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert json.loads((tmp_path / "two" / "summary.json").read_text())["processes"] == 2
+    a = load_file(str(tmp_path / "one" / "final" / "pytorch_lora_weights.safetensors"))
+    b = load_file(str(tmp_path / "two" / "final" / "pytorch_lora_weights.safetensors"))
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-3, atol=1e-4)
+
+
+def test_bench_sampler_on_a_pipeline_folder(sd, capsys):
+    """`bench sampler --model PATH` times our sampler against the pipeline's own loop (the same
+    computation: equal latents at eta 0) and reports one step's memory with and without the
+    UNet's gradient checkpointing."""
+    from diffalign.bench.sampler import ours, pipeline_loop
+
+    m = load_model(sd)
+    s = Sampler(num_steps=3, eta=0.0, guidance_scale=4.0)
+    a = pipeline_loop(m, s, ["a cat", "a dog"], torch.Generator().manual_seed(0))
+    b = ours(m, s, ["a cat", "a dog"], torch.Generator().manual_seed(0))
+    assert (a - b).abs().max() < 1e-4
+    assert main(["bench", "sampler", "--model", sd, "--batch", "2", "--steps", "2", "--repeats", "1",
+                 "--prompts", "a cat,a dog"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusers pipeline:" in out and "| train.gradient_checkpointing | peak memory" in out
+    rows = json.loads(out[out.index('{\n "toggle"'):out.index("| train.gradient")])["rows"]
+    assert [r["checkpoint"] for r in rows] == [True, False] and all(r["step_peak_bytes"] >= 0 for r in rows)

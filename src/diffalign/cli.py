@@ -7,13 +7,14 @@
     diffalign models make-tiny-sd OUT | make-tiny-clip OUT
     diffalign eval RUN_DIR [--per-prompt N] [--seed S]
     diffalign sample RUN_DIR --out PATH [--n N] [--prompts P ...] [--seed S] [--base]
-    diffalign bench sampler [--batch N] [--steps S]
+    diffalign export RUN_DIR --out DIR [--merge]
+    diffalign bench sampler [--model NAME|PATH] [--batch N] [--steps S]
     diffalign bench step [--methods a,b] [--repeats R]
     diffalign bench memory [--config alignprop.yaml] [--steps K]
     diffalign bench suite --suite digits|toy2d|digits-minority [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
     diffalign demo [--out DIR]
     diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
-    diffalign data labels --pairs DIR/pairs.jsonl --out DIR
+    diffalign data labels --pairs DIR/pairs.jsonl --out DIR    (or --model M --reward R: new pairs, then labels)
 """
 
 from __future__ import annotations
@@ -99,6 +100,16 @@ def _sample(a) -> int:
     return 0
 
 
+def _export(a) -> int:
+    from .export import export_run
+
+    out = export_run(a.run, a.out, merge=a.merge)
+    how = "from_pretrained(DIR)" if a.merge or not (out / "pytorch_lora_weights.safetensors").exists() else \
+        "from_pretrained(DIR).load_lora_weights(DIR)"
+    print(f"{out}: a diffusers pipeline folder; load it with {how}")
+    return 0
+
+
 def _list(kind: str) -> int:
     if kind == "methods":
         from .methods import list_methods
@@ -149,9 +160,20 @@ def _bench(a) -> int:
     if what == "sampler":
         from .bench import bench_sampler
 
-        r = bench_sampler(a.model, batch=a.batch, num_steps=a.steps, repeats=a.repeats)
+        prompts = a.prompts.split(",") if a.prompts and "," in a.prompts else a.prompts
+        r = bench_sampler(a.model, batch=a.batch, num_steps=a.steps, repeats=a.repeats, prompts=prompts)
         print(json.dumps(r, indent=1))
-        print(f"sampling with log-probs / diffusers scheduler loop: {r['ratio']:.3f}x (target <= 1.15x)")
+        print(f"sampling with log-probs / diffusers {r['reference']}: {r['ratio']:.3f}x (target <= 1.15x)")
+        if r["reference"] == "pipeline":  # and one training step's memory with and without the UNet's checkpointing
+            from .bench.memory import bench_memory, format_memory
+
+            extra = [f"model={a.model}", "reward=brightness", f"prompts={a.prompts or 'animals'}",
+                     f"train.batch_size={a.batch}", f"sampling.num_steps={a.steps}", "args.checkpoint=false",
+                     "eval.reward=null"]
+            m = bench_memory(str(Path(a.configs) / "alignprop_digits.yaml"), grad_steps=a.steps, extra=extra,
+                             toggle="train.gradient_checkpointing")
+            print(json.dumps(m, indent=1))
+            print(format_memory(m))
         return 0
     if what != "suite" or not a.suite:
         raise SystemExit("usage: diffalign bench --suite digits|toy2d|digits-minority [--methods a,b] [--seeds K] [--budget N] "
@@ -193,26 +215,35 @@ def _demo(a) -> int:
 def _data(a) -> int:
     from .data import feedback
 
-    if a.what == "pairs":
-        from .models import load_model
-        from .rewards import build_reward
+    if a.what == "labels" and a.pairs:  # labels from an existing pairs set
+        if a.model:
+            raise ValueError("give either --pairs (labels from a pairs set) or --model (labels from new samples)")
+        _print_labels(a.out, feedback.labels_from_pairs(a.pairs, a.out)[1])
+        return 0
+    import torch
 
-        reward = build_reward(a.reward)
-        model = load_model(a.model)
-        prompts = a.prompts.split(",") if a.prompts else model.prompts
-        from .sampler import Sampler
+    from .data.prompts import resolve_prompts
+    from .models import load_model
+    from .rewards import build_reward
+    from .sampler import Sampler
 
-        sampler = Sampler(num_steps=a.steps or model.num_inference_steps, eta=a.eta, guidance_scale=a.guidance)
-        stats = feedback.make_pairs(model, reward, prompts, a.n, a.out, seed=a.seed, bt_noise=a.bt_noise,
-                                    sampler=sampler)
-        print(json.dumps(stats, indent=1))
-    else:
-        if not a.pairs:
-            raise SystemExit("usage: diffalign data labels --pairs DIR/pairs.jsonl --out DIR")
-        _, counts = feedback.labels_from_pairs(a.pairs, a.out)
-        print(f"{Path(a.out) / 'labels.jsonl'}: {counts['desirable']} desirable, {counts['undesirable']} undesirable"
-              f" ({counts['ties_dropped']} tied pairs dropped)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model = load_model(a.model or "digits", device=device)
+    reward = build_reward(a.reward, device=device)
+    spec = a.prompts.split(",") if a.prompts and "," in a.prompts else a.prompts
+    prompts = resolve_prompts(spec, model.prompts)
+    sampler = Sampler(num_steps=a.steps or model.num_inference_steps, eta=a.eta, guidance_scale=a.guidance)
+    out = Path(a.out) / "pairs" if a.what == "labels" else Path(a.out)
+    stats = feedback.make_pairs(model, reward, prompts, a.n, out, seed=a.seed, bt_noise=a.bt_noise, sampler=sampler)
+    print(json.dumps(stats, indent=1))
+    if a.what == "labels":  # the Pick-a-Pic rule on the new pairs
+        _print_labels(a.out, feedback.labels_from_pairs(out / "pairs.jsonl", a.out)[1])
     return 0
+
+
+def _print_labels(out, counts: dict) -> None:
+    print(f"{Path(out) / 'labels.jsonl'}: {counts['desirable']} desirable, {counts['undesirable']} undesirable"
+          f" ({counts['ties_dropped']} tied pairs dropped)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -250,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
     sm.add_argument("--seed", type=int, default=0, help="noise seed (the same for --base and the aligned model)")
     sm.add_argument("--base", action="store_true", help="sample the base model instead of the aligned one")
     sm.set_defaults(fn=_sample)
+    ex = sub.add_parser("export", help="write a run's aligned model as a diffusers pipeline folder (LoRA beside it, "
+                        "or merged with --merge)")
+    ex.add_argument("run", help="run folder (the --out of `diffalign train`) of a model loaded from a pipeline folder")
+    ex.add_argument("--out", required=True, help="new output folder")
+    ex.add_argument("--merge", action="store_true", help="fuse the LoRA into the UNet (from_pretrained alone loads it)")
+    ex.set_defaults(fn=_export)
     b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d (methods at equal reward budget), digits-minority (constrained training), sampler, step")
     b.add_argument("what", nargs="?", choices=["sampler", "suite", "step", "memory"],
                    help="sampler, step (one update vs bare forward+backward), memory (one AlignProp update with and "
@@ -265,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--configs", default="configs", help="folder with <method>_<suite>.yaml configs")
     b.add_argument("--model", default="digits", help="(sampler) model")
     b.add_argument("--batch", type=int, default=64)
+    b.add_argument("--prompts", default=None, help="(sampler) prompts: comma-separated, a file or a set name")
     b.add_argument("--steps", type=int, default=20, help="(sampler) sampling steps; (memory) steps with gradient")
     b.add_argument("--repeats", type=int, default=7, help="(sampler, step) timed repeats")
     b.set_defaults(fn=_bench)
@@ -275,16 +313,18 @@ def build_parser() -> argparse.ArgumentParser:
     dt = sub.add_parser("data", help="build offline feedback sets (pairs, labels) for diffusion-dpo / diffusion-kto")
     dt.add_argument("what", choices=["pairs", "labels"])
     dt.add_argument("--out", required=True, help="output folder (pairs.jsonl / labels.jsonl + images)")
-    dt.add_argument("--model", default="digits")
+    dt.add_argument("--model", default=None, help="model name or pipeline folder whose samples make the set "
+                    "(default digits)")
     dt.add_argument("--reward", default="classifier")
     dt.add_argument("--n", type=int, default=512, help="number of pairs")
     dt.add_argument("--bt-noise", type=float, default=None, help="Bradley-Terry temperature (default: argmax)")
     dt.add_argument("--seed", type=int, default=0)
-    dt.add_argument("--prompts", default=None, help="comma-separated prompts (default: the model's)")
+    dt.add_argument("--prompts", default=None, help="comma-separated prompts, a prompts file or a prompt set name "
+                    "(default: the model's own; a pipeline folder has none)")
     dt.add_argument("--steps", type=int, default=None, help="sampling steps (default: the model's)")
     dt.add_argument("--eta", type=float, default=1.0, help="DDIM eta")
     dt.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
-    dt.add_argument("--pairs", help="pairs JSONL (for `data labels`)")
+    dt.add_argument("--pairs", help="`data labels` from this pairs JSONL (Pick-a-Pic rule) instead of new samples")
     dt.set_defaults(fn=_data)
     return p
 

@@ -59,21 +59,24 @@ def measure(config: str, overrides: list[str]) -> dict:
     return out
 
 
-def bench_memory(config: str = "configs/alignprop_digits.yaml", grad_steps: int = 20) -> dict:
+def bench_memory(config: str = "configs/alignprop_digits.yaml", grad_steps: int = 20, extra: list[str] = (),
+                 toggle: str = "args.checkpoint") -> dict:
     """One update with and without checkpointing, each in a fresh process; gradients through the
-    last `grad_steps` sampling steps (20: the whole chain of the digits config)."""
+    last `grad_steps` sampling steps (20: the whole chain of the digits config). `toggle` is the
+    switch: `args.checkpoint` (AlignProp's per-step checkpointing of the sampling chain) or
+    `train.gradient_checkpointing` (the UNet's own, for pipeline folders); `extra`: more overrides."""
     rows = []
     for ckpt in (True, False):
         overrides = [f"args.min_grad_steps={grad_steps}", f"args.max_grad_steps={grad_steps}",
-                     f"args.checkpoint={str(ckpt).lower()}", "args.minibatches=1", "train.batches_per_epoch=1"]
+                     f"{toggle}={str(ckpt).lower()}", "args.minibatches=1", "train.batches_per_epoch=1", *extra]
         r = subprocess.run([sys.executable, "-m", "diffalign.bench.memory", config, *overrides], capture_output=True,
                            text=True, check=True)
         rows.append({"checkpoint": ckpt, **json.loads(r.stdout.strip().splitlines()[-1])})
-    return {"rows": rows, "ratio": rows[1]["step_peak_bytes"] / max(1, rows[0]["step_peak_bytes"])}
+    return {"toggle": toggle, "rows": rows, "ratio": rows[1]["step_peak_bytes"] / max(1, rows[0]["step_peak_bytes"])}
 
 
 def format_memory(result: dict) -> str:
-    lines = ["| gradient checkpointing | peak memory of one update (MB) | seconds |", "|---|---|---|"]
+    lines = [f"| {result.get('toggle', 'args.checkpoint')} | peak memory of one update (MB) | seconds |", "|---|---|---|"]
     for r in result["rows"]:
         lines.append(f"| {'on' if r['checkpoint'] else 'off'} | {r['step_peak_bytes'] / 2**20:.0f} | {r['seconds']:.2f} |")
     lines.append(f"without / with checkpointing: {result['ratio']:.1f}x")

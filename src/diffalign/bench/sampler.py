@@ -1,5 +1,7 @@
 """Benchmarks. `sampler`: wall time of sampling with log-probs (our Sampler) against
-diffusers' own scheduler loop on the same model, batch and guidance."""
+diffusers' own loop on the same model, batch and guidance: the scheduler's `step` loop for
+the embedded models, the pipeline's own `__call__` (on the same components, latents out)
+for a pipeline folder."""
 
 from __future__ import annotations
 
@@ -24,19 +26,50 @@ def diffusers_loop(model, sampler, prompts, generator):
 
 
 @torch.no_grad()
+def pipeline_loop(model, sampler, prompts, generator):
+    """The reference for a pipeline folder: the diffusers pipeline's own loop, same components."""
+    from ..export import pipeline_class
+
+    pipe = model.info.get("_pipe")
+    if pipe is None:
+        parts = model.parts
+        pipe = pipeline_class(model.path)(vae=parts["vae"], text_encoder=parts["text_encoder"],
+                                          tokenizer=model.info["tokenizer"], unet=model.denoiser,
+                                          scheduler=model.scheduler, safety_checker=None, feature_extractor=None,
+                                          requires_safety_checker=False)
+        pipe.set_progress_bar_config(disable=True)
+        model.info["_pipe"] = pipe
+    size = model.info["resolution"]
+    latents = sampler.noise(model, len(prompts), generator)
+    return pipe(list(prompts), height=size, width=size, num_inference_steps=sampler.num_steps,
+                guidance_scale=sampler.guidance_scale, eta=sampler.eta, latents=latents, generator=generator,
+                negative_prompt=[model.info.get("negative_prompt", "")] * len(prompts), output_type="latent").images
+
+
+def is_pipeline(model) -> bool:
+    from pathlib import Path
+
+    return bool(model.path) and (Path(model.path) / "model_index.json").is_file() and "vae" in model.parts
+
+
+@torch.no_grad()
 def ours(model, sampler, prompts, generator):
     return sampler.sample(model, prompts, generator=generator).final
 
 
 def bench_sampler(model_name: str = "digits", batch: int = 64, num_steps: int = 20, repeats: int = 7,
-                  eta: float = 1.0) -> dict:
-    """Median wall time of each loop (interleaved runs, one warm-up each) and their ratio."""
+                  eta: float = 1.0, prompts=None) -> dict:
+    """Median wall time of each loop (interleaved runs, one warm-up each) and their ratio.
+    `prompts`: a list, prompts file or set name (default: the model's own; 'animals' for a pipeline)."""
+    from ..data.prompts import resolve_prompts
+
     model = load_model(model_name)
     model.denoiser.eval()
     sampler = Sampler(num_steps=num_steps, eta=eta, guidance_scale=model.guidance_scale)
-    prompts = [model.prompts[i % len(model.prompts)] for i in range(batch)]
+    pool = resolve_prompts(prompts if prompts is not None or model.prompts else "animals", model.prompts)
+    prompts = [pool[i % len(pool)] for i in range(batch)]
     times = {"diffusers": [], "diffalign": []}
-    fns = {"diffusers": diffusers_loop, "diffalign": ours}
+    fns = {"diffusers": pipeline_loop if is_pipeline(model) else diffusers_loop, "diffalign": ours}
     for r in range(repeats + 1):
         for name, fn in fns.items():
             g = torch.Generator(model.device).manual_seed(r)
@@ -45,6 +78,7 @@ def bench_sampler(model_name: str = "digits", batch: int = 64, num_steps: int = 
             if r > 0:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    return {"model": model_name, "batch": batch, "num_steps": num_steps, "repeats": repeats,
+    return {"model": model_name, "reference": "pipeline" if is_pipeline(model) else "scheduler loop",
+            "batch": batch, "num_steps": num_steps, "repeats": repeats,
             "diffusers_s": med["diffusers"], "diffalign_s": med["diffalign"],
             "ratio": med["diffalign"] / med["diffusers"]}

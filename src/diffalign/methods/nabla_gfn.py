@@ -48,6 +48,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import adapters
 from ..config import ConfigError
 from ..losses.nabla_db import gaussian_scores, residual_db_loss
 from ..seeding import seed_for
@@ -133,6 +134,13 @@ class NablaGFN:
                               "make_field_net: add one to the model")
         torch.manual_seed(seed_for(run.cfg.seed, "flow-init"))  # the same on every process and run
         self.flow = run.model.make_field_net().to(run.device)
+        den = adapters.unwrap(run.model.denoiser)
+        if run.cfg.train.gradient_checkpointing and hasattr(den, "set_attn_processor"):
+            # a checkpointed block recomputes its forward inside the backward passes, where the kernel choice of
+            # `twice_differentiable` no longer holds: plain-matmul attention is twice differentiable everywhere
+            from diffusers.models.attention_processor import AttnProcessor
+
+            den.set_attn_processor(AttnProcessor())
 
     def modules(self):
         return {"denoiser": Trainable(self.run.model.denoiser),
@@ -161,17 +169,18 @@ class NablaGFN:
         which = run.reference() if self.args.x0_from == "reference" else contextlib.nullcontext()
         with torch.enable_grad():
             x = x.detach().requires_grad_(True)
-            with which:
+            with which:  # the backward too: a checkpointed UNet recomputes its forward with the same adapters
                 x0 = s.x0_hat(run.model, x, t.clamp(min=0), cond)
-            x0 = torch.where(terminal.view(-1, *[1] * (x.ndim - 1)), x, x0)
-            reward = run.score(run.model.decode(x0), prompts)
-            log_r = reward
-            if self.args.log_reward == "log":
-                if bool((reward <= 0).any()):
-                    raise ValueError(f"args.log_reward: log needs a positive reward, but '{run.reward.name}' gave "
-                                     f"{float(reward.min().detach()):.4g}: use log_reward: reward for a log-scale reward")
-                log_r = reward.log()
-            (grad,) = torch.autograd.grad(log_r.sum(), x)
+                x0 = torch.where(terminal.view(-1, *[1] * (x.ndim - 1)), x, x0)
+                reward = run.score(run.model.decode(x0), prompts)
+                log_r = reward
+                if self.args.log_reward == "log":
+                    if bool((reward <= 0).any()):
+                        raise ValueError(f"args.log_reward: log needs a positive reward, but '{run.reward.name}' gave "
+                                         f"{float(reward.min().detach()):.4g}: use log_reward: reward for a log-scale "
+                                         "reward")
+                    log_r = reward.log()
+                (grad,) = torch.autograd.grad(log_r.sum(), x)
         gamma = torch.where(terminal.view(-1, *[1] * (x.ndim - 1)), torch.ones_like(grad), self._gamma(t, x))
         return self.args.beta * gamma * grad, reward.detach()
 
