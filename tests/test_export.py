@@ -123,3 +123,11 @@ def test_export_refuses_an_embedded_model(tmp_path, capsys):
     assert main(["export", str(run), "--out", str(tmp_path / "x")]) == 2
     assert "not a diffusers pipeline folder" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_eval_and_sample_on_a_pipeline_run(lora_run, tmp_path):
+    assert main(["eval", str(lora_run), "--per-prompt", "2"]) == 0
+    result = json.loads((lora_run / "eval.json").read_text())
+    assert result["aligned"]["win_rate"] is not None and result["aligned"]["kl"] > 0
+    assert main(["sample", str(lora_run), "--out", str(tmp_path / "s.png"), "--n", "2"]) == 0
+    assert (tmp_path / "s.png").is_file()

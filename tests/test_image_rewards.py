@@ -162,12 +162,13 @@ class _FakeOpenClip(nn.Module):
 
 
 def test_hpsv2_loads_a_local_checkpoint_through_open_clip(monkeypatch, tmp_path):
-    torch.save(_FakeOpenClip().state_dict(), tmp_path / "hps.pt")
+    torch.manual_seed(0)
+    ref = _FakeOpenClip()
+    torch.save(ref.state_dict(), tmp_path / "hps.pt")
 
     def create_model(name, pretrained, device):
-        net = _FakeOpenClip()
-        net.load_state_dict(torch.load(pretrained, weights_only=True))
-        return net
+        assert pretrained is None  # diffalign loads the weights itself (weights_only), open_clip fetches nothing
+        return _FakeOpenClip()  # another random init: the checkpoint must replace it
 
     tokenizer = lambda ps: torch.tensor([[ord(c) % 128 for c in p[:4].ljust(4)] for p in ps])  # noqa: E731
     fake = SimpleNamespace(create_model=create_model, get_tokenizer=lambda name: tokenizer)
@@ -177,5 +178,10 @@ def test_hpsv2_loads_a_local_checkpoint_through_open_clip(monkeypatch, tmp_path)
     x = _images().requires_grad_(True)
     r, _ = build_reward(f"hpsv2(path={tmp_path / 'hps.pt'}, model=ViT-B-32)")(x, PROMPTS)
     assert r.shape == (3,) and (r.abs() <= 1 + 1e-6).all()
+    import torch.nn.functional as F
+
+    xi = ri.resize_crop(x.detach(), 16, (16, 16), (0.5,) * 3, (0.5,) * 3)  # the loaded weights, not the random init
+    want = (F.normalize(ref.encode_image(xi), dim=-1) * F.normalize(ref.encode_text(tokenizer(PROMPTS)), dim=-1)).sum(-1)
+    torch.testing.assert_close(r.detach(), want.detach(), atol=1e-5, rtol=1e-5)
     r.sum().backward()
     assert x.grad.abs().sum() > 0

@@ -38,7 +38,8 @@ from . import register
 __all__ = ["ClipModel", "load_clip", "clip_folder", "load_aesthetic_head", "convert_aesthetic_head", "rgb",
            "jpeg_bytes"]
 
-CLIP_FILES = ("config.json, model.safetensors (or pytorch_model.bin), the tokenizer (tokenizer.json, or vocab.json + "
+CLIP_FILES = ("config.json, model.safetensors (a pytorch_model.bin is not loaded: re-save it with "
+              "save_pretrained(safe_serialization=True)), the tokenizer (tokenizer.json, or vocab.json + "
               "merges.txt) and the processor config (preprocessor_config.json or processor_config.json), as written "
               "by CLIPModel.save_pretrained + CLIPProcessor.save_pretrained")
 HEAD_KEYS = [f"layers.{i}.{p}" for i in (0, 2, 4, 6, 7) for p in ("weight", "bias")]
@@ -86,8 +87,7 @@ def clip_folder(who: str, path, key: str = "path") -> Path:
     folder = Path(str(path)).expanduser()
     if not folder.is_dir():
         raise FileNotFoundError(f"{who}: CLIP folder {str(folder)!r} does not exist; it must hold {CLIP_FILES}")
-    need = {"config.json": ["config.json"], "model.safetensors": ["model.safetensors", "pytorch_model.bin",
-                                                                   "model.safetensors.index.json"],
+    need = {"config.json": ["config.json"], "model.safetensors": ["model.safetensors", "model.safetensors.index.json"],
             "tokenizer.json": ["tokenizer.json", "vocab.json"],
             "preprocessor_config.json": ["preprocessor_config.json", "processor_config.json"]}
     missing = [name for name, options in need.items() if not any((folder / f).is_file() for f in options)]
@@ -149,8 +149,7 @@ def load_clip(path, device="cpu", processor=None, who: str = "clip") -> ClipMode
                                 "and processor config (CLIPProcessor.save_pretrained)")
     key = ("clip", str(folder.resolve()), str(proc.resolve()), str(torch.device(device)))
     if key not in _CACHE:
-        safetensors = (folder / "model.safetensors").is_file() or (folder / "model.safetensors.index.json").is_file()
-        model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=safetensors or None)
+        model = CLIPModel.from_pretrained(str(folder), local_files_only=True, use_safetensors=True)
         model.eval().requires_grad_(False).to(device)
         _CACHE[key] = ClipModel(model, CLIPProcessor.from_pretrained(str(proc), local_files_only=True))
     return _CACHE[key]
@@ -275,7 +274,15 @@ def load_hpsv2(path, model: str = "ViT-H-14", device="cpu") -> OpenClipModel:
         name = config.stem
     key = ("hpsv2", str(ckpt.resolve()), name, str(torch.device(device)))
     if key not in _CACHE:
-        net = oc.create_model(name, pretrained=str(ckpt), device="cpu")  # a file: open_clip downloads nothing
+        net = oc.create_model(name, pretrained=None, device="cpu")  # the architecture only: nothing is fetched
+        if ckpt.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(ckpt))
+        else:
+            state = torch.load(str(ckpt), map_location="cpu", weights_only=True)
+        state = state.get("state_dict", state)
+        net.load_state_dict({k.removeprefix("module."): v for k, v in state.items()})
         net.eval().requires_grad_(False).to(device)
         _CACHE[key] = OpenClipModel(net, oc.get_tokenizer(name))
     return _CACHE[key]
