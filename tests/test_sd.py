@@ -218,3 +218,23 @@ def test_bench_sampler_on_a_pipeline_folder(sd, capsys):
     assert "diffusers pipeline:" in out and "| train.gradient_checkpointing | peak memory" in out
     rows = json.loads(out[out.index('{\n "toggle"'):out.index("| train.gradient")])["rows"]
     assert [r["checkpoint"] for r in rows] == [True, False] and all(r["step_peak_bytes"] >= 0 for r in rows)
+
+
+def test_bench_suite_on_a_pipeline_folder(sd, tmp_path):
+    """`diffalign bench --suite digits --set model=PATH ...`: the suite's methods (an online and an
+    offline one) on a pipeline folder at an equal reward budget; the overrides are part of the
+    bench's settings."""
+    from diffalign.bench import run_bench
+
+    sets = [f"model={sd}", "prompts=[a cat, a dog]", "reward=brightness", "eval.reward=null",
+            "sampling.num_steps=3", "train.batch_size=4", "train.batches_per_epoch=1"]
+    out = tmp_path / "bench"
+    assert main(["bench", "--suite", "digits", "--methods", "ddpo@args.minibatches=1,diffusion-dpo", "--seeds", "1",
+                 "--budget", "8", "--per-prompt", "2", "--out", str(out)] + [x for s in sets for x in ("--set", s)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["model"] == sd and len(results["rows"]) == 2
+    rows = {r["method"]: r for r in results["rows"]}
+    assert rows["ddpo@args.minibatches=1"]["reward_queries"] == 8 and rows["diffusion-dpo"]["reward_queries"] == 8
+    assert (out / "report.md").is_file()
+    with pytest.raises(ValueError, match="overrides"):  # a bench folder never mixes settings
+        run_bench("digits", out, methods=["diffusion-dpo"], seeds=1, budget=8, per_prompt=2, overrides=sets[:-1])

@@ -184,7 +184,8 @@ def _bench(a) -> int:
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None
     out = a.out or f"runs/bench-{a.suite}{'-quick' if a.quick else ''}"
     results = run_bench(a.suite, out, methods=methods, seeds=a.seeds, budget=a.budget, quick=a.quick,
-                        per_prompt=a.per_prompt, configs=a.configs, command="diffalign " + " ".join(sys.argv[1:]))
+                        per_prompt=a.per_prompt, configs=a.configs, command="diffalign " + " ".join(sys.argv[1:]),
+                        overrides=a.set or [])
     print(summary_table(results))
     print(f"report: {Path(out) / 'report.md'}")
     return 0
@@ -300,6 +301,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--quick", action="store_true", help="the preset that finishes in about 10 minutes")
     b.add_argument("--out", help="bench folder (default runs/bench-SUITE); rerun the command to resume")
     b.add_argument("--configs", default="configs", help="folder with <method>_<suite>.yaml configs")
+    b.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="(suite) override for every cell, e.g. --set model=/models/sd15 --set prompts=animals")
     b.add_argument("--model", default="digits", help="(sampler) model")
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--prompts", default=None, help="(sampler) prompts: comma-separated, a file or a set name")

@@ -11,6 +11,11 @@ A method may be a variant: `name@key=value@key=value` is the config `name` with 
 overrides (e.g. `nabla-gfn@args.beta=3`), reported under that label, so one command
 gives a method at several settings (a reward-vs-diversity front).
 
+`overrides` (`--set key=value`, repeatable) apply to every cell, before a variant's own:
+e.g. `--set model=/models/stable-diffusion-v1-5 --set prompts=animals --set reward=...`
+runs the suite's methods on a pipeline folder. They are part of the bench's settings: a
+bench folder never mixes cells run with different ones.
+
 Resumable: a cell with summary.json is read, not rerun; an interrupted cell resumes
 from its newest checkpoint. results.json is rewritten after every cell; report.md and
 the figures are written at the end (`report.write_report`).
@@ -83,36 +88,37 @@ def config_path(configs: Path, name: str, suite: str) -> Path:
     return path
 
 
-def plan(suite: str, methods=None, seeds=None, budget=None, quick=False, per_prompt=None) -> dict:
+def plan(suite: str, methods=None, seeds=None, budget=None, quick=False, per_prompt=None, overrides=()) -> dict:
     if suite not in SUITES:
         raise ValueError(f"unknown suite '{suite}': available: {', '.join(SUITES)}")
     s = SUITES[suite]
     q = s.quick if quick else {}
-    return {"suite": suite, "model": s.model,
+    model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), s.model)
+    return {"suite": suite, "model": model,
             "methods": list(methods or q.get("methods", s.methods)),
             "seeds": int(seeds or q.get("seeds", s.seeds)),
             "budget": int(budget or q.get("budget", s.budget)),
             "per_prompt": int(per_prompt or q.get("per_prompt", s.per_prompt)),
-            "quick": bool(quick), "base_row": s.base_row, "classes": list(s.classes)}
+            "quick": bool(quick), "base_row": s.base_row, "classes": list(s.classes), "overrides": list(overrides)}
 
 
 def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None, quick=False, per_prompt=None,
-              configs: str | Path = "configs", command: str | None = None) -> dict:
+              configs: str | Path = "configs", command: str | None = None, overrides=()) -> dict:
     """Run (or resume) every cell of the plan; return results (also OUT/results.json)."""
     from ..train import resolve_config
     from .report import write_report
 
-    p = plan(suite, methods, seeds, budget, quick, per_prompt)
+    p = plan(suite, methods, seeds, budget, quick, per_prompt, overrides)
     out = Path(out)
     if p["budget"] < 1 and SUITES[suite].budget > 0:
         raise ValueError("--budget must be a positive number of reward queries")
     for name in p["methods"]:  # every config is valid before anything runs
-        resolve_config(config_path(configs, name, suite), _overrides(p, 0, offline=False)[:2] + variant(name)[1])
+        resolve_config(config_path(configs, name, suite), _overrides(p, 0, offline=False)[:2] + cell_overrides(p, name))
     settings = out / "bench.json"
     if settings.exists():
         prev = json.loads(settings.read_text())
-        for key in ("suite", "budget", "per_prompt"):
-            if prev[key] != p[key]:
+        for key in ("suite", "budget", "per_prompt", "overrides"):
+            if prev.get(key, []) != p[key]:
                 raise ValueError(f"{out} holds a bench with {key} = {prev[key]}, not {p[key]}: "
                                  "choose another --out (results at different settings must not mix)")
     out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +140,11 @@ def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None
     return results
 
 
+def cell_overrides(p: dict, name: str) -> list[str]:
+    """The bench's `--set` overrides, then the method variant's own."""
+    return list(p.get("overrides", [])) + variant(name)[1]
+
+
 def _overrides(p: dict, seed: int, offline: bool) -> list[str]:
     o = [f"seed={seed}", f"eval.per_prompt={p['per_prompt']}", "train.keep_checkpoints=1"]
     if not offline and p["budget"] > 0:  # the budget ends training; the epoch count only caps it
@@ -147,7 +158,7 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
     from ..train import resolve_config, train
 
     run = out / "runs" / name / f"seed-{seed}"
-    cfg, args = resolve_config(config_path(configs, name, p["suite"]), variant(name)[1])
+    cfg, args = resolve_config(config_path(configs, name, p["suite"]), cell_overrides(p, name))
     offline = getattr(get_method(cfg.method), "offline_data", False)
     data = ensure_pairs(p, out, seed, cfg) if offline else None
     if (run / "failed.json").exists():
@@ -160,7 +171,7 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
             else:
                 extra = [f"args.data={data['path']}"] if data else []
                 cfg, args = resolve_config(config_path(configs, name, p["suite"]),
-                                           _overrides(p, seed, offline) + extra + variant(name)[1])
+                                           _overrides(p, seed, offline) + extra + cell_overrides(p, name))
                 train(cfg, args, run)
         except (FloatingPointError, RewardError) as e:  # a setting that diverges is a result, not the end
             if isinstance(e, RewardError) and "images themselves contain NaN/inf" not in str(e):
@@ -181,6 +192,7 @@ def failed_row(name: str, seed: int, run: Path, algorithm: str) -> dict:
 def ensure_pairs(p: dict, out: Path, seed: int, cfg) -> dict:
     """The offline methods' feedback: budget / 2 pairs of base samples ranked by the training reward."""
     from ..data import feedback
+    from ..data.prompts import resolve_prompts
     from ..models import load_model
     from ..rewards import build_reward
     from ..sampler import Sampler
@@ -191,7 +203,8 @@ def ensure_pairs(p: dict, out: Path, seed: int, cfg) -> dict:
         start = time.time()
         model = load_model(cfg.model)
         with checkpoint.atomic_dir(folder) as tmp:
-            stats = feedback.make_pairs(model, build_reward(cfg.reward), cfg.prompts or model.prompts, p["budget"] // 2,
+            stats = feedback.make_pairs(model, build_reward(cfg.reward), resolve_prompts(cfg.prompts, model.prompts),
+                                        p["budget"] // 2,
                                         tmp, seed=1000 + seed, sampler=Sampler.from_config(cfg.sampling, model),
                                         bt_noise=SUITES[p["suite"]].bt_noise)
             stats.update(wall_s=round(time.time() - start, 2), reward_queries=2 * (p["budget"] // 2))
