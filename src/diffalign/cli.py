@@ -167,7 +167,8 @@ def _bench(a) -> int:
         if r["reference"] == "pipeline":  # and one training step's memory with and without the UNet's checkpointing
             from .bench.memory import bench_memory, format_memory
 
-            extra = [f"model={a.model}", "reward=brightness", f"prompts={a.prompts or 'animals'}",
+            extra = [f"model={a.model}", "reward=brightness",
+                     f"prompts={json.dumps(prompts) if isinstance(prompts, list) else prompts or 'animals'}",
                      f"train.batch_size={a.batch}", f"sampling.num_steps={a.steps}", "args.checkpoint=false",
                      "eval.reward=null"]
             m = bench_memory(str(Path(a.configs) / "alignprop_digits.yaml"), grad_steps=a.steps, extra=extra,
