@@ -20,8 +20,9 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/diffalign demo
 
+# two pytest-xdist workers, one torch thread each (tests/conftest.py): about 9 minutes on 2 cores
 test: setup
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n 2
 
 clean:
 	rm -rf $(VENV) .cache runs
