@@ -144,6 +144,8 @@ def test_every_online_method_runs_on_a_pipeline_folder(sd, tmp_path, name):
     final = tmp_path / "run" / "final"
     if name == "ddo":  # DDO keeps the base weights and learns its h-network beside them
         assert any(final.glob("*.safetensors"))
+        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 2  # no pipeline to export
+        assert not (tmp_path / "x").exists()
         return
     if not cfg.lora.enabled:  # constrained: a full fine-tune
         tuned = load_file(str(final / "unet" / "diffusion_pytorch_model.safetensors"))
