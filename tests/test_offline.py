@@ -11,7 +11,6 @@ import torch
 
 from diffalign.data import feedback
 from diffalign.losses import denoising_error, dpo_loss, logratio_from_errors
-from diffalign.methods.offline import labels_set_from_pairs
 from diffalign.sampler import Sampler
 
 
@@ -119,7 +118,7 @@ def test_labels_from_pairs_pick_a_pic_rule(tmp_path):
     assert {Path(r["image"]).name: r["desirable"] for r in out_rows} == {"a.png": True, "b.png": True, "c.png": False}
     ls = feedback.load_labels(tmp_path / "l" / "labels.jsonl")  # paths rewritten relative to the new folder
     assert ls.counts == {"desirable": 2, "undesirable": 1}
-    mem = labels_set_from_pairs(feedback.load_pairs(tmp_path / "p" / "pairs.jsonl"))
+    mem = feedback.labels_from_pair_set(feedback.load_pairs(tmp_path / "p" / "pairs.jsonl"))
     assert mem.desirable.tolist() == [True, True, False]
 
 

@@ -160,7 +160,7 @@ def _bench(a) -> int:
     if what == "sampler":
         from .bench import bench_sampler
 
-        prompts = a.prompts.split(",") if a.prompts and "," in a.prompts else a.prompts
+        prompts = _prompts_arg(a.prompts)
         r = bench_sampler(a.model, batch=a.batch, num_steps=a.steps, repeats=a.repeats, prompts=prompts)
         print(json.dumps(r, indent=1))
         print(f"sampling with log-probs / diffusers {r['reference']}: {r['ratio']:.3f}x (target <= 1.15x)")
@@ -232,8 +232,7 @@ def _data(a) -> int:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(a.model or "digits", device=device)
     reward = build_reward(a.reward, device=device)
-    spec = a.prompts.split(",") if a.prompts and "," in a.prompts else a.prompts
-    prompts = resolve_prompts(spec, model.prompts)
+    prompts = resolve_prompts(_prompts_arg(a.prompts), model.prompts)
     sampler = Sampler(num_steps=a.steps or model.num_inference_steps, eta=a.eta, guidance_scale=a.guidance)
     out = Path(a.out) / "pairs" if a.what == "labels" else Path(a.out)
     stats = feedback.make_pairs(model, reward, prompts, a.n, out, seed=a.seed, bt_noise=a.bt_noise, sampler=sampler)
@@ -241,6 +240,11 @@ def _data(a) -> int:
     if a.what == "labels":  # the Pick-a-Pic rule on the new pairs
         _print_labels(a.out, feedback.labels_from_pairs(out / "pairs.jsonl", a.out)[1])
     return 0
+
+
+def _prompts_arg(text: str | None):
+    """--prompts: 'a,b' is a list; anything else a prompts file or set name (None: the default)."""
+    return text.split(",") if text and "," in text else text
 
 
 def _print_labels(out, counts: dict) -> None:

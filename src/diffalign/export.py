@@ -44,6 +44,12 @@ def write_pipeline(base: str | Path, dest: Path, unet) -> None:
     unet.save_pretrained(dest / "unet", safe_serialization=True)
 
 
+def pipeline_folder(model) -> Path | None:
+    """The diffusers pipeline folder `model` was loaded from (one with model_index.json), else None."""
+    folder = Path(model.path) if model.path else None
+    return folder if folder is not None and (folder / "model_index.json").is_file() else None
+
+
 def pipeline_class(folder: str | Path):
     import diffusers
 
@@ -59,8 +65,8 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
     from .eval.run import load_run
 
     lr = load_run(run_dir)
-    run, base = lr.run, lr.run.model.path
-    if not base or not (Path(base) / "model_index.json").is_file():
+    run, base = lr.run, pipeline_folder(lr.run.model)
+    if base is None:
         raise ValueError(f"{run_dir}: its model {lr.cfg.model!r} is not a diffusers pipeline folder, so there is no "
                          "pipeline to export; its weights are in RUN/final (unet/ or the LoRA file)")
     if not _trains_denoiser(lr):

@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import adapters, checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .context import Run
-from .export import write_pipeline
+from .export import pipeline_folder, write_pipeline
 from .methods import Micro, build, modules_of, resolve_config, run_needs, sampler_of
 from .seeding import seed_for
 
@@ -166,8 +166,8 @@ class Trainer:
                 pass  # e.g. DDO: the pretrained weights are the aligned model's, unchanged
             elif self.run.lora_config is not None:
                 adapters.write_lora(den, tmp, self.run.lora_config)
-            elif self.run.model.path and (Path(self.run.model.path) / "model_index.json").is_file():
-                write_pipeline(self.run.model.path, tmp, den)  # full fine-tune of a pipeline: the whole folder
+            elif pipeline_folder(self.run.model) is not None:  # full fine-tune of a pipeline: the whole folder
+                write_pipeline(pipeline_folder(self.run.model), tmp, den)
             elif hasattr(den, "save_pretrained"):  # full fine-tune: a diffusers `unet/` folder
                 den.save_pretrained(tmp / "unet")
             else:

@@ -47,9 +47,9 @@ def pipeline_loop(model, sampler, prompts, generator):
 
 
 def is_pipeline(model) -> bool:
-    from pathlib import Path
+    from ..export import pipeline_folder
 
-    return bool(model.path) and (Path(model.path) / "model_index.json").is_file() and "vae" in model.parts
+    return pipeline_folder(model) is not None and "vae" in model.parts
 
 
 @torch.no_grad()

@@ -341,15 +341,22 @@ def make_pairs(model, reward, prompts, n_pairs: int, out_dir, seed: int = 0, bt_
     return stats
 
 
-def labels_from_pair_set(ps: PairSet) -> LabelSet:
-    """In memory: the Pick-a-Pic rule (preferred at least once = desirable) on a loaded PairSet
-    (images or file paths only, as it was loaded)."""
-    first: dict[str, tuple[str, int, bool]] = {}  # image path -> (prompt, row, winner side), first seen
-    wins = set()
+def _pick_a_pic(ps: PairSet) -> tuple[dict[str, tuple[str, int, bool]], set[str]]:
+    """The Pick-a-Pic rule's inputs: every image path in first-seen order -> (prompt, row, winner side),
+    and the paths preferred at least once (desirable)."""
+    first: dict[str, tuple[str, int, bool]] = {}
+    wins: set[str] = set()
     for i, (wp, lp) in enumerate(zip(ps.winner_paths, ps.loser_paths)):
         first.setdefault(wp, (ps.prompts[i], i, True))
         first.setdefault(lp, (ps.prompts[i], i, False))
         wins.add(wp)
+    return first, wins
+
+
+def labels_from_pair_set(ps: PairSet) -> LabelSet:
+    """In memory: the Pick-a-Pic rule (preferred at least once = desirable) on a loaded PairSet
+    (images or file paths only, as it was loaded)."""
+    first, wins = _pick_a_pic(ps)
     keys = list(first)
     images = None
     if ps.winners is not None:
@@ -368,13 +375,8 @@ def labels_from_pairs(pairs, out_dir=None) -> tuple[list[dict], dict]:
     """
     ps = pairs if isinstance(pairs, PairSet) else load_pairs(pairs)
     src = ps.path.parent.resolve() if ps.path is not None else None
-    order: dict[str, str] = {}  # image -> prompt, in first-seen order
-    wins: set[str] = set()
-    for prompt, w, lo in zip(ps.prompts, ps.winner_paths, ps.loser_paths):
-        order.setdefault(w, prompt)
-        order.setdefault(lo, prompt)
-        wins.add(w)
-    rows = [{"prompt": p, "image": img, "desirable": img in wins} for img, p in order.items()]
+    first, wins = _pick_a_pic(ps)
+    rows = [{"prompt": prompt, "image": img, "desirable": img in wins} for img, (prompt, _, _) in first.items()]
     if out_dir is not None:
         import os
 

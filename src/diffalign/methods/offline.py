@@ -26,7 +26,7 @@ Diffusion-KTO: per sample g = e_ref − e_θ at a random t with fresh noise, `lo
   with the reference point z = max(0, mean g) over the *global* batch (gathered from every
   process, as the reference code). The batch is drawn desirable with probability γ (default
   0.8) per item, uniformly within the chosen class. A pairs file is accepted too: it is
-  turned into labels by the Pick-a-Pic rule (`labels_set_from_pairs`).
+  turned into labels by the Pick-a-Pic rule (`feedback.labels_from_pair_set`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..data import feedback, latents
+from ..data import latents
 from ..losses import denoising_error, dpo_loss, kto_loss, kto_reference_point, logratio_from_errors
 from ..sampling import training_target
 from . import Micro, register
@@ -246,8 +246,3 @@ class DiffusionKTO:
             return loss, {"loss": loss.detach(), **info}
 
         return compute
-
-
-def labels_set_from_pairs(ps: "feedback.PairSet") -> "feedback.LabelSet":
-    """In memory: the Pick-a-Pic rule (preferred at least once = desirable) on a loaded PairSet."""
-    return feedback.labels_from_pair_set(ps)
