@@ -47,6 +47,8 @@ class Suite:
     bt_noise: float | None = None  # offline methods' pairs: Bradley–Terry labels at this temperature (None: the max wins)
     base_row: bool = True  # report the base model (False: runs from scratch, whose base is a random init)
     classes: list[int] = field(default_factory=list)  # classes whose sample share the report tabulates
+    configs: str | None = None  # config suite for methods without a `<method>_<suite>.yaml` of their own
+    overrides: list[str] = field(default_factory=list)  # applied to every cell (before --set and the variant's)
 
 
 SUITES = {
@@ -58,6 +60,14 @@ SUITES = {
                              "dpok", "ddo", "ddo-dpo", "diffusion-dpo", "diffusion-kto"], budget=4096, seeds=3, per_prompt=1000,
                    quick={"seeds": 1, "budget": 2048}, bt_noise=1.0),  # BT pairs at temperature 1: DPO's own optimum (no KL term) is p*
     # budget 0: no reward is queried; every row trains its config's steps on the same data (constrained training)
+    # flow-matching models: every likelihood method, on the DDIM suite's configs with the model swapped and
+    # the SDE's noise level set (Flow-GRPO's a = 0.7); GRPO has configs of its own
+    "digits-flow": Suite("digits-flow", ["grpo", "ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "dpok", "nabla-gfn"],
+                         budget=2048, seeds=3, per_prompt=20, quick={"seeds": 1, "budget": 512}, configs="digits",
+                         overrides=["model=digits-flow", "sampling.eta=0.7"]),
+    "toy2d-flow": Suite("toy2d-flow", ["grpo", "ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "dpok", "nabla-gfn"],
+                        budget=4096, seeds=3, per_prompt=1000, quick={"seeds": 1, "budget": 2048}, configs="toy2d",
+                        overrides=["model=toy2d-flow", "sampling.eta=0.7"]),
     "digits-minority": Suite("digits", ["unconstrained", "constrained", "constrained-resilient"], budget=0, seeds=3,
                              per_prompt=1000, quick={"seeds": 1}, base_row=False, classes=[4, 5, 7]),
 }
@@ -78,8 +88,9 @@ def variant(label: str) -> tuple[str, list[str]]:
 
 def config_path(configs: Path, name: str, suite: str) -> Path:
     name = variant(name)[0]
-    tries = [Path(configs) / f"{n}_{s}.yaml" for n in dict.fromkeys((name, name.replace("-", "_")))
-             for s in dict.fromkeys((suite, suite.replace("-", "_")))]
+    suites = [suite] + ([SUITES[suite].configs] if suite in SUITES and SUITES[suite].configs else [])
+    spellings = lambda x: dict.fromkeys((x, x.replace("-", "_")))  # noqa: E731
+    tries = [Path(configs) / f"{n}_{s}.yaml" for one in suites for n in spellings(name) for s in spellings(one)]
     path = next((t for t in tries if t.exists()), tries[-1])
     if not path.exists():
         have = sorted(p.stem[: -len(suite) - 1] for p in Path(configs).glob(f"*_{suite.replace('-', '_')}.yaml"))
@@ -141,8 +152,9 @@ def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None
 
 
 def cell_overrides(p: dict, name: str) -> list[str]:
-    """The bench's `--set` overrides, then the method variant's own."""
-    return list(p.get("overrides", [])) + variant(name)[1]
+    """The suite's own overrides, the bench's `--set` overrides, then the method variant's own."""
+    suite = SUITES.get(p.get("suite"))
+    return (list(suite.overrides) if suite else []) + list(p.get("overrides", [])) + variant(name)[1]
 
 
 def _overrides(p: dict, seed: int, offline: bool) -> list[str]:

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..config import ConfigError
+from ..flow import is_flow
 from ..doob import ESTIMATORS, DoobCorrection, learned_correction_loss
 from ..losses import ddo as da
 from ..seeding import seed_for
@@ -128,6 +129,10 @@ class DDO:
 
     def __init__(self, run, args: Config):
         self.run, self.args = run, args
+        if is_flow(run.model.scheduler):
+            raise ConfigError(f"method '{self.name}' samples by a Doob h-transform written for DDIM/DDPM schedulers; "
+                              f"model '{run.cfg.model}' is a flow-matching model, which it does not support yet: "
+                              "use a DDIM model (e.g. digits, toy2d)")
         if run.model.make_field_net is None:
             raise ConfigError(f"method '{self.name}' needs a potential network, but model '{run.cfg.model}' has no "
                               "make_field_net: add one to the model")

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..sampling import add_noise
 from ..seeding import generators
 from . import register
 from .backprop import BackpropConfig, RewardBackprop, generators_for
@@ -54,12 +55,11 @@ class DRaFT(RewardBackprop):
         run, s, m = self.run, self.sampler, self.run.model
         traj = s.sample(m, prompts, generator=gens, with_logprob=False)
         x0, t, cond = traj.final.detach(), traj.timesteps[-1].to(m.device), traj.cond
-        a = m.scheduler.alphas_cumprod.to(m.device)[t].view(*[1] * x0.ndim)
         rewards = []
         for i in range(self.args.lv_samples):
             g = generators(m.device, run.cfg.seed, "draft-lv", epoch, inner, i, indices=keys.tolist())
             eps = s.noise(m, len(prompts), g)
-            x = a.sqrt() * x0 + (1 - a).sqrt() * eps
+            x = add_noise(m.scheduler, x0, eps, t)
             step = s.step(m, x, t, cond, generator=g)
             rewards.append(run.score(m.decode(step.prev_sample), prompts))
         r = torch.stack(rewards).mean(0)

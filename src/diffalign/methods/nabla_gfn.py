@@ -51,6 +51,7 @@ import torch
 from .. import adapters
 from ..config import ConfigError
 from ..losses.nabla_db import gaussian_scores, residual_db_loss
+from ..sampling import alpha_bar
 from ..seeding import seed_for
 from ..trajectory import Rows, Trajectory
 from . import Micro, Trainable, register
@@ -159,8 +160,8 @@ class NablaGFN:
         return torch.stack([torch.cat([p, torch.tensor([T - 1])]) for p in picks])
 
     def _gamma(self, t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        a = self.run.model.scheduler.alphas_cumprod.to(x.device)[t.clamp(min=0)].to(x.dtype)
-        return (a if self.args.gamma == "alpha_bar" else a.sqrt()).view(-1, *[1] * (x.ndim - 1))
+        a = alpha_bar(self.run.model.scheduler, t.clamp(min=0), x)  # flow models: the VP equivalent
+        return a if self.args.gamma == "alpha_bar" else a.sqrt()
 
     def reward_score(self, x, t, terminal, cond, prompts) -> tuple[torch.Tensor, torch.Tensor]:
         """(β γ_t ∇_x log R(x0_hat(x)), the reward of x0_hat): x0_hat from the model `x0_from` names

@@ -38,7 +38,7 @@ import torch
 from ..config import ConfigError
 from ..data import latents
 from ..losses import denoising_error, dpo_loss, kto_loss, kto_reference_point, logratio_from_errors
-from ..sampling import training_target
+from ..sampling import add_noise, training_target
 from . import Micro, register
 
 
@@ -66,7 +66,7 @@ def draw_noise(run, shape, t_range, g, n_global):
 def noised(run, x0, eps, ts):
     """(x_t, the model's training target at x_t)."""
     s = run.model.scheduler
-    return s.add_noise(x0, eps, ts), training_target(s, x0, eps, ts)
+    return add_noise(s, x0, eps, ts), training_target(s, x0, eps, ts)
 
 
 def errors(model, x_t, ts, target, cond):

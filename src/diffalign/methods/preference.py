@@ -79,7 +79,8 @@ class PairsBatch:
 def make_pairs(x_t_w, x_t_l, x_w, x_l, t, cond, keys, keep=None) -> StepPairs:
     """Pairs from batch tensors; `t` an int or (B,) tensor; `keep` a (B,) bool mask."""
     n = x_w.shape[0]
-    t = torch.as_tensor(t, device=x_w.device).long().expand(n).clone()
+    t = torch.as_tensor(t, device=x_w.device)
+    t = (t if t.is_floating_point() else t.long()).expand(n).clone()  # flow models step at float timesteps
     p = StepPairs(x_t_w, x_t_l, x_w, x_l, t, None if cond is None else cond, torch.as_tensor(keys).long().cpu())
     if keep is not None:
         p = p.select(keep.cpu().nonzero().flatten())
