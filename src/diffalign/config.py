@@ -28,14 +28,16 @@ class ConfigError(ValueError):
 @dataclass
 class SamplingConfig:
     num_steps: int = 20  # denoising steps per trajectory
-    eta: float = 1.0  # DDIM eta; > 0 for likelihood methods (1 = DDPM variance)
+    eta: float = 1.0  # step noise, > 0 for likelihood methods: DDIM eta (1 = DDPM variance); flow models: the SDE's level
     guidance_scale: float | None = None  # classifier-free guidance; None = the model's default
     logprob: str = "sum"  # 'sum' = exact log-likelihood, 'mean' = per-element average (reference-code scale)
+    sde: str = "flow-grpo"  # flow models only: noise schedule 'flow-grpo' (eta·sqrt(σ/(1-σ))) or 'dance' (eta)
 
     def validate(self, where: str):
         _check(self.num_steps >= 1, f"{where}.num_steps", "must be >= 1")
         _check(self.eta >= 0, f"{where}.eta", "must be >= 0")
         _check(self.logprob in ("sum", "mean"), f"{where}.logprob", "must be 'sum' or 'mean'")
+        _check(self.sde in ("flow-grpo", "dance"), f"{where}.sde", "must be 'flow-grpo' or 'dance'")
 
 
 @dataclass

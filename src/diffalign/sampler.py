@@ -10,7 +10,11 @@ guidance, log-prob reduction) and two optional hooks:
   A correction with `uses_output = True` also gets the (guided, uncorrected) model output
   at x_t as `output=`, so it need not call the model again (`diffalign.doob`).
 - `transition(model, output, t, x_t, *, generator, prev_sample, with_logprob) -> StepOutput`
-  replaces the Gaussian DDIM/DDPM step (`sampling.step_with_logprob`) entirely.
+  replaces the Gaussian DDIM/DDPM/flow-SDE step (`sampling.step_with_logprob`) entirely.
+
+For flow-matching models (`diffalign.flow`) `eta` is the SDE's noise level and `sde` its
+schedule; `sde_steps` (MixGRPO) restricts the SDE to some step indices and runs the ODE
+(eta = 0, no log-prob: NaN in the trajectory) at the others.
 
 Both apply in `predict`/`step`, so re-scoring under the same sampler (`logprob`) scores
 exactly the policy that sampled. The loop of `sample` is plain (no gradients) or
@@ -27,7 +31,7 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from .sampling import StepOutput, alpha_bar, output_shift, step_with_logprob, x0_from_output
+from .sampling import StepOutput, noise_coefficient, output_shift, step_with_logprob, x0_from_output
 from .trajectory import Trajectory
 
 
@@ -50,13 +54,16 @@ class Sampler:
     guidance_scale: float = 1.0  # classifier-free guidance (1 = off)
     reduction: str = "sum"  # log-prob reduction: 'sum' (exact) or 'mean' (per element, reference-code scale)
     correction: Callable | None = None  # (model, x_t, t, cond) -> Δ added to the score; None = none
-    transition: Callable | None = None  # replaces the Gaussian step; None = DDIM/DDPM with log-prob
+    transition: Callable | None = None  # replaces the Gaussian step; None = DDIM/DDPM/flow SDE with log-prob
+    sde: str = "flow-grpo"  # flow models: the SDE's noise schedule ('flow-grpo' or 'dance'; `diffalign.flow`)
+    sde_steps: tuple[int, ...] | None = None  # flow models: step indices run as the SDE, the ODE elsewhere; None = all
 
     @classmethod
     def from_config(cls, sampling, model) -> "Sampler":
         """From a `SamplingConfig`; an unset guidance scale is the model's default (resolved once, here)."""
         g = model.guidance_scale if sampling.guidance_scale is None else sampling.guidance_scale
-        return cls(num_steps=sampling.num_steps, eta=sampling.eta, guidance_scale=float(g), reduction=sampling.logprob)
+        return cls(num_steps=sampling.num_steps, eta=sampling.eta, guidance_scale=float(g), reduction=sampling.logprob,
+                   sde=sampling.sde)
 
     def replace(self, **changes) -> "Sampler":
         return dataclasses.replace(self, **changes)
@@ -94,19 +101,21 @@ class Sampler:
         if self.correction is not None:
             d_score = self.correction(model, x, t, cond, output=out) if getattr(self.correction, "uses_output", False) \
                 else self.correction(model, x, t, cond)
-            out = out + output_shift(model.scheduler, -(1 - alpha_bar(model.scheduler, t, x)).sqrt() * d_score, t, x)
+            out = out + output_shift(model.scheduler, -noise_coefficient(model.scheduler, t, x) * d_score, t, x)
         return out
 
     def step(self, model, x, t, cond, *, generator=None, prev_sample=None, with_logprob: bool = True,
-             output: torch.Tensor | None = None) -> StepOutput:
-        """x_t -> x_{t-1}: sampled from `generator`, or the given `prev_sample` scored."""
+             output: torch.Tensor | None = None, eta: float | None = None) -> StepOutput:
+        """x_t -> x_{t-1}: sampled from `generator`, or the given `prev_sample` scored (`eta`: this
+        step's noise level instead of the sampler's)."""
         self._ready(model)
         out = self.predict(model, x, t, cond) if output is None else output
         if self.transition is not None:
             return self.transition(model, out, t, x, generator=generator, prev_sample=prev_sample,
                                    with_logprob=with_logprob)
-        return step_with_logprob(model.scheduler, out, t, x, eta=self.eta, generator=generator, prev_sample=prev_sample,
-                                 reduction=self.reduction, with_logprob=with_logprob)
+        return step_with_logprob(model.scheduler, out, t, x, eta=self.eta if eta is None else eta, generator=generator,
+                                 prev_sample=prev_sample, reduction=self.reduction, with_logprob=with_logprob,
+                                 sde=self.sde)
 
     def logprob(self, model, x_t, t, cond, x_prev) -> torch.Tensor:
         """log π(x_prev | x_t, c) under `model` now (gradients flow to its parameters); t may be (B,)."""
@@ -164,10 +173,12 @@ class Sampler:
                     out = grad_checkpoint(lambda x_, t_=t: self.predict(model, x_, t_, cond), x, use_reentrant=False)
                 else:
                     out = self.predict(model, x, t, cond)
-                step = self.step(model, x, t, cond, generator=generator, with_logprob=with_logprob, output=out)
+                sde = self.sde_steps is None or i in self.sde_steps
+                step = self.step(model, x, t, cond, generator=generator, with_logprob=with_logprob and sde, output=out,
+                                 eta=None if sde else 0.0)
             x = step.prev_sample
             xs.append(x)
-            logps.append(step.log_prob)
+            logps.append(step.log_prob if with_logprob and sde else torch.full((n,), float("nan"), device=x.device))
             outs.append(out)
             x0s.append(step.x0_pred)
         return Trajectory(prompts=list(prompts), cond=cond, timesteps=timesteps.detach().cpu(),

@@ -1,5 +1,10 @@
 """One denoising step as a Gaussian policy: the previous sample, its log-probability,
-and the step's mean and std, for diffusers' `DDIMScheduler` and `DDPMScheduler`.
+and the step's mean and std, for diffusers' `DDIMScheduler` and `DDPMScheduler`, and for
+`FlowMatchEulerDiscreteScheduler` through the SDE of `diffalign.flow`.
+
+Every function here reads the scheduler's kind: for flow models the output is a velocity,
+`eta` is the SDE's noise level and `alpha_bar` the variance-preserving equivalent
+(1 − σ)² / ((1 − σ)² + σ²).
 
 The mean is computed exactly as the scheduler's own `step` computes it (same x0
 prediction, same clipping), so with the same noise `prev_sample` equals
@@ -18,6 +23,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from . import flow
 
 LOG_SQRT_2PI = 0.5 * math.log(2 * math.pi)
 REDUCTIONS = ("sum", "mean")
@@ -155,6 +162,7 @@ def step_with_logprob(
     variance_noise: torch.Tensor | None = None,
     reduction: str = "sum",
     with_logprob: bool = True,
+    sde: str = "flow-grpo",
 ) -> StepOutput:
     """One reverse step x_t -> x_{t-1} with the Gaussian log-probability of x_{t-1}.
 
@@ -165,7 +173,11 @@ def step_with_logprob(
     - For `DDPMScheduler` the variance is the scheduler's own (`eta` must be 1, the
       DDPM value); its last step (t = 0) is deterministic and has no likelihood.
 
-    eta = 0 (deterministic DDIM) has no likelihood and is refused when
+    - For `FlowMatchEulerDiscreteScheduler` the step is the SDE of `diffalign.flow` with
+      noise level `eta` and noise schedule `sde` ('flow-grpo' or 'dance'), computed in fp32;
+      eta = 0 is the scheduler's own ODE step.
+
+    eta = 0 (deterministic DDIM, the flow ODE) has no likelihood and is refused when
     `with_logprob` is True.
     """
     if with_logprob and eta == 0:
@@ -177,7 +189,12 @@ def step_with_logprob(
         raise ValueError(f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}")
     if model_output.dtype != sample.dtype:  # fp16/bf16 model output under autocast: the step is in the sample's dtype (fp32)
         model_output = model_output.to(sample.dtype)
-    if _is_ddpm(scheduler):
+    if flow.is_flow(scheduler):
+        s, s_next, cap = flow.schedule_sigmas(scheduler, timestep, sample)
+        x, v = sample.float(), model_output.float()
+        mean, std = flow.sde_mean_std(v, x, s, s_next, flow.noise_level(sde, eta, s, cap))
+        x0, eps = (p.to(sample.dtype) for p in flow.predictions(v, x, s))
+    elif _is_ddpm(scheduler):
         if eta != 1.0:
             raise ValueError("DDPMScheduler has a fixed variance (eta = 1); use DDIMScheduler to choose eta")
         mean, std, x0, eps = ddpm_mean_std(scheduler, model_output, timestep, sample)
@@ -189,7 +206,7 @@ def step_with_logprob(
             from diffusers.utils.torch_utils import randn_tensor
 
             variance_noise = randn_tensor(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
-        prev_sample = mean + std * variance_noise
+        prev_sample = (mean + std * variance_noise).to(sample.dtype)
     elif prev_sample.shape != sample.shape:
         raise ValueError(f"prev_sample shape {tuple(prev_sample.shape)} != sample shape {tuple(sample.shape)}")
 
@@ -201,12 +218,16 @@ def step_with_logprob(
                 "for DDIM use eta > 0, set_alpha_to_one=False and steps_offset=1 (so the last step is t=1, not t=0); "
                 "DDPM's final step t=0 cannot be trained"
             )
-        log_prob = gaussian_log_prob(prev_sample, mean, std, reduction)
+        log_prob = gaussian_log_prob(prev_sample.to(mean.dtype), mean, std, reduction)
     return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, x0_pred=x0, eps_pred=eps)
 
 
 def alpha_bar(scheduler, timestep, sample: torch.Tensor) -> torch.Tensor:
-    """a_bar_t per sample, shaped (B, 1, ...) against `sample`."""
+    """a_bar_t per sample, shaped (B, 1, ...) against `sample`; for a flow model the
+    variance-preserving equivalent (1 − σ)² / ((1 − σ)² + σ²) of x_σ = (1 − σ)·x0 + σ·ε."""
+    if flow.is_flow(scheduler):
+        s = flow.sigma(scheduler, timestep, sample)
+        return ((1 - s) ** 2 / ((1 - s) ** 2 + s**2)).to(sample.dtype)
     t = _timesteps(timestep, sample)
     return _per_sample(scheduler.alphas_cumprod.to(sample.device)[t.to(sample.device)].to(sample.dtype), sample)
 
@@ -214,13 +235,18 @@ def alpha_bar(scheduler, timestep, sample: torch.Tensor) -> torch.Tensor:
 def x0_from_output(scheduler, model_output: torch.Tensor, timestep, sample: torch.Tensor) -> torch.Tensor:
     """Tweedie / DDIM prediction x0_hat from the raw model output, read by the scheduler's
     `prediction_type` (for 'epsilon': (x_t - sqrt(1 - a_bar_t) eps) / sqrt(a_bar_t)). Not clipped:
-    the estimate itself, differentiable in x_t everywhere."""
+    the estimate itself, differentiable in x_t everywhere. Flow models: x_t − σ·v."""
+    if flow.is_flow(scheduler):
+        return flow.predictions(model_output, sample, flow.sigma(scheduler, timestep, sample).to(sample.dtype))[0]
     return _predictions(scheduler, model_output, sample, alpha_bar(scheduler, timestep, sample))[0]
 
 
 def training_target(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
     """What the denoiser is trained to output at x_t = add_noise(x0, noise, t): the noise for
-    'epsilon', the velocity sqrt(a_bar) noise - sqrt(1 - a_bar) x0 for 'v_prediction', x0 for 'sample'."""
+    'epsilon', the velocity sqrt(a_bar) noise - sqrt(1 - a_bar) x0 for 'v_prediction', x0 for 'sample';
+    for a flow model (x_t = (1 − σ)·x0 + σ·noise) the velocity noise − x0."""
+    if flow.is_flow(scheduler):
+        return noise - x0
     kind = scheduler.config.prediction_type
     if kind == "epsilon":
         return noise
@@ -236,6 +262,8 @@ def output_shift(scheduler, d_eps: torch.Tensor, timestep, sample: torch.Tensor)
 
     From x0 = (x_t - sqrt(1 - a) eps) / sqrt(a): 'epsilon' d_eps, 'v_prediction' d_eps / sqrt(a)
     (v = eps / sqrt(a) - sqrt(1 - a) x_t / sqrt(a)), 'sample' -sqrt(1 - a) d_eps / sqrt(a)."""
+    if flow.is_flow(scheduler):  # ε = x_t + (1 − σ)·v
+        return d_eps / (1 - flow.sigma(scheduler, timestep, sample)).clamp(min=1e-6).to(sample.dtype)
     kind = scheduler.config.prediction_type
     a = alpha_bar(scheduler, timestep, sample)
     if kind == "epsilon":
@@ -245,3 +273,20 @@ def output_shift(scheduler, d_eps: torch.Tensor, timestep, sample: torch.Tensor)
     if kind == "sample":
         return -(1 - a).sqrt() * d_eps / a.sqrt()
     raise ValueError(f"unsupported prediction_type {kind!r}: use 'epsilon', 'sample' or 'v_prediction'")
+
+
+def noise_coefficient(scheduler, timestep, sample: torch.Tensor) -> torch.Tensor:
+    """s_t in x_t = a_t·x0 + s_t·ε, per sample (B, 1, ...): sqrt(1 − a_bar_t), or σ for a flow
+    model; the score of p_t is −ε / s_t."""
+    if flow.is_flow(scheduler):
+        return flow.sigma(scheduler, timestep, sample).to(sample.dtype)
+    return (1 - alpha_bar(scheduler, timestep, sample)).sqrt()
+
+
+def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> torch.Tensor:
+    """x_t from x0 and noise at `timestep` (a scalar or (B,)): the scheduler's `add_noise`, or
+    (1 − σ)·x0 + σ·noise for a flow model (any σ = timestep / num_train_timesteps)."""
+    if flow.is_flow(scheduler):
+        s = flow.sigma(scheduler, timestep, x0).to(x0.dtype)
+        return (1 - s) * x0 + s * noise
+    return scheduler.add_noise(x0, noise, _timesteps(timestep, x0).to(x0.device))

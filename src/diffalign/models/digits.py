@@ -10,7 +10,7 @@ minutes on two CPU cores) and caches it with `cached_dir('digits', DEFAULT_CONFI
 later calls load the cached folder. The folder layout is the usual diffusers one:
 
     <folder>/unet/       UNet2DModel.save_pretrained (config.json + safetensors)
-    <folder>/scheduler/  DDIMScheduler.save_pretrained
+    <folder>/scheduler/  DDIMScheduler.save_pretrained (FlowMatchEulerDiscreteScheduler for digits-flow)
 
 so `load_from_folder(path)` also loads a user's own fine-tuned copy.
 """
@@ -27,6 +27,7 @@ from ..cache import cached_dir
 from ..data import digits as digits_data
 from . import register_model
 from .base import DiffusionModel, EvalSpace, zero_output
+from . import pretraining
 from .pretraining import denoising_pretrain, load_folder
 
 NULL_CLASS = 10
@@ -65,22 +66,7 @@ REQUIRED_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors"
 
 
 def make_scheduler(config: dict = DEFAULT_CONFIG):
-    from diffusers import DDIMScheduler
-
-    # The last DDIM step must keep a nonzero std so its log-prob exists: with
-    # set_alpha_to_one=False it goes to alphas_cumprod[0], and steps_offset=1 makes it
-    # start from t=1 (with the default offset 0 it would start at t=0 and have std 0).
-    # 'leading' spacing (first step t=951): 'trailing' would start at t=999, where
-    # the cosine schedule's alpha_bar ~ 2e-9 makes the x0 estimate blow up eps errors.
-    return DDIMScheduler(
-        num_train_timesteps=config["num_train_timesteps"],
-        beta_schedule=config["beta_schedule"],
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=config["steps_offset"],
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    return pretraining.make_scheduler(config)
 
 
 def make_unet(config: dict = DEFAULT_CONFIG):
@@ -143,7 +129,7 @@ def pretrain(out_dir, config: dict = DEFAULT_CONFIG, progress: bool = True) -> d
         torch.set_num_threads(old_threads)
 
 
-def _build_model(folder: Path, unet, scheduler) -> DiffusionModel:
+def _build_model(folder: Path, unet, scheduler, name: str = "digits") -> DiffusionModel:
     unet.eval().requires_grad_(False)
     size = unet.config.sample_size
 
@@ -169,7 +155,7 @@ def _build_model(folder: Path, unet, scheduler) -> DiffusionModel:
         return img
 
     return DiffusionModel(
-        name="digits",
+        name=name,
         denoiser=unet,
         scheduler=scheduler,
         sample_shape=(1, size, size),
@@ -203,20 +189,19 @@ def eval_space() -> EvalSpace:
                      "held-out classifier penultimate features (128-d)")
 
 
-def _load(folder: Path, fix: str) -> DiffusionModel:
-    from diffusers import DDIMScheduler, UNet2DModel
+def _load(folder: Path, fix: str, name: str = "digits") -> DiffusionModel:
+    from diffusers import UNet2DModel
 
     def read(folder):
-        return UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True), DDIMScheduler.from_pretrained(
-            folder / "scheduler"
-        )
+        return (UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True),
+                pretraining.load_scheduler(folder / "scheduler"))
 
-    unet, scheduler = load_folder("digits", folder, REQUIRED_FILES, fix, read)
+    unet, scheduler = load_folder(name, folder, REQUIRED_FILES, fix, read)
     if unet.config.num_class_embeds != NUM_CLASSES or unet.config.in_channels != 1:
         raise RuntimeError(
             f"{str(folder)!r} is not a digits model (need in_channels=1, num_class_embeds={NUM_CLASSES}); {fix}"
         )
-    return _build_model(folder, unet, scheduler)
+    return _build_model(folder, unet, scheduler, name)
 
 
 def load_from_folder(path) -> DiffusionModel:
@@ -224,7 +209,8 @@ def load_from_folder(path) -> DiffusionModel:
     folder = Path(path).expanduser()
     fix = (
         "pass a folder holding 'unet/' (UNet2DModel.save_pretrained) and 'scheduler/' "
-        "(DDIMScheduler.save_pretrained), or use load() for the embedded pretrained model"
+        "(DDIMScheduler or FlowMatchEulerDiscreteScheduler .save_pretrained), or use load() for the embedded "
+        "pretrained model"
     )
     return _load(folder, fix)
 
@@ -235,3 +221,17 @@ def load(progress: bool = True) -> DiffusionModel:
     folder = cached_dir("digits", DEFAULT_CONFIG, lambda p: pretrain(p, DEFAULT_CONFIG, progress=progress))
     fix = f"the cache entry looks corrupt: delete the folder {str(folder)!r} and call load() again to re-pretrain"
     return _load(folder, fix)
+
+
+# The same UNet trained as a rectified flow (velocity v = ε − x0, `diffalign.flow`); more steps,
+# since a flow is sampled by 20 Euler steps of its ODE/SDE rather than DDIM's exact jumps.
+FLOW_CONFIG: dict = {**DEFAULT_CONFIG, "version": 1, "objective": "flow", "steps": 600}
+
+
+@register_model("digits-flow", "the digits UNet trained as a rectified flow (flow matching, SD3-style; pretrained on "
+                "first use)")
+def load_flow(progress: bool = True) -> DiffusionModel:
+    """The embedded digits flow-matching model, pretrained (a few minutes on CPU) and cached on first use."""
+    folder = cached_dir("digits-flow", FLOW_CONFIG, lambda p: pretrain(p, FLOW_CONFIG, progress=progress))
+    fix = f"the cache entry looks corrupt: delete the folder {str(folder)!r} and call load_flow() again"
+    return _load(folder, fix, "digits-flow")

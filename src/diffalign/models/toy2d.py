@@ -13,7 +13,8 @@ The exact KL-regularised optimum for the quadratic reward (`tilted_mixture`,
 computed from; the model's evaluation space reports the distance to it.
 The first `load()` pretrains it (well under a minute) and caches it with
 `cached_dir('toy2d', DEFAULT_CONFIG, ...)`; the folder holds `mlp/` (ModelMixin
-save_pretrained, safetensors) and `scheduler/` (DDIMScheduler).
+save_pretrained, safetensors) and `scheduler/` (DDIMScheduler; FlowMatchEulerDiscreteScheduler for
+`toy2d-flow`, the same mixture learned by flow matching).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from ..cache import cached_dir
 from ..rewards.toy2d import SCALE, TARGET
 from . import register_model
 from .base import DiffusionModel, EvalSpace, zero_output
+from . import pretraining
 from .pretraining import denoising_pretrain, load_folder
 
 # Six components on a hexagon of radius 1.5, with different shapes and weights.
@@ -147,22 +149,7 @@ def linear_names(module: nn.Module) -> list[str]:
 
 
 def make_scheduler(config: dict = DEFAULT_CONFIG):
-    from diffusers import DDIMScheduler
-
-    # The last DDIM step must keep a nonzero std so its log-prob exists: with
-    # set_alpha_to_one=False it goes to alphas_cumprod[0], and steps_offset=1 makes it
-    # start from t=1 (with the default offset 0 it would start at t=0 and have std 0).
-    # 'leading' spacing (first step t=951): 'trailing' would start at t=999, where
-    # the cosine schedule's alpha_bar ~ 2e-9 makes the x0 estimate blow up eps errors.
-    return DDIMScheduler(
-        num_train_timesteps=config["num_train_timesteps"],
-        beta_schedule=config["beta_schedule"],
-        clip_sample=False,
-        set_alpha_to_one=False,
-        steps_offset=config["steps_offset"],
-        timestep_spacing="leading",
-        prediction_type="epsilon",
-    )
+    return pretraining.make_scheduler(config)
 
 
 def pretrain(out_dir, config: dict = DEFAULT_CONFIG, progress: bool = True) -> dict:
@@ -185,10 +172,10 @@ def pretrain(out_dir, config: dict = DEFAULT_CONFIG, progress: bool = True) -> d
         torch.set_num_threads(old_threads)
 
 
-def _build_model(folder: Path, net: ToyMLP, scheduler) -> DiffusionModel:
+def _build_model(folder: Path, net: ToyMLP, scheduler, name: str = "toy2d") -> DiffusionModel:
     net.eval().requires_grad_(False)
     return DiffusionModel(
-        name="toy2d",
+        name=name,
         denoiser=net,
         scheduler=scheduler,
         sample_shape=(2,),
@@ -286,16 +273,13 @@ def distance_to_data(points: torch.Tensor, seed: int = 0, n_proj: int = 256) -> 
     return {"data_distance": d, "data_floor": floor}
 
 
-def _load(folder: Path, fix: str) -> DiffusionModel:
-    from diffusers import DDIMScheduler
-
+def _load(folder: Path, fix: str, name: str = "toy2d") -> DiffusionModel:
     def read(folder):
-        return ToyMLP.from_pretrained(folder / "mlp", use_safetensors=True), DDIMScheduler.from_pretrained(
-            folder / "scheduler"
-        )
+        return (ToyMLP.from_pretrained(folder / "mlp", use_safetensors=True),
+                pretraining.load_scheduler(folder / "scheduler"))
 
-    net, scheduler = load_folder("toy2d", folder, REQUIRED_FILES, fix, read)
-    return _build_model(folder, net, scheduler)
+    net, scheduler = load_folder(name, folder, REQUIRED_FILES, fix, read)
+    return _build_model(folder, net, scheduler, name)
 
 
 def load_from_folder(path) -> DiffusionModel:
@@ -303,7 +287,8 @@ def load_from_folder(path) -> DiffusionModel:
     folder = Path(path).expanduser()
     fix = (
         "pass a folder holding 'mlp/' (ToyMLP.save_pretrained) and 'scheduler/' "
-        "(DDIMScheduler.save_pretrained), or use load() for the embedded pretrained model"
+        "(DDIMScheduler or FlowMatchEulerDiscreteScheduler .save_pretrained), or use load() for the embedded "
+        "pretrained model"
     )
     return _load(folder, fix)
 
@@ -314,3 +299,17 @@ def load(progress: bool = True) -> DiffusionModel:
     folder = cached_dir("toy2d", DEFAULT_CONFIG, lambda p: pretrain(p, DEFAULT_CONFIG, progress=progress))
     fix = f"the cache entry looks corrupt: delete the folder {str(folder)!r} and call load() again to re-pretrain"
     return _load(folder, fix)
+
+
+# The same MLP trained as a rectified flow (velocity v = ε − x0, `diffalign.flow`), on the same
+# mixture: the exact optimum p* is the same, so the toy2d yardstick applies to flow methods.
+FLOW_CONFIG: dict = {**DEFAULT_CONFIG, "version": 1, "objective": "flow"}
+
+
+@register_model("toy2d-flow", "the toy2d MLP trained as a rectified flow (flow matching) on the same mixture, same "
+                "exact optimum (pretrained on first use)")
+def load_flow(progress: bool = True) -> DiffusionModel:
+    """The embedded toy2d flow-matching model, pretrained (under a minute) and cached on first use."""
+    folder = cached_dir("toy2d-flow", FLOW_CONFIG, lambda p: pretrain(p, FLOW_CONFIG, progress=progress))
+    fix = f"the cache entry looks corrupt: delete the folder {str(folder)!r} and call load_flow() again"
+    return _load(folder, fix, "toy2d-flow")
