@@ -7,11 +7,13 @@ import shutil
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from diffalign import adapters
 from diffalign.cli import main
 from diffalign.models import ModelFolderError, load_model
 from diffalign.models.tiny import make_tiny_sd3
+from diffalign.eval.run import load_run
 from diffalign.sampler import Sampler
 
 PROMPTS = ["a cat", "a dog"]
@@ -166,3 +168,101 @@ def test_field_net_starts_at_zero(sd3):
     out = m.forward(net, torch.randn(2, *m.sample_shape), torch.full((2,), 300.0), m.encode_prompts(PROMPTS))
     assert out.shape == (2, *m.sample_shape) and out.abs().max() == 0
     assert any(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("which", ["sd3", "sd3_no_t5"])
+def test_sampler_matches_the_diffusers_pipeline(which, request):
+    """At eta 0 our sampler (flow ODE, guidance 3) gives StableDiffusion3Pipeline's own latents."""
+    folder = request.getfixturevalue(which)
+    m = load_model(folder)
+    latents = torch.randn(2, *m.sample_shape, generator=torch.Generator().manual_seed(0))
+    ours = Sampler(num_steps=4, eta=0.0, guidance_scale=3.0).sample(m, PROMPTS, latents=latents,
+                                                                     with_logprob=False).final
+    pipe = diffusers_pipeline(folder, **({} if m.info["t5"] else {"text_encoder_3": None, "tokenizer_3": None}))
+    theirs = pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.0, latents=latents.clone(),
+                  output_type="latent").images
+    assert (ours - theirs).abs().max() < 1e-4 and (ours - latents).abs().max() > 1e-2
+    if which == "sd3":  # `bench sampler`'s reference loop: the same pipeline on the loaded parts
+        from diffalign.bench.sampler import pipeline_loop
+
+        s = Sampler(num_steps=4, eta=0.0, guidance_scale=3.0)
+        x = s.noise(m, 2, torch.Generator().manual_seed(0))
+        assert (pipeline_loop(m, s, PROMPTS, torch.Generator().manual_seed(0)) - theirs).abs().max() < 1e-4
+    noisy = Sampler(num_steps=4, eta=0.7, guidance_scale=3.0).sample(m, PROMPTS, latents=latents,
+                                                                     generator=torch.Generator().manual_seed(1))
+    assert (noisy.final - theirs).abs().max() > 1e-3 and torch.isfinite(noisy.log_probs).all()
+
+
+TRAIN = ["model={}", "prompts=[a cat, a dog]", "reward=brightness", "eval.reward=null", "train.epochs=1",
+         "train.batch_size=4", "train.batches_per_epoch=1", "sampling.num_steps=4", "eval.per_prompt=2",
+         "optim.lr=3e-2", "lora.rank=4", "lora.alpha=16", "args.inner_epochs=1", "args.minibatches=2"]
+
+
+def train_cli(folder, out, *sets):
+    args = [x for s in TRAIN + list(sets) for x in ("--set", s.format(folder))]
+    assert main(["train", "configs/ddpo_digits.yaml", *args, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddpo_run(sd3, tmp_path_factory):
+    """DDPO (the digits config, SDE sampling at eta 1) for one epoch on the tiny SD3 folder."""
+    return train_cli(sd3, tmp_path_factory.mktemp("runs") / "ddpo")
+
+
+def aligned(run_dir, x):
+    """diffalign's aligned model of the run, ODE (eta 0), guidance 3, on `x`."""
+    with torch.no_grad():
+        return Sampler(num_steps=4, eta=0.0, guidance_scale=3.0).sample(load_run(run_dir).run.model, PROMPTS,
+                                                                         latents=x.clone(), with_logprob=False).final
+
+
+def pipeline_latents(pipe, x):
+    with torch.no_grad():
+        return pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.0, latents=x.clone(),
+                    output_type="latent").images
+
+
+def test_ddpo_trains_a_lora_with_the_sde(ddpo_run):
+    summary = json.loads((ddpo_run / "summary.json").read_text())
+    assert summary["finished"] and summary["method"] == "ddpo"
+    config = (ddpo_run / "config.yaml").read_text()
+    assert "eta: 1.0" in config and "sde: flow-grpo" in config
+    row = json.loads((ddpo_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
+    lora = load_file(str(ddpo_run / "final" / "pytorch_lora_weights.safetensors"))
+    assert all(k.startswith("transformer.") for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+@pytest.fixture(scope="module")
+def ddpo_samples(sd3, ddpo_run):
+    """(noise, the run's aligned samples from it) at eta 0; they differ from the base model's."""
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    mine = aligned(ddpo_run, x)
+    assert (mine - pipeline_latents(diffusers_pipeline(sd3), x)).abs().max() > 1e-3  # so the tests below can fail
+    return x, mine
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_export_reproduces_our_samples_in_diffusers(ddpo_run, ddpo_samples, tmp_path, merge):
+    from diffusers import StableDiffusion3Pipeline
+
+    x, mine = ddpo_samples
+    out = tmp_path / "export"
+    assert main(["export", str(ddpo_run), "--out", str(out)] + (["--merge"] if merge else [])) == 0
+    assert (out / "pytorch_lora_weights.safetensors").exists() is not merge
+    pipe = diffusers_pipeline(str(out))
+    assert isinstance(pipe, StableDiffusion3Pipeline)
+    if not merge:
+        pipe.load_lora_weights(str(out))
+    assert (mine - pipeline_latents(pipe, x)).abs().max() <= 1e-4
+
+
+def test_full_fine_tune_final_is_a_pipeline_folder(sd3, tmp_path):
+    run = train_cli(sd3, tmp_path / "full", "lora.enabled=false", "optim.lr=1e-3")
+    tuned = load_file(str(run / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(f"{sd3}/transformer/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert (aligned(run, x) - pipeline_latents(diffusers_pipeline(str(run / "final")), x)).abs().max() <= 1e-4
