@@ -1,9 +1,10 @@
 """LoRA adapters through peft, and the frozen reference as "the base with adapters off".
 
 Saved LoRA weights use the diffusers layout: `pytorch_lora_weights.safetensors` with
-peft key names prefixed by `unet.` (what `pipe.load_lora_weights(dir)` reads for
-UNet pipelines), plus `adapter_config.json`. The file's safetensors metadata holds the
-adapter config under `lora_adapter_metadata` (keys `unet.r`, `unet.lora_alpha`, ...),
+peft key names prefixed by the denoiser's pipeline component, `unet.` (what
+`pipe.load_lora_weights(dir)` reads for UNet pipelines) or `transformer.` (SD3), plus
+`adapter_config.json`. The file's safetensors metadata holds the adapter config under
+`lora_adapter_metadata` (keys `unet.r`, `unet.lora_alpha`, ...),
 as diffusers' own `save_lora_weights` writes it, so `load_lora_weights` applies the same
 alpha / rank scale (diffusers >= 0.35 reads it; older versions assume alpha = rank).
 """
@@ -23,6 +24,7 @@ from .checkpoint import atomic_dir
 
 LORA_FILE = "pytorch_lora_weights.safetensors"
 PREFIX = "unet."
+PREFIXES = (PREFIX, "transformer.")  # the denoiser components diffusers' LoRA loaders know
 METADATA_KEY = "lora_adapter_metadata"  # diffusers' LORA_ADAPTER_METADATA_KEY
 
 
@@ -76,16 +78,18 @@ def config_dict(config: LoraConfig) -> dict:
     return {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.to_dict().items()}
 
 
-def write_lora(denoiser: torch.nn.Module, folder: str | Path, config: LoraConfig | None = None) -> None:
-    """Write the adapters (diffusers layout, alpha / rank in the metadata) into the existing `folder`."""
+def write_lora(denoiser: torch.nn.Module, folder: str | Path, config: LoraConfig | None = None,
+               prefix: str = PREFIX) -> None:
+    """Write the adapters (diffusers layout, alpha / rank in the metadata) into the existing `folder`;
+    `prefix`: the denoiser's component in the pipeline ('unet.', or 'transformer.' for SD3)."""
     state = get_peft_model_state_dict(unwrap(denoiser))
     metadata = {"format": "pt"}
     if config is not None:
         cfg = config_dict(config)
-        metadata[METADATA_KEY] = json.dumps({PREFIX + k: v for k, v in cfg.items()}, indent=2, sort_keys=True,
+        metadata[METADATA_KEY] = json.dumps({prefix + k: v for k, v in cfg.items()}, indent=2, sort_keys=True,
                                             default=str)
         (Path(folder) / "adapter_config.json").write_text(json.dumps(cfg, indent=2, default=str))
-    save_file({PREFIX + k: v.detach().contiguous().cpu() for k, v in state.items()}, str(Path(folder) / LORA_FILE),
+    save_file({prefix + k: v.detach().contiguous().cpu() for k, v in state.items()}, str(Path(folder) / LORA_FILE),
               metadata=metadata)
 
 
@@ -101,8 +105,12 @@ def load_lora(denoiser: torch.nn.Module, folder: str | Path) -> None:
     path = Path(folder) / LORA_FILE
     if not path.exists():
         raise FileNotFoundError(f"no LoRA weights at {path}: expected a folder written by diffalign (save_lora)")
-    state = {k[len(PREFIX):] if k.startswith(PREFIX) else k: v for k, v in load_file(str(path)).items()}
+    state = {_unprefixed(k): v for k, v in load_file(str(path)).items()}
     result = set_peft_model_state_dict(unwrap(denoiser), state)
     unexpected = getattr(result, "unexpected_keys", [])
     if unexpected:
         raise ValueError(f"{path} holds {len(unexpected)} keys this model does not have, e.g. {unexpected[:3]}")
+
+
+def _unprefixed(key: str) -> str:
+    return next((key[len(p):] for p in PREFIXES if key.startswith(p)), key)

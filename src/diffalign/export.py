@@ -38,10 +38,15 @@ def copy_pipeline(base: str | Path, dest: Path, skip: tuple[str, ...] = ()) -> N
             shutil.copy2(entry, dest / entry.name)
 
 
-def write_pipeline(base: str | Path, dest: Path, unet) -> None:
-    """A complete pipeline folder in `dest`: `base` with `unet` in place of its own."""
-    copy_pipeline(base, dest, skip=("unet", adapters.LORA_FILE))
-    unet.save_pretrained(dest / "unet", safe_serialization=True)
+def write_pipeline(base: str | Path, dest: Path, denoiser, component: str = "unet") -> None:
+    """A complete pipeline folder in `dest`: `base` with `denoiser` in place of its `component`."""
+    copy_pipeline(base, dest, skip=(component, adapters.LORA_FILE))
+    denoiser.save_pretrained(dest / component, safe_serialization=True)
+
+
+def component(model) -> str:
+    """The denoiser's subfolder in its pipeline, also its LoRA key prefix: 'unet', or 'transformer' (SD3)."""
+    return model.info.get("component", "unet")
 
 
 def pipeline_folder(model) -> Path | None:
@@ -83,13 +88,13 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
         if run.lora_config is None:
             if merge:
                 warnings.warn("--merge has no effect on a full fine-tune", stacklevel=2)
-            write_pipeline(base, tmp, den)
+            write_pipeline(base, tmp, den, component(run.model))
         elif not merge:
             copy_pipeline(base, tmp, skip=(adapters.LORA_FILE,))
-            adapters.write_lora(den, tmp, run.lora_config)
+            adapters.write_lora(den, tmp, run.lora_config, component(run.model) + ".")
         else:
             with tempfile.TemporaryDirectory() as lora_dir:
-                adapters.write_lora(den, lora_dir, run.lora_config)
+                adapters.write_lora(den, lora_dir, run.lora_config, component(run.model) + ".")
                 pipe = pipeline_class(base).from_pretrained(base, local_files_only=True)
                 pipe.load_lora_weights(lora_dir)
                 pipe.fuse_lora()

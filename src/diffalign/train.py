@@ -30,7 +30,7 @@ from tqdm.auto import tqdm
 from . import adapters, checkpoint
 from .config import ConfigError, RunConfig, dump_config
 from .context import Run
-from .export import pipeline_folder, write_pipeline
+from .export import component, pipeline_folder, write_pipeline
 from .methods import Micro, build, modules_of, resolve_config, run_needs, sampler_of
 from .seeding import seed_for
 
@@ -165,9 +165,9 @@ class Trainer:
             if "denoiser" not in self.modules:
                 pass  # e.g. DDO: the pretrained weights are the aligned model's, unchanged
             elif self.run.lora_config is not None:
-                adapters.write_lora(den, tmp, self.run.lora_config)
+                adapters.write_lora(den, tmp, self.run.lora_config, component(self.run.model) + ".")
             elif pipeline_folder(self.run.model) is not None:  # full fine-tune of a pipeline: the whole folder
-                write_pipeline(pipeline_folder(self.run.model), tmp, den)
+                write_pipeline(pipeline_folder(self.run.model), tmp, den, component(self.run.model))
             elif hasattr(den, "save_pretrained"):  # full fine-tune: a diffusers `unet/` folder
                 den.save_pretrained(tmp / "unet")
             else:

@@ -10,6 +10,7 @@ import time
 
 import torch
 
+from ..flow import is_flow
 from ..models import load_model
 from ..sampler import Sampler
 
@@ -41,8 +42,9 @@ def pipeline_loop(model, sampler, prompts, generator):
         model.info["_pipe"] = pipe
     size = model.info["resolution"]
     latents = sampler.noise(model, len(prompts), generator)
+    eta = {} if is_flow(model.scheduler) else {"eta": sampler.eta}  # a flow pipeline runs its ODE (no eta)
     return pipe(list(prompts), height=size, width=size, num_inference_steps=sampler.num_steps,
-                guidance_scale=sampler.guidance_scale, eta=sampler.eta, latents=latents, generator=generator,
+                guidance_scale=sampler.guidance_scale, latents=latents, generator=generator, **eta,
                 negative_prompt=[model.info.get("negative_prompt", "")] * len(prompts), output_type="latent").images
 
 

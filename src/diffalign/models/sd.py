@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import torch
 
@@ -39,7 +39,8 @@ GUIDANCE_SCALE = 7.5
 NUM_INFERENCE_STEPS = 50
 
 
-def check_folder(folder: Path, parts: dict = PARTS, kind: str = "Stable Diffusion pipeline") -> None:
+def check_folder(folder: Path, parts: dict = PARTS, kind: str = "Stable Diffusion pipeline",
+                 tiny: str = "make-tiny-sd") -> None:
     """Raise `ModelFolderError` naming every missing subfolder or file."""
     missing = []
     for sub, needs in parts.items():
@@ -50,7 +51,55 @@ def check_folder(folder: Path, parts: dict = PARTS, kind: str = "Stable Diffusio
         raise ModelFolderError(
             f"{str(folder)!r} is an incomplete {kind} folder: missing {', '.join(missing)}. Save one with "
             "`pipe.save_pretrained(folder, safe_serialization=True)` (weights must be .safetensors), or make a "
-            "tiny test folder with `diffalign models make-tiny-sd OUT`")
+            f"tiny test folder with `diffalign models {tiny} OUT`")
+
+
+def cached_prompts(encode: Callable[[list[str]], torch.Tensor], device: Callable[[], torch.device]):
+    """`encode_prompts` over `encode(prompts) -> (B, ...)`, cached per (prompt, device) as float32:
+    the text encoders are frozen, so a prompt is encoded once."""
+    cache: dict[tuple, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def encode_prompts(prompts: Sequence[str]) -> torch.Tensor:
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        where = device()
+        todo = [p for p in dict.fromkeys(prompts) if (p, where) not in cache]
+        if todo:
+            for p, h in zip(todo, encode(todo).float()):
+                cache[(p, where)] = h
+        return torch.stack([cache[(p, where)] for p in prompts])
+
+    return encode_prompts
+
+
+def vae_codec(vae, size: int, scale: float, shift: float = 0.0):
+    """`decode(latents) -> images in [0, 1]` (differentiable) and its inverse `encode_images`
+    (images of any size -> the VAE encoder's mean), with latents = (z - shift) x scale."""
+
+    def decode(latents: torch.Tensor) -> torch.Tensor:
+        images = vae.decode((latents / scale + shift).to(vae.dtype)).sample.float()
+        return ((images + 1) / 2).clamp(0, 1)
+
+    def encode_images(images: torch.Tensor) -> torch.Tensor:
+        if images.shape[1] == 1:
+            images = images.expand(-1, 3, -1, -1)
+        if tuple(images.shape[-2:]) != (size, size):
+            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        with torch.no_grad():
+            latents = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
+        return (latents.float() - shift) * scale
+
+    return decode, encode_images
+
+
+def image_size(denoiser, vae, size: int | None) -> tuple[int, int]:
+    """(image size, VAE factor): `size`, or the denoiser's default sample size x the factor."""
+    factor = vae_factor(vae)
+    size = size or denoiser.config.sample_size * factor
+    if size % factor:
+        raise ValueError(f"pipeline.resolution = {size} is not a multiple of the VAE's factor {factor}")
+    return size, factor
 
 
 def vae_factor(vae) -> int:
@@ -78,44 +127,21 @@ def load_pipeline(path, resolution: int | None = None, negative_prompt: str = ""
 
 def build(folder: Path, unet, vae, text_encoder, tokenizer, scheduler, resolution: int | None = None,
           negative_prompt: str = "") -> DiffusionModel:
-    factor = vae_factor(vae)
-    size = resolution or unet.config.sample_size * factor
-    if size % factor:
-        raise ValueError(f"pipeline.resolution = {size} is not a multiple of the VAE's factor {factor}")
-    scale = vae.config.scaling_factor
-    cache: dict[tuple, torch.Tensor] = {}
+    size, factor = image_size(unet, vae, resolution)
+    decode, encode_images = vae_codec(vae, size, vae.config.scaling_factor)
 
-    @torch.no_grad()
-    def encode_prompts(prompts: Sequence[str]) -> torch.Tensor:
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        device = text_encoder.device
-        todo = [p for p in dict.fromkeys(prompts) if (p, device) not in cache]
-        if todo:
-            ids = tokenizer(todo, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
-                            return_tensors="pt").input_ids.to(device)
-            for p, h in zip(todo, text_encoder(ids)[0].float()):
-                cache[(p, device)] = h
-        return torch.stack([cache[(p, device)] for p in prompts])
+    def encode(prompts: list[str]) -> torch.Tensor:
+        ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+                        return_tensors="pt").input_ids.to(text_encoder.device)
+        return text_encoder(ids)[0]
+
+    encode_prompts = cached_prompts(encode, lambda: text_encoder.device)
 
     def null_condition(n: int) -> torch.Tensor:
         return encode_prompts([negative_prompt] * n)
 
     def forward(denoiser, x, t, cond):
         return denoiser(x, t, encoder_hidden_states=cond).sample
-
-    def decode(latents: torch.Tensor) -> torch.Tensor:
-        images = vae.decode((latents / scale).to(vae.dtype)).sample.float()
-        return ((images + 1) / 2).clamp(0, 1)
-
-    def encode_images(images: torch.Tensor) -> torch.Tensor:
-        if images.shape[1] == 1:
-            images = images.expand(-1, 3, -1, -1)
-        if tuple(images.shape[-2:]) != (size, size):
-            images = torch.nn.functional.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        with torch.no_grad():
-            latents = vae.encode((images * 2 - 1).to(vae.device, vae.dtype)).latent_dist.mean
-        return latents.float() * scale
 
     def field_net():
         from diffusers import UNet2DConditionModel

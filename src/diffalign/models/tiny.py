@@ -4,11 +4,16 @@
   AutoencoderKL, CLIPTextModel, CLIP tokenizer, DDIM scheduler) that
   `StableDiffusionPipeline.from_pretrained(out)` and diffalign's `model: out` both load.
   32x32 images, 4x8x8 latents: every method runs on it on a CPU in seconds.
+- `make_tiny_sd3(out)`: a complete Stable Diffusion 3 pipeline folder (SD3Transformer2DModel,
+  AutoencoderKL with SD3's 16 latent channels and shift factor, two CLIPTextModelWithProjection,
+  a T5EncoderModel unless `t5=False`, their tokenizers, FlowMatchEulerDiscreteScheduler with
+  shift 3) that `StableDiffusion3Pipeline.from_pretrained(out)` and `model: out` both load.
 - `make_tiny_clip(out)`: a `CLIPModel` + `CLIPProcessor` folder, the layout the CLIP-based
   rewards (`clip-score`, `pickscore`, `aesthetic`) and `eval.features` read.
 
-The tokenizer is written by the project: a byte-level BPE vocabulary of the 256 byte
-symbols (alone and word-final) and no merges, so any text tokenises, one symbol per byte.
+The tokenizers are written by the project: CLIP's is a byte-level BPE vocabulary of the 256
+byte symbols (alone and word-final) and no merges, so any text tokenises, one symbol per byte;
+T5's is a unigram vocabulary of the printable ASCII characters (alone and word-initial).
 The weights are random: these folders test loading, shapes, gradients and export, not
 image quality.
 """
@@ -89,6 +94,53 @@ def make_tiny_sd(out: str | Path, seed: int = 0, resolution: int = 32) -> Path:
         text = CLIPTextModel(_text_config(len(tok)))
         pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=scheduler,
                                        safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
+
+
+def write_t5_tokenizer(folder: str | Path):
+    """Write a T5 tokenizer (a unigram vocabulary built in memory, `save_pretrained`) into `folder`."""
+    from transformers import T5TokenizerFast
+
+    chars = [chr(c) for c in range(ord("!"), ord("~") + 1)]
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -3.0) for c in chars] + [("\u2581" + c, -2.5) for c in chars]
+    tok = T5TokenizerFast(vocab=vocab, extra_ids=0)
+    tok.save_pretrained(str(folder))
+    return tok
+
+
+def make_tiny_sd3(out: str | Path, seed: int = 0, resolution: int = 32, t5: bool = True) -> Path:
+    """Write a tiny random Stable Diffusion 3 pipeline folder to `out` (atomically); `t5=False`
+    leaves out the T5 text encoder (the pipeline then gives zeros in its place, as SD3 allows)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, \
+        StableDiffusion3Pipeline
+    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=resolution,
+                        scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False,
+                        use_post_quant_conv=False)  # SD3's VAE: 16 channels, its scale and shift
+    joint = 2 * TEXT_DIM  # the two CLIPs' hidden states side by side (T5's width too)
+    transformer = SD3Transformer2DModel(sample_size=resolution // 4, patch_size=2, in_channels=16, out_channels=16,
+                                        num_layers=2, attention_head_dim=8, num_attention_heads=4,
+                                        joint_attention_dim=joint, caption_projection_dim=32,
+                                        pooled_projection_dim=2 * TEXT_DIM, pos_embed_max_size=16)
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0)
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        toks = [write_tokenizer(Path(tmp) / name) for name in ("tokenizer", "tokenizer_2")]
+        clips = [CLIPTextModelWithProjection(_text_config(len(tok))) for tok in toks]
+        tok3 = text3 = None
+        if t5:
+            tok3 = write_t5_tokenizer(Path(tmp) / "tokenizer_3")
+            text3 = T5EncoderModel(T5Config(vocab_size=len(tok3), d_model=joint, d_kv=8, d_ff=64, num_layers=1,
+                                            num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0))
+        pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clips[0],
+                                        tokenizer=toks[0], text_encoder_2=clips[1], tokenizer_2=toks[1],
+                                        text_encoder_3=text3, tokenizer_3=tok3)
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out
 

@@ -1,0 +1,143 @@
+"""Stable Diffusion 3 (SD3 / SD3.5 class) pipeline folders as a `DiffusionModel`.
+
+`model: /path/to/stable-diffusion-3-medium-diffusers` loads the folder's SD3Transformer2DModel,
+AutoencoderKL, the two CLIP text encoders (with projection) and, when the folder has it, T5,
+with `local_files_only=True` and safetensors weights. A folder without T5 (model_index.json
+lists `text_encoder_3` as null) is read as the SD3 pipeline reads it with `text_encoder_3=None`:
+zeros in place of the T5 tokens.
+
+- `encode_prompts`: the pipeline's own `encode_prompt` (diffusers' code, on a pipeline built
+  from the loaded parts), cached per prompt. Its two outputs are packed into one tensor per
+  prompt, as the model interface needs: `cat([prompt_embeds.flatten(1), pooled], 1)`;
+  `forward` unpacks them for the transformer.
+- `null_condition`: the negative prompt ('' by default) for classifier-free guidance.
+- `decode`: latents / scaling_factor + shift_factor -> VAE decoder -> images in [0, 1];
+  `encode_images` is its inverse ((mean - shift_factor) x scaling_factor).
+- The scheduler is the folder's `FlowMatchEulerDiscreteScheduler`: the transformer's output
+  is the velocity, and timesteps are the scheduler's floats (sigma x 1000), passed to the
+  transformer as they are (as the pipeline does). Folders with dynamic shifting (FLUX-style,
+  shift computed from the resolution) are refused.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from . import register_pipeline
+from .base import DiffusionModel, ModelFolderError, zero_output
+from .sd import cached_prompts, check_folder, image_size, vae_codec
+
+WEIGHTS = (("config.json",), ("diffusion_pytorch_model.safetensors",))
+TEXT = (("config.json",), ("model.safetensors", "model.safetensors.index.json"))
+TOKENIZER = (("tokenizer_config.json",), ("vocab.json", "tokenizer.json", "spiece.model"))
+PARTS = {"transformer": WEIGHTS, "vae": WEIGHTS, "text_encoder": TEXT, "tokenizer": TOKENIZER,
+         "text_encoder_2": TEXT, "tokenizer_2": TOKENIZER, "scheduler": (("scheduler_config.json",),)}
+T5_PARTS = {"text_encoder_3": TEXT, "tokenizer_3": TOKENIZER}
+# the joint attention's image and text projections (diffusers' SD3 LoRA scripts adapt the same)
+LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+GUIDANCE_SCALE = 7.0
+NUM_INFERENCE_STEPS = 28
+MAX_SEQUENCE_LENGTH = 256  # T5 tokens (the pipeline's default)
+
+
+def has_t5(folder: Path) -> bool:
+    index = json.loads((folder / "model_index.json").read_text())
+    return (index.get("text_encoder_3") or [None])[0] is not None
+
+
+def load_scheduler(folder: Path):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    config = FlowMatchEulerDiscreteScheduler.load_config(folder, subfolder="scheduler")
+    if config.get("use_dynamic_shifting"):
+        raise ModelFolderError(f"{str(folder)!r}: its scheduler uses dynamic shifting (use_dynamic_shifting: true, "
+                               "FLUX-style: the shift depends on the resolution), which diffalign does not support; "
+                               "use a folder whose scheduler has a fixed `shift` (SD3 / SD3.5)")
+    return FlowMatchEulerDiscreteScheduler.from_config(config)
+
+
+@register_pipeline("StableDiffusion3Pipeline")
+def load_pipeline(path, resolution: int | None = None, negative_prompt: str = "") -> DiffusionModel:
+    """Load a local SD3 pipeline folder (see the module docstring)."""
+    from diffusers import AutoencoderKL, SD3Transformer2DModel
+    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+
+    folder = Path(path).expanduser()
+    t5 = has_t5(folder)
+    check_folder(folder, {**PARTS, **(T5_PARTS if t5 else {})}, "Stable Diffusion 3 pipeline", "make-tiny-sd3")
+    local = dict(local_files_only=True, use_safetensors=True)
+    parts = {
+        "transformer": SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **local),
+        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **local),
+        "text_encoder": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder", **local),
+        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **local),
+        "text_encoder_3": T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **local) if t5 else None,
+    }
+    for name in ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if t5 else ()):
+        parts[name] = AutoTokenizer.from_pretrained(folder / name, local_files_only=True)
+    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
+        if parts[part] is not None:
+            parts[part].eval().requires_grad_(False)
+    return build(folder, parts, load_scheduler(folder), resolution, negative_prompt)
+
+
+def build(folder: Path, parts: dict, scheduler, resolution: int | None = None,
+          negative_prompt: str = "") -> DiffusionModel:
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline(scheduler=scheduler, **{"tokenizer_3": None, **parts})
+    pipe.set_progress_bar_config(disable=True)
+    transformer, vae = parts["transformer"], parts["vae"]
+    size, factor = image_size(transformer, vae, resolution)
+    decode, encode_images = vae_codec(vae, size, vae.config.scaling_factor, vae.config.shift_factor or 0.0)
+    width, pooled_width = transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim
+
+    def encode(prompts: list[str]) -> torch.Tensor:
+        embeds, _, pooled, _ = pipe.encode_prompt(prompts, None, None, device=pipe.text_encoder.device,
+                                                  do_classifier_free_guidance=False,
+                                                  max_sequence_length=MAX_SEQUENCE_LENGTH)
+        return torch.cat([embeds.flatten(1), pooled], 1)
+
+    encode_prompts = cached_prompts(encode, lambda: pipe.text_encoder.device)
+
+    def null_condition(n: int) -> torch.Tensor:
+        return encode_prompts([negative_prompt] * n)
+
+    def forward(denoiser, x, t, cond):
+        embeds, pooled = cond[:, :-pooled_width], cond[:, -pooled_width:]
+        return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=embeds.reshape(len(cond), -1, width),
+                        pooled_projections=pooled, return_dict=False)[0]
+
+    def field_net():
+        from diffusers import SD3Transformer2DModel
+
+        c = transformer.config
+        net = SD3Transformer2DModel(sample_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
+                                    out_channels=c.out_channels, num_layers=1, attention_head_dim=16,
+                                    num_attention_heads=2, joint_attention_dim=width, caption_projection_dim=32,
+                                    pooled_projection_dim=c.pooled_projection_dim, pos_embed_max_size=c.pos_embed_max_size)
+        return zero_output(net)
+
+    return DiffusionModel(
+        name=str(folder),
+        denoiser=transformer,
+        scheduler=scheduler,
+        sample_shape=(transformer.config.in_channels, size // factor, size // factor),
+        encode_prompts=encode_prompts,
+        forward=forward,
+        decode=decode,
+        null_condition=null_condition,
+        prompts=[],  # a pipeline has no prompt set of its own: the config names one
+        lora_targets=list(LORA_TARGETS),
+        guidance_scale=GUIDANCE_SCALE,
+        num_inference_steps=NUM_INFERENCE_STEPS,
+        path=str(folder),
+        image_encoder=encode_images,
+        make_field_net=field_net,
+        parts={k: v for k, v in parts.items() if isinstance(v, torch.nn.Module) and k != "transformer"},
+        info={"pipeline": "StableDiffusion3Pipeline", "resolution": size, "negative_prompt": negative_prompt,
+              "component": "transformer", "t5": parts["text_encoder_3"] is not None, "_pipe": pipe},
+    )

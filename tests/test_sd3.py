@@ -1,0 +1,268 @@
+"""Stable Diffusion 3 pipeline folders: loading (packed text condition, VAE shift, guidance),
+folder errors, LoRA on the transformer in diffusers' layout, on a tiny random pipeline built
+by `diffalign models make-tiny-sd3` (with T5, and without it)."""
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from diffalign import adapters
+from diffalign.cli import main
+from diffalign.models import ModelFolderError, load_model
+from diffalign.models.tiny import make_tiny_sd3
+from diffalign.eval.run import load_run
+from diffalign.sampler import Sampler
+
+PROMPTS = ["a cat", "a dog"]
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tiny") / "sd3"
+    assert main(["models", "make-tiny-sd3", str(out)]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def sd3_no_t5(tmp_path_factory):
+    return str(make_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3-no-t5", t5=False))
+
+
+def diffusers_pipeline(folder, **parts):
+    from diffusers import StableDiffusion3Pipeline
+
+    pipe = StableDiffusion3Pipeline.from_pretrained(folder, local_files_only=True, **parts)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def unpack(m, cond):
+    """(prompt_embeds, pooled) from the packed condition, as the model's `forward` reads it."""
+    c = m.denoiser.config
+    return cond[:, :-c.pooled_projection_dim].reshape(len(cond), -1, c.joint_attention_dim), \
+        cond[:, -c.pooled_projection_dim:]
+
+
+def test_loads_as_latent_text_model(sd3):
+    m = load_model(sd3)
+    assert m.sample_shape == (16, 8, 8) and m.info["resolution"] == 32 and m.info["t5"]
+    assert sorted(m.parts) == ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"]
+    cond = m.encode_prompts(["a cat", "a dog", "a cat"])
+    assert torch.equal(cond[0], cond[2]) and not torch.equal(cond[0], cond[1])
+    assert torch.equal(m.null_condition(2)[1], m.encode_prompts([""])[0])
+    # the packed condition is exactly what diffusers' pipeline feeds its transformer
+    embeds, pooled = unpack(m, cond[:2])
+    with torch.no_grad():
+        ref, _, ref_pooled, _ = diffusers_pipeline(sd3).encode_prompt(PROMPTS, None, None,
+                                                                      do_classifier_free_guidance=False)
+    assert embeds.shape == (2, 77 + 256, 64) and pooled.shape == (2, 64)
+    assert torch.equal(embeds, ref) and torch.equal(pooled, ref_pooled)
+    out = m.predict_noise(torch.randn(3, *m.sample_shape), torch.tensor(500.0), cond)
+    assert out.shape == (3, *m.sample_shape) and out.abs().sum() > 0
+
+
+def test_folder_without_t5(sd3_no_t5):
+    """model_index.json lists text_encoder_3 as null: zeros in place of the T5 tokens, as the SD3
+    pipeline gives with text_encoder_3=None."""
+    m = load_model(sd3_no_t5)
+    assert not m.info["t5"] and "text_encoder_3" not in m.parts
+    embeds, pooled = unpack(m, m.encode_prompts(PROMPTS))
+    assert embeds[:, 77:].abs().max() == 0 and embeds[:, :77].abs().max() > 0
+    with torch.no_grad():
+        ref, _, ref_pooled, _ = diffusers_pipeline(sd3_no_t5, text_encoder_3=None, tokenizer_3=None).encode_prompt(
+            PROMPTS, None, None, do_classifier_free_guidance=False)
+    assert torch.equal(embeds, ref) and torch.equal(pooled, ref_pooled)
+
+
+def test_decode_and_encode_use_the_vae_shift(sd3):
+    m = load_model(sd3)
+    vae = m.parts["vae"]
+    assert vae.config.shift_factor != 0
+    x = torch.randn(2, *m.sample_shape, requires_grad=True)
+    images = m.decode(x)
+    assert images.shape == (2, 3, 32, 32) and 0 <= images.min() and images.max() <= 1
+    images.mean().backward()
+    assert x.grad.abs().sum() > 0  # decode is differentiable (the gradient methods need it)
+    # the pipeline's own decoding: latents / scaling_factor + shift_factor
+    with torch.no_grad():  # the pipeline's own decoding: latents / scaling_factor + shift_factor
+        z = x.detach() / vae.config.scaling_factor + vae.config.shift_factor
+        assert torch.allclose(images.detach(), ((vae.decode(z).sample + 1) / 2).clamp(0, 1))
+        pixels = torch.rand(2, 3, 32, 32)
+        mean = vae.encode(pixels * 2 - 1).latent_dist.mean
+    assert torch.allclose(m.encode_images(pixels), (mean - vae.config.shift_factor) * vae.config.scaling_factor)
+    assert m.encode_images(torch.rand(2, 3, 48, 48)).shape == (2, *m.sample_shape)  # resized to the resolution
+
+
+def test_guidance_and_options(sd3):
+    m = load_model(sd3, resolution=64, negative_prompt="blurry")
+    assert m.sample_shape == (16, 16, 16)
+    assert m.decode(torch.zeros(1, 16, 16, 16)).shape == (1, 3, 64, 64)
+    assert torch.equal(m.null_condition(1)[0], m.encode_prompts(["blurry"])[0])
+    x, t, cond = torch.randn(2, *m.sample_shape), torch.tensor(700.0), m.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        guided = Sampler(guidance_scale=3.0).predict(m, x, t, cond)
+        u, c = m.predict_noise(x, t, m.null_condition(2)), m.predict_noise(x, t, cond)
+    assert guided.shape == x.shape and torch.allclose(guided, u + 3.0 * (c - u), atol=1e-5)
+    with pytest.raises(ValueError, match="multiple of the VAE's factor 4"):
+        load_model(sd3, resolution=30)
+
+
+def test_folder_errors_name_what_is_missing(sd3, tmp_path):
+    broken = tmp_path / "broken"
+    shutil.copytree(sd3, broken)
+    (broken / "transformer" / "diffusion_pytorch_model.safetensors").unlink()
+    shutil.rmtree(broken / "tokenizer_3")
+    with pytest.raises(ModelFolderError, match=r"Stable Diffusion 3 pipeline folder: missing "
+                                               r"transformer/diffusion_pytorch_model.safetensors, tokenizer_3/.*"
+                                               r"make-tiny-sd3"):
+        load_model(str(broken))
+    shutil.rmtree(broken)
+    shutil.copytree(sd3, broken)
+    config = json.loads((broken / "scheduler" / "scheduler_config.json").read_text())
+    (broken / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "use_dynamic_shifting": True}))
+    with pytest.raises(ModelFolderError, match="dynamic shifting"):
+        load_model(str(broken))
+    index = json.loads((broken / "model_index.json").read_text())
+    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
+    with pytest.raises(ModelFolderError, match="FluxPipeline pipeline; diffalign loads.*StableDiffusion3Pipeline"):
+        load_model(str(broken))
+
+
+def test_lora_on_the_transformer_loads_in_diffusers(sd3, tmp_path):
+    """LoRA on every joint-attention projection; the saved file (prefix `transformer.`) gives the
+    same transformer output in diffusers' `load_lora_weights`, and adapters off is the base."""
+    m = load_model(sd3)
+    config = adapters.add_lora(m.denoiser, m.lora_targets, rank=4, alpha=4.0)
+    adapted = {n.rsplit(".", 1)[-1] if not n.endswith("to_out.0") else "to_out.0"
+               for n, mod in m.denoiser.named_modules() if hasattr(mod, "lora_A")}
+    assert adapted == set(m.lora_targets)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for n, p in m.denoiser.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    x, t, cond = torch.randn(2, *m.sample_shape), torch.tensor(400.0), m.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        ours = m.predict_noise(x, t, cond)
+        with adapters.adapters_disabled(m.denoiser):
+            base = m.predict_noise(x, t, cond)
+    assert (ours - base).abs().max() > 1e-3
+    adapters.write_lora(m.denoiser, tmp_path, config, prefix="transformer.")
+    pipe = diffusers_pipeline(sd3)
+    with torch.no_grad():
+        embeds, pooled = unpack(m, cond)
+        before = pipe.transformer(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=embeds,
+                                  pooled_projections=pooled, return_dict=False)[0]
+        pipe.load_lora_weights(str(tmp_path))
+        after = pipe.transformer(hidden_states=x, timestep=t.expand(2), encoder_hidden_states=embeds,
+                                 pooled_projections=pooled, return_dict=False)[0]
+    assert (before - base).abs().max() < 1e-5 and (after - ours).abs().max() < 1e-5
+
+
+def test_field_net_starts_at_zero(sd3):
+    m = load_model(sd3)
+    net = m.make_field_net()
+    out = m.forward(net, torch.randn(2, *m.sample_shape), torch.full((2,), 300.0), m.encode_prompts(PROMPTS))
+    assert out.shape == (2, *m.sample_shape) and out.abs().max() == 0
+    assert any(p.requires_grad for p in net.parameters())
+
+
+@pytest.mark.parametrize("which", ["sd3", "sd3_no_t5"])
+def test_sampler_matches_the_diffusers_pipeline(which, request):
+    """At eta 0 our sampler (flow ODE, guidance 3) gives StableDiffusion3Pipeline's own latents."""
+    folder = request.getfixturevalue(which)
+    m = load_model(folder)
+    latents = torch.randn(2, *m.sample_shape, generator=torch.Generator().manual_seed(0))
+    ours = Sampler(num_steps=4, eta=0.0, guidance_scale=3.0).sample(m, PROMPTS, latents=latents,
+                                                                     with_logprob=False).final
+    pipe = diffusers_pipeline(folder, **({} if m.info["t5"] else {"text_encoder_3": None, "tokenizer_3": None}))
+    theirs = pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.0, latents=latents.clone(),
+                  output_type="latent").images
+    assert (ours - theirs).abs().max() < 1e-4 and (ours - latents).abs().max() > 1e-2
+    if which == "sd3":  # `bench sampler`'s reference loop: the same pipeline on the loaded parts
+        from diffalign.bench.sampler import pipeline_loop
+
+        s = Sampler(num_steps=4, eta=0.0, guidance_scale=3.0)
+        x = s.noise(m, 2, torch.Generator().manual_seed(0))
+        assert (pipeline_loop(m, s, PROMPTS, torch.Generator().manual_seed(0)) - theirs).abs().max() < 1e-4
+    noisy = Sampler(num_steps=4, eta=0.7, guidance_scale=3.0).sample(m, PROMPTS, latents=latents,
+                                                                     generator=torch.Generator().manual_seed(1))
+    assert (noisy.final - theirs).abs().max() > 1e-3 and torch.isfinite(noisy.log_probs).all()
+
+
+TRAIN = ["model={}", "prompts=[a cat, a dog]", "reward=brightness", "eval.reward=null", "train.epochs=1",
+         "train.batch_size=4", "train.batches_per_epoch=1", "sampling.num_steps=4", "eval.per_prompt=2",
+         "optim.lr=3e-2", "lora.rank=4", "lora.alpha=16", "args.inner_epochs=1", "args.minibatches=2"]
+
+
+def train_cli(folder, out, *sets):
+    args = [x for s in TRAIN + list(sets) for x in ("--set", s.format(folder))]
+    assert main(["train", "configs/ddpo_digits.yaml", *args, "--out", str(out)]) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def ddpo_run(sd3, tmp_path_factory):
+    """DDPO (the digits config, SDE sampling at eta 1) for one epoch on the tiny SD3 folder."""
+    return train_cli(sd3, tmp_path_factory.mktemp("runs") / "ddpo")
+
+
+def aligned(run_dir, x):
+    """diffalign's aligned model of the run, ODE (eta 0), guidance 3, on `x`."""
+    with torch.no_grad():
+        return Sampler(num_steps=4, eta=0.0, guidance_scale=3.0).sample(load_run(run_dir).run.model, PROMPTS,
+                                                                         latents=x.clone(), with_logprob=False).final
+
+
+def pipeline_latents(pipe, x):
+    with torch.no_grad():
+        return pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.0, latents=x.clone(),
+                    output_type="latent").images
+
+
+def test_ddpo_trains_a_lora_with_the_sde(ddpo_run):
+    summary = json.loads((ddpo_run / "summary.json").read_text())
+    assert summary["finished"] and summary["method"] == "ddpo"
+    config = (ddpo_run / "config.yaml").read_text()
+    assert "eta: 1.0" in config and "sde: flow-grpo" in config
+    row = json.loads((ddpo_run / "metrics.jsonl").read_text().splitlines()[0])
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
+    lora = load_file(str(ddpo_run / "final" / "pytorch_lora_weights.safetensors"))
+    assert all(k.startswith("transformer.") for k in lora)
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+@pytest.fixture(scope="module")
+def ddpo_samples(sd3, ddpo_run):
+    """(noise, the run's aligned samples from it) at eta 0; they differ from the base model's."""
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    mine = aligned(ddpo_run, x)
+    assert (mine - pipeline_latents(diffusers_pipeline(sd3), x)).abs().max() > 1e-3  # so the tests below can fail
+    return x, mine
+
+
+@pytest.mark.parametrize("merge", [False, True])
+def test_export_reproduces_our_samples_in_diffusers(ddpo_run, ddpo_samples, tmp_path, merge):
+    from diffusers import StableDiffusion3Pipeline
+
+    x, mine = ddpo_samples
+    out = tmp_path / "export"
+    assert main(["export", str(ddpo_run), "--out", str(out)] + (["--merge"] if merge else [])) == 0
+    assert (out / "pytorch_lora_weights.safetensors").exists() is not merge
+    pipe = diffusers_pipeline(str(out))
+    assert isinstance(pipe, StableDiffusion3Pipeline)
+    if not merge:
+        pipe.load_lora_weights(str(out))
+    assert (mine - pipeline_latents(pipe, x)).abs().max() <= 1e-4
+
+
+def test_full_fine_tune_final_is_a_pipeline_folder(sd3, tmp_path):
+    run = train_cli(sd3, tmp_path / "full", "lora.enabled=false", "optim.lr=1e-3")
+    tuned = load_file(str(run / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    base = load_file(f"{sd3}/transformer/diffusion_pytorch_model.safetensors")
+    assert any(not torch.equal(tuned[k], base[k]) for k in base)
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    assert (aligned(run, x) - pipeline_latents(diffusers_pipeline(str(run / "final")), x)).abs().max() <= 1e-4
