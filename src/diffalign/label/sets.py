@@ -125,7 +125,7 @@ class FeedbackSet:
 
     def state(self) -> dict:
         todo = next((it for it in self.items if it["id"] not in self.answers), None)
-        return {"kind": self.kind, "folder": str(self.folder), "done": len(self.answers), "total": len(self.items),
+        return {"kind": self.kind, "folder": _shown(self.folder), "done": len(self.answers), "total": len(self.items),
                 "item": todo, "buttons": self.buttons, "can_undo": bool(self.answers),
                 "written": self.output if (self.folder / self.output).exists() else None,
                 "next": self.next_message() if todo is None else None}
