@@ -90,6 +90,32 @@ def test_a_labels_json_written_by_hand_is_where_the_page_starts(tmp_path):
         open_set(tmp_path)
 
 
+def test_a_round_of_several_processes_is_one_set(tmp_path):
+    from diffalign.data import human
+    from label_helpers import digit_like
+
+    ids = human.image_ids(0, 0, range(4))
+    for rank in (0, 1):
+        rows = [{"prompt": "1", "a": a, "b": b} for a, b in ids[2 * rank:2 * rank + 2]]
+        human.write_round(tmp_path, rank, 2, rows, digit_like(2), digit_like(2, 1))
+    s = open_set(tmp_path)
+    assert [it["a"] for it in s.items] == [a for a, _ in ids] and s.run is None
+    for it in s.items:
+        s.answer(it["id"], "b")
+    assert "diffalign train --resume RUN" in s.state()["next"]
+    a_wins, keep = human.read_labels(tmp_path / "labels.json", [{"prompt": "1", "a": a, "b": b} for a, b in ids])
+    assert not a_wins.any() and keep.all()
+
+
+def test_an_answer_that_cannot_be_written_is_not_counted(tmp_path):
+    kto_set(tmp_path, n=2)
+    with serving(tmp_path) as server:
+        (tmp_path / "answers.json").mkdir()  # os.replace onto a folder fails
+        status, err = answer(server, state(server)["item"]["id"], "skip")
+        assert status == 500 and "could not write" in err["error"]
+        assert state(server)["done"] == 0
+
+
 def test_kto_set_writes_what_diffusion_kto_reads(tmp_path):
     rows = kto_set(tmp_path, n=4)
     with serving(tmp_path) as server:

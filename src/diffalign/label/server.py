@@ -89,6 +89,8 @@ class Handler(BaseHTTPRequestHandler):
                 state = fb.state()
         except ValueError as e:
             return self._json(HTTPStatus.BAD_REQUEST, {"error": str(e)})
+        except OSError as e:  # the answer was not saved, so it is not counted
+            return self._json(HTTPStatus.INTERNAL_SERVER_ERROR, {"error": f"could not write in the folder: {e}"})
         self._json(HTTPStatus.OK, state)
 
     def _body(self):

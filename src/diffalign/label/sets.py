@@ -69,6 +69,8 @@ class FeedbackSet:
             rows = json.loads(path.read_text())
             for row in rows:
                 self.answers[row["id"]] = self.check(row["id"], row["answer"])
+        except OSError as e:
+            raise LabelSetError(f"{path} cannot be read ({e})") from None
         except (ValueError, TypeError, KeyError) as e:
             raise LabelSetError(f"{path} does not fit this set ({e}): it holds the answers of another set; "
                                 "move it away to start over") from None
@@ -88,7 +90,11 @@ class FeedbackSet:
         if item_id in self.answers:
             raise ValueError(f"item {item_id!r} is already answered (undo to change it)")
         self.answers[item_id] = answer
-        self.save()
+        try:
+            self.save()
+        except OSError:
+            del self.answers[item_id]  # not on disk: not given
+            raise
 
     def undo(self) -> None:
         if not self.answers:
@@ -167,9 +173,10 @@ class D3PORound(FeedbackSet):
         labels = _json(folder / self.output, list)
         known = {it["id"] for it in items}
         rows = [{"id": f"{r.get('a')}|{r.get('b')}", "answer": r.get("choice")} for r in labels if isinstance(r, dict)]
-        if len(rows) != len(labels) or not {r["id"] for r in rows} <= known:
-            raise LabelSetError(f"{folder / self.output} labels pairs that are not in this round: move it away "
-                                "to label the round afresh")
+        if len(rows) != len(labels) or not {r["id"] for r in rows} <= known or \
+                any(r["answer"] not in human.CHOICES for r in rows):
+            raise LabelSetError(f"{folder / self.output} labels pairs that are not in this round, or has a choice "
+                                "other than a, b, tie: move it away to label the round afresh")
         atomic_write_text(folder / human.ANSWERS_FILE, json.dumps(rows, indent=1))
 
     def output_text(self) -> str | None:
