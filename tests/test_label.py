@@ -3,7 +3,12 @@
 import contextlib
 import json
 import os
+import re
+import signal
 import socket
+import subprocess
+import sys
+import urllib.request
 from pathlib import Path
 from urllib.parse import quote
 
@@ -241,6 +246,25 @@ def test_a_folder_without_a_set_is_a_clear_error_at_start(tmp_path, capsys):
         (tmp_path / "answers.json").unlink()
         assert main(["label", str(tmp_path), "--port", str(port)]) == 2
         assert f"cannot listen on 127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_the_command_serves_until_interrupted(tmp_path):
+    kto_set(tmp_path, n=2)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"),
+                                                       os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, "-m", "diffalign.cli", "label", str(tmp_path), "--port", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        lines = [proc.stdout.readline(), proc.stdout.readline()]
+        url = re.search(r"open (http://127\.0\.0\.1:\d+/) in a browser", lines[1]).group(1)
+        with urllib.request.urlopen(url + "api/state", timeout=10) as r:
+            assert json.load(r)["total"] == 2
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0 and "stopped: 0 / 2 answered" in out, (lines, out, err)
+    assert lines[0].startswith(f"kto set in {tmp_path}: 0 / 2 answered; writes labels.jsonl")
 
 
 @contextlib.contextmanager

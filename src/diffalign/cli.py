@@ -222,7 +222,7 @@ def _label(a) -> int:
     server = make_server(a.dir, a.host, a.port)
     fb = server.feedback
     print(f"{fb.kind} set in {fb.folder}: {len(fb.answers)} / {len(fb.items)} answered; writes {fb.output}")
-    print(f"open {server.url} in a browser (Ctrl-C to stop; every answer is saved as it is given)")
+    print(f"open {server.url} in a browser (Ctrl-C to stop; every answer is saved as it is given)", flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
