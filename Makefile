@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Pretrained embedded models and reward networks are cached here (keyed by config).
 export DIFFALIGN_CACHE ?= $(CURDIR)/.cache/diffalign
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-browser clean
 
 setup: $(VENV)/.installed
 
@@ -23,6 +23,15 @@ demo: setup
 # two pytest-xdist workers, one torch thread each (tests/conftest.py): about 9 minutes on 2 cores
 test: setup
 	$(PY) -m pytest -q -n 2
+
+# the labelling page in headless Chromium: Debian's chromium + chromium-driver (installed if missing, as root
+# or with sudo), selenium in the venv (the `browser` extra)
+test-browser: setup
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null || { \
+	  SUDO=$$([ "$$(id -u)" = 0 ] || echo sudo); $$SUDO apt-get update && \
+	  $$SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends chromium chromium-driver; }
+	@$(PY) -c "import selenium" 2>/dev/null || $(VENV)/bin/pip install -e ".[browser]"
+	$(PY) -m pytest -q -p no:xdist -m browser
 
 clean:
 	rm -rf $(VENV) .cache runs

@@ -15,6 +15,8 @@
     diffalign demo [--out DIR]
     diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
     diffalign data labels --pairs DIR/pairs.jsonl --out DIR    (or --model M --reward R: new pairs, then labels)
+    diffalign data images|candidates --model digits --n 64 [--per-prompt K] --out DIR   (unlabelled, for `label`)
+    diffalign label DIR [--host 127.0.0.1] [--port 8765]
 """
 
 from __future__ import annotations
@@ -217,6 +219,22 @@ def _demo(a) -> int:
     return 0
 
 
+def _label(a) -> int:
+    from .label import make_server
+
+    server = make_server(a.dir, a.host, a.port)
+    fb = server.feedback
+    print(f"{fb.kind} set in {fb.folder}: {len(fb.answers)} / {len(fb.items)} answered; writes {fb.output}")
+    print(f"open {server.url} in a browser (Ctrl-C to stop; every answer is saved as it is given)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print(f"\nstopped: {len(fb.answers)} / {len(fb.items)} answered")
+    finally:
+        server.server_close()
+    return 0
+
+
 def _data(a) -> int:
     from .data import feedback
 
@@ -234,9 +252,14 @@ def _data(a) -> int:
 
     device = "cuda" if torch.cuda.is_available() else "cpu"
     model = load_model(a.model or "digits", device=device)
-    reward = build_reward(a.reward, device=device)
     prompts = resolve_prompts(_prompts_arg(a.prompts), model.prompts)
     sampler = Sampler(num_steps=a.steps or model.num_inference_steps, eta=a.eta, guidance_scale=a.guidance)
+    if a.what in ("images", "candidates"):  # unlabelled sets, for `diffalign label`
+        per_prompt = a.per_prompt or (1 if a.what == "images" else 4)
+        path = feedback.make_unlabelled(model, prompts, a.n, per_prompt, a.out, a.what, seed=a.seed, sampler=sampler)
+        print(f"{path}: {a.n} prompts x {per_prompt} images; label them with `diffalign label {a.out}`")
+        return 0
+    reward = build_reward(a.reward, device=device)
     out = Path(a.out) / "pairs" if a.what == "labels" else Path(a.out)
     stats = feedback.make_pairs(model, reward, prompts, a.n, out, seed=a.seed, bt_noise=a.bt_noise, sampler=sampler)
     print(json.dumps(stats, indent=1))
@@ -323,13 +346,18 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="runs/demo")
     d.add_argument("--config", default=str(Path("configs") / "ddpo_digits.yaml"))
     d.set_defaults(fn=_demo)
-    dt = sub.add_parser("data", help="build offline feedback sets (pairs, labels) for diffusion-dpo / diffusion-kto")
-    dt.add_argument("what", choices=["pairs", "labels"])
+    dt = sub.add_parser("data", help="build offline feedback sets (pairs, labels) for diffusion-dpo / diffusion-kto, "
+                        "or unlabelled ones (images, candidates) for `diffalign label`")
+    dt.add_argument("what", choices=["pairs", "labels", "images", "candidates"],
+                    help="pairs / labels: ranked by --reward; images (a KTO set) / candidates (DPO candidates): "
+                         "unlabelled samples for people to label with `diffalign label`")
     dt.add_argument("--out", required=True, help="output folder (pairs.jsonl / labels.jsonl + images)")
     dt.add_argument("--model", default=None, help="model name or pipeline folder whose samples make the set "
                     "(default digits)")
     dt.add_argument("--reward", default="classifier")
-    dt.add_argument("--n", type=int, default=512, help="number of pairs")
+    dt.add_argument("--n", type=int, default=512, help="number of pairs (images, candidates: of prompts)")
+    dt.add_argument("--per-prompt", type=int, default=None, help="(images, candidates) images per prompt "
+                    "(default 1 and 4)")
     dt.add_argument("--bt-noise", type=float, default=None, help="Bradley-Terry temperature (default: argmax)")
     dt.add_argument("--seed", type=int, default=0)
     dt.add_argument("--prompts", default=None, help="comma-separated prompts, a prompts file or a prompt set name "
@@ -339,6 +367,13 @@ def build_parser() -> argparse.ArgumentParser:
     dt.add_argument("--guidance", type=float, default=1.0, help="classifier-free guidance scale (1 = none)")
     dt.add_argument("--pairs", help="`data labels` from this pairs JSONL (Pick-a-Pic rule) instead of new samples")
     dt.set_defaults(fn=_data)
+    lb = sub.add_parser("label", help="label a feedback set in the browser: a D3PO round, a KTO set (images.jsonl) "
+                        "or DPO candidates (candidates.jsonl)")
+    lb.add_argument("dir", help="the set's folder (a D3PO round DIR/epoch-NNNN, or args.labels DIR: its newest "
+                    "round)")
+    lb.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
+    lb.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
+    lb.set_defaults(fn=_label)
     return p
 
 

@@ -341,6 +341,44 @@ def make_pairs(model, reward, prompts, n_pairs: int, out_dir, seed: int = 0, bt_
     return stats
 
 
+@torch.no_grad()
+def make_unlabelled(model, prompts, n: int, per_prompt: int, out_dir, kind: str, seed: int = 0, sampler=None,
+                    batch_size: int = 128) -> Path:
+    """Sample `per_prompt` images for each of `n` prompts (prompt i = prompts[i % len(prompts)], noise
+    seeded by (seed, i, j)) for people to label with `diffalign label`: kind "images" writes
+    out_dir/images.jsonl ({"prompt", "image"} per image, a KTO set), "candidates" writes
+    out_dir/candidates.jsonl ({"prompt", "images"} per prompt, DPO candidates). Returns the file."""
+    from ..sampler import Sampler
+
+    if kind not in ("images", "candidates"):
+        raise ValueError(f"kind must be 'images' or 'candidates', got {kind!r}")
+    if per_prompt < (2 if kind == "candidates" else 1):
+        raise ValueError(f"--per-prompt must be at least {2 if kind == 'candidates' else 1} for {kind}")
+    sampler = sampler or Sampler(num_steps=model.num_inference_steps, guidance_scale=1.0)
+    out, prompts = Path(out_dir), list(prompts)
+    jobs = [(i, j) for i in range(n) for j in range(per_prompt)]
+    files: dict[int, list[str]] = {}
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start:start + batch_size]
+        gens = [generators(model.device, "unlabelled", seed, i, indices=[j])[0] for i, j in batch]
+        traj = sampler.sample(model, [prompts[i % len(prompts)] for i, _ in batch], generator=gens, with_logprob=False)
+        images = model.decode(traj.final).cpu()
+        if not is_image(images[0]):
+            raise ValueError(f"{kind} sets are images for people to look at; this model's samples are "
+                             f"{tuple(images.shape[1:])} points, not images (use an image model, e.g. digits)")
+        for (i, j), img in zip(batch, images):
+            rel = f"img/{i:06d}_{j:02d}.png"
+            save_png(img, out / rel)
+            files.setdefault(i, []).append(rel)
+    if kind == "candidates":
+        rows = [{"prompt": prompts[i % len(prompts)], "images": f} for i, f in files.items()]
+    else:
+        rows = [{"prompt": prompts[i % len(prompts)], "image": rel} for i, f in files.items() for rel in f]
+    path = out / f"{kind}.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def _pick_a_pic(ps: PairSet) -> tuple[dict[str, tuple[str, int, bool]], set[str]]:
     """The Pick-a-Pic rule's inputs: every image path in first-seen order -> (prompt, row, winner side),
     and the paths preferred at least once (desirable)."""

@@ -6,9 +6,11 @@ looks for DIR/epoch-<e>/labels.json:
 
 - missing: it writes the round — DIR/epoch-<e>/pairs.json (one row per pair:
   {"prompt", "a", "b"} with image ids, plus "a_file"/"b_file" PNGs under img/, or the
-  sample values for non-image models) — and stops with `LabelsNeeded`. A person writes
-  labels.json and resumes the run (`diffalign train --resume RUN`); the same pairs are
-  sampled again and trained on.
+  sample values for non-image models) and round.json ({"run": the run folder, "epoch",
+  "pairs"}), and stops with `LabelsNeeded`. A person labels the pairs in the browser
+  (`diffalign label DIR/epoch-<e>`, which writes labels.json once every pair is answered)
+  or writes labels.json by hand, and resumes the run (`diffalign train --resume RUN`);
+  the same pairs are sampled again and trained on.
 - present: a JSON list of {"prompt": str, "a": id, "b": id, "choice": "a" | "b" | "tie"};
   every pair of the round must be labelled once. Ties give no training pair.
 
@@ -25,6 +27,8 @@ import torch
 from .feedback import save_png
 
 CHOICES = ("a", "b", "tie")
+ROUND_FILE = "round.json"  # which run wrote the round (for the "resume with" command)
+ANSWERS_FILE = "answers.json"  # the labelling page's progress; the trainer never reads it
 
 
 class LabelsNeeded(RuntimeError):
@@ -59,6 +63,19 @@ def write_round(folder: Path, rank: int, nproc: int, rows: list[dict], images_a:
     return path
 
 
+def write_round_info(folder: Path, run: Path | None, epoch: int, pairs: int) -> None:
+    info = {"run": None if run is None else str(Path(run).resolve()), "epoch": epoch, "pairs": pairs}
+    Path(folder, ROUND_FILE).write_text(json.dumps(info, indent=1))
+
+
+def answered(folder: Path) -> int:
+    """How many pairs the labelling page has answered so far in this round (0 without its file)."""
+    try:
+        return len(json.loads(Path(folder, ANSWERS_FILE).read_text()))
+    except (OSError, ValueError, TypeError):
+        return 0
+
+
 def read_labels(path: Path, rows: list[dict]) -> tuple[torch.Tensor, torch.Tensor]:
     """(a_wins, keep) bool tensors over `rows` from a labels.json; every row needs one label."""
     try:
@@ -84,7 +101,8 @@ def read_labels(path: Path, rows: list[dict]) -> tuple[torch.Tensor, torch.Tenso
         lab = by_pair.get((row["a"], row["b"]))
         if lab is None:
             raise ValueError(f"{path} has no label for pair ({row['a']}, {row['b']}) (prompt {row['prompt']!r}): "
-                             "label every pair listed in the round's pairs file")
+                             "label every pair listed in the round's pairs file "
+                             f"(`diffalign label {Path(path).parent}` writes a complete file)")
         if "prompt" in lab and lab["prompt"] != row["prompt"]:
             raise ValueError(f"{path}: pair ({row['a']}, {row['b']}) was sampled for prompt {row['prompt']!r}, "
                              f"but its label says {lab['prompt']!r}")

@@ -15,7 +15,8 @@ at collect time under `run.reference()` (frozen base). The trained steps
 
 Human labels (`args.labels: DIR`): instead of the reward, a person chooses between the
 two final samples, one round per epoch (`diffalign.data.human`): the run writes the
-round's pairs, stops, and trains on them once labels.json is there and it is resumed.
+round's pairs, stops, and trains on them once labels.json is there and it is resumed;
+`diffalign label DIR/epoch-NNNN` serves a page that writes labels.json.
 No reward is queried for training then.
 """
 
@@ -122,10 +123,15 @@ class D3PO:
         run = self.run
         labels = self.labels_file(epoch)
         rows = [r for rs, _, _ in unlabelled for r in rs]
+        total = run.cfg.train.batch_size * run.cfg.train.batches_per_epoch
         human.write_round(labels.parent, run.rank, run.processes, rows,
                           torch.cat([x for _, x, _ in unlabelled]), torch.cat([x for _, _, x in unlabelled]))
+        if run.rank == 0:
+            human.write_round_info(labels.parent, run.out, epoch, total)
+        done = human.answered(labels.parent)
         raise human.LabelsNeeded(
-            f"epoch {epoch}: {run.cfg.train.batch_size * run.cfg.train.batches_per_epoch} pairs to label in "
-            f"{labels.parent} (pairs{'' if run.processes == 1 else '-*'}.json, images in img/). Write {labels} "
-            'as a JSON list [{"prompt": ..., "a": ..., "b": ..., "choice": "a" | "b" | "tie"}, ...] and resume the '
-            f"run with `diffalign train --resume {run.out}`")
+            f"epoch {epoch}: {total} pairs to label in {labels.parent}"
+            f"{f' ({done} answered so far)' if done else ''}. Label them in the browser with "
+            f"`diffalign label {labels.parent}` (it writes {labels.name} once every pair is answered), or write "
+            f'{labels} by hand as a JSON list [{{"prompt": ..., "a": ..., "b": ..., "choice": "a" | "b" | "tie"}}, '
+            f"...]; then resume the run with `diffalign train --resume {run.out}`")
