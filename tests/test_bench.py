@@ -120,3 +120,19 @@ def test_bench_step_replays_the_updates_model_calls(tmp_path):
     assert row["method"] == "ddpo" and row["model_calls"] == row["micro_steps"] > 0
     assert row["optimizer_steps"] == 2 and row["bare_s"] > 0 and row["loss_ratio"] > 0
     assert "| ddpo |" in format_step(r) and (tmp_path / "step" / "step.json").exists()
+
+
+def test_flow_suites_run_the_ddim_configs_on_the_flow_model():
+    from pathlib import Path
+
+    from diffalign.bench.suite import cell_overrides, config_path, plan
+    from diffalign.train import resolve_config
+
+    configs = Path(__file__).resolve().parents[1] / "configs"
+    for suite, base in (("toy2d-flow", "toy2d"), ("digits-flow", "digits")):
+        p = plan(suite, overrides=["seed=3"])
+        assert p["model"] == suite and "grpo" in p["methods"]
+        assert config_path(configs, "ddpo", suite).name == f"ddpo_{base}.yaml"  # the suite's fallback configs
+        assert config_path(configs, "grpo", suite).name == f"grpo_{suite.replace('-', '_')}.yaml"  # its own first
+        cfg, _ = resolve_config(config_path(configs, "tailorpo-g", suite), cell_overrides(p, "tailorpo-g@args.delta=0.25"))
+        assert (cfg.model, cfg.sampling.eta, cfg.seed, cfg.args["delta"]) == (suite, 0.7, 3, 0.25)

@@ -116,7 +116,7 @@ def test_pipeline_without_prompts_is_a_config_error(sd, tmp_path):
 
 
 ONLINE = [n for n, _ in list_methods() if not getattr(get_method(n), "offline_data", False)]
-ARGS = {"ddo": {"fit_size": 16, "fit_epochs": 1, "particles": 2, "continuation_steps": 2},
+ARGS = {"grpo": {"group_size": 2}, "ddo": {"fit_size": 16, "fit_epochs": 1, "particles": 2, "continuation_steps": 2},
         "refl": {"window": 2, "target": 1.0}, "spo": {"threshold": 0.0, "single_path_steps": 2}, "tailorpo": {"train_steps": [6, 4, 2]}, "tailorpo-g": {"train_steps": [6, 4, 2]},
         "constrained": {"conditional": False, "data": "PNGS",
                         "constraints": [{"data": "samples:4", "name": "own", "kind": "distill", "bound": 0.01}]}}

@@ -11,7 +11,7 @@
     diffalign bench sampler [--model NAME|PATH] [--batch N] [--steps S]
     diffalign bench step [--methods a,b] [--repeats R]
     diffalign bench memory [--config alignprop.yaml] [--steps K]
-    diffalign bench suite --suite digits|toy2d|digits-minority [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
+    diffalign bench suite --suite digits|toy2d|digits-flow|toy2d-flow|digits-minority [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
     diffalign demo [--out DIR]
     diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
     diffalign data labels --pairs DIR/pairs.jsonl --out DIR    (or --model M --reward R: new pairs, then labels)
@@ -182,7 +182,7 @@ def _bench(a) -> int:
             print(format_memory(m))
         return 0
     if what != "suite" or not a.suite:
-        raise SystemExit("usage: diffalign bench --suite digits|toy2d|digits-minority [--methods a,b] [--seeds K] [--budget N] "
+        raise SystemExit("usage: diffalign bench --suite digits|toy2d|digits-flow|toy2d-flow|digits-minority [--methods a,b] [--seeds K] [--budget N] "
                          "[--out DIR] [--quick]   or   diffalign bench sampler   or   diffalign bench step")
     from .bench import run_bench
     from .bench.report import summary_table
@@ -321,12 +321,12 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--out", required=True, help="new output folder")
     ex.add_argument("--merge", action="store_true", help="fuse the LoRA into the UNet (from_pretrained alone loads it)")
     ex.set_defaults(fn=_export)
-    b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d (methods at equal reward budget), digits-minority (constrained training), sampler, step")
+    b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d|digits-flow|toy2d-flow (methods at equal reward budget), digits-minority (constrained training), sampler, step")
     b.add_argument("what", nargs="?", choices=["sampler", "suite", "step", "memory"],
                    help="sampler, step (one update vs bare forward+backward), memory (one AlignProp update with and "
                         "without gradient checkpointing), or suite (implied by --suite)")
     b.add_argument("--config", help="(memory) the config to measure (default configs/alignprop_digits.yaml)")
-    b.add_argument("--suite", help="digits, toy2d or digits-minority")
+    b.add_argument("--suite", help="digits, toy2d, digits-flow, toy2d-flow or digits-minority")
     b.add_argument("--methods", help="comma-separated methods/config names (default: the suite's)")
     b.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
     b.add_argument("--budget", type=int, default=None, help="reward queries per run")
