@@ -266,3 +266,17 @@ def test_full_fine_tune_final_is_a_pipeline_folder(sd3, tmp_path):
     assert any(not torch.equal(tuned[k], base[k]) for k in base)
     x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
     assert (aligned(run, x) - pipeline_latents(diffusers_pipeline(str(run / "final")), x)).abs().max() <= 1e-4
+
+
+def test_grpo_with_a_mix_window_trains_on_an_sd3_folder(sd3, tmp_path):
+    """GRPO (the digits-flow config) on the SD3 folder: groups of 2 per prompt, the SDE on a 2-step
+    MixGRPO window of 4, ratio 1 at the first update, a LoRA that moved."""
+    sets = [s for s in TRAIN if not s.startswith("args.")] + ["args.group_size=2", "args.mix_window=2",
+                                                              "args.inner_epochs=1", "args.minibatches=1"]
+    args = [x for s in sets for x in ("--set", s.format(sd3))]
+    assert main(["train", "configs/grpo_digits_flow.yaml", *args, "--out", str(tmp_path / "grpo")]) == 0
+    row = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[0])
+    assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
+    assert abs(row["ratio"] - 1) < 1e-5 and row["approx_kl"] < 1e-10  # one update per epoch: all at θ_old
+    lora = load_file(str(tmp_path / "grpo" / "final" / "pytorch_lora_weights.safetensors"))
+    assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
