@@ -198,9 +198,10 @@ TRAIN = ["model={}", "prompts=[a cat, a dog]", "reward=brightness", "eval.reward
          "optim.lr=3e-2", "lora.rank=4", "lora.alpha=16", "args.inner_epochs=1", "args.minibatches=2"]
 
 
-def train_cli(folder, out, *sets):
+def train_cli(folder, out, *sets, config="configs/ddpo_digits.yaml"):
+    """`diffalign train CONFIG` on the folder with TRAIN's settings, then `sets` (later ones win)."""
     args = [x for s in TRAIN + list(sets) for x in ("--set", s.format(folder))]
-    assert main(["train", "configs/ddpo_digits.yaml", *args, "--out", str(out)]) == 0
+    assert main(["train", config, *args, "--out", str(out)]) == 0
     return out
 
 
@@ -271,12 +272,10 @@ def test_full_fine_tune_final_is_a_pipeline_folder(sd3, tmp_path):
 def test_grpo_with_a_mix_window_trains_on_an_sd3_folder(sd3, tmp_path):
     """GRPO (the digits-flow config) on the SD3 folder: groups of 2 per prompt, the SDE on a 2-step
     MixGRPO window of 4, ratio 1 at the first update, a LoRA that moved."""
-    sets = [s for s in TRAIN if not s.startswith("args.")] + ["args.group_size=2", "args.mix_window=2",
-                                                              "args.inner_epochs=1", "args.minibatches=1"]
-    args = [x for s in sets for x in ("--set", s.format(sd3))]
-    assert main(["train", "configs/grpo_digits_flow.yaml", *args, "--out", str(tmp_path / "grpo")]) == 0
-    row = json.loads((tmp_path / "grpo" / "metrics.jsonl").read_text().splitlines()[0])
+    run = train_cli(sd3, tmp_path / "grpo", "args.group_size=2", "args.mix_window=2", "args.minibatches=1",
+                    config="configs/grpo_digits_flow.yaml")
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert all(torch.isfinite(torch.tensor(v)) for v in row.values() if isinstance(v, float))
     assert abs(row["ratio"] - 1) < 1e-5 and row["approx_kl"] < 1e-10  # one update per epoch: all at θ_old
-    lora = load_file(str(tmp_path / "grpo" / "final" / "pytorch_lora_weights.safetensors"))
+    lora = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)

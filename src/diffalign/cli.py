@@ -181,10 +181,11 @@ def _bench(a) -> int:
             print(json.dumps(m, indent=1))
             print(format_memory(m))
         return 0
+    from .bench import SUITES, run_bench
+
     if what != "suite" or not a.suite:
-        raise SystemExit("usage: diffalign bench --suite digits|toy2d|digits-flow|toy2d-flow|digits-minority [--methods a,b] [--seeds K] [--budget N] "
+        raise SystemExit(f"usage: diffalign bench --suite {'|'.join(SUITES)} [--methods a,b] [--seeds K] [--budget N] "
                          "[--out DIR] [--quick]   or   diffalign bench sampler   or   diffalign bench step")
-    from .bench import run_bench
     from .bench.report import summary_table
 
     methods = [m.strip() for m in a.methods.split(",") if m.strip()] if a.methods else None

@@ -51,6 +51,9 @@ class Suite:
     overrides: list[str] = field(default_factory=list)  # applied to every cell (before --set and the variant's)
 
 
+# the likelihood methods, which run on flow-matching models through the flow SDE
+FLOW_METHODS = ["grpo", "ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "dpok", "nabla-gfn"]
+
 SUITES = {
     "digits": Suite("digits", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "diffusion-dpo", "diffusion-kto",
                                "nabla-gfn", "alignprop", "draft", "refl", "dpok"],
@@ -59,15 +62,15 @@ SUITES = {
     "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "nabla-gfn", "alignprop", "draft", "refl",
                              "dpok", "ddo", "ddo-dpo", "diffusion-dpo", "diffusion-kto"], budget=4096, seeds=3, per_prompt=1000,
                    quick={"seeds": 1, "budget": 2048}, bt_noise=1.0),  # BT pairs at temperature 1: DPO's own optimum (no KL term) is p*
-    # budget 0: no reward is queried; every row trains its config's steps on the same data (constrained training)
     # flow-matching models: every likelihood method, on the DDIM suite's configs with the model swapped and
     # the SDE's noise level set (Flow-GRPO's a = 0.7); GRPO has configs of its own
-    "digits-flow": Suite("digits-flow", ["grpo", "ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "dpok", "nabla-gfn"],
+    "digits-flow": Suite("digits-flow", FLOW_METHODS,
                          budget=2048, seeds=3, per_prompt=20, quick={"seeds": 1, "budget": 512}, configs="digits",
                          overrides=["model=digits-flow", "sampling.eta=0.7"]),
-    "toy2d-flow": Suite("toy2d-flow", ["grpo", "ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "dpok", "nabla-gfn"],
+    "toy2d-flow": Suite("toy2d-flow", FLOW_METHODS,
                         budget=4096, seeds=3, per_prompt=1000, quick={"seeds": 1, "budget": 2048}, configs="toy2d",
                         overrides=["model=toy2d-flow", "sampling.eta=0.7"]),
+    # budget 0: no reward is queried; every row trains its config's steps on the same data (constrained training)
     "digits-minority": Suite("digits", ["unconstrained", "constrained", "constrained-resilient"], budget=0, seeds=3,
                              per_prompt=1000, quick={"seeds": 1}, base_row=False, classes=[4, 5, 7]),
 }
