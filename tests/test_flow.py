@@ -160,3 +160,44 @@ def test_mix_window_runs_the_ode_outside_it():
     assert torch.equal(x_next, traj.latents[:, i + 1])
     with torch.no_grad():
         assert torch.equal(sampler.rescore(m, traj, 2), traj.log_probs[:, 2])
+
+
+@pytest.mark.parametrize("shift", [1.0, 3.0])
+def test_the_samplers_grid_has_no_last_micro_step(shift):
+    """The scheduler's default grid ends σ_min = 0.001 -> 0 (dt −0.001 against −0.0526): its last step's
+    variance is ~3,000× smaller than the one before. The sampler's grid (σ = linspace(1, 1/N, N), shifted,
+    then 0) gives every step at shift 1 the same |dt|; the last step's variance stays within a small factor
+    of the previous one's and its dμ/dv is −|dt|·(1 + g²(1 − σ)/(2σ)), not −0.001."""
+    default = scheduler(steps=20, shift=shift)
+    d_sig = default.sigmas
+    assert float(d_sig[-2] - d_sig[-1]) < 0.2 * float(d_sig[-3] - d_sig[-2])  # the micro-step is there
+    m = SimpleModel(FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift))
+    s = Sampler(num_steps=20, eta=0.7)
+    ts = s.timesteps(m)
+    sig = m.scheduler.sigmas
+    assert len(ts) == 20 and float(sig[0]) == pytest.approx(1.0) and float(sig[-1]) == 0.0
+    dts = sig[:-1] - sig[1:]
+    if shift == 1.0:
+        torch.testing.assert_close(dts, torch.full_like(dts, 1 / 20), rtol=0, atol=1e-6)
+    x = torch.zeros(1, 2)
+    var = [float(step_with_logprob(m.scheduler, torch.zeros_like(x), t, x, eta=0.7, with_logprob=False).std) ** 2
+           for t in ts]
+    assert var[-1] > 0.2 * var[-2]
+    # a pipeline (or anyone) that set the scheduler's own grid is put back on ours before the next step
+    m.scheduler.set_timesteps(20)
+    assert not flow.on_grid(m.scheduler, 20)
+    s.step(m, x, ts[-1], None, with_logprob=False)
+    assert flow.on_grid(m.scheduler, 20) and torch.equal(m.scheduler.sigmas, sig)
+
+
+class SimpleModel:
+    """Just enough of a model for `Sampler.timesteps`/`step` with an all-zero velocity."""
+
+    def __init__(self, sched):
+        self.scheduler, self.device = sched, torch.device("cpu")
+
+    def null_condition(self, n):
+        return None
+
+    def predict_noise(self, x, t, cond):
+        return torch.zeros_like(x)

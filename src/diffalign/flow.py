@@ -24,6 +24,15 @@ model: FLUX ports broke on it, Flow-GRPO #32), and the step and its log-probabil
 computed in fp32 whatever the model's dtype (NaN log-probs in bf16: Flow-GRPO #177).
 Re-scoring a stored step repeats exactly the same arithmetic, so the ratio before the first
 update is 1 (Flow-GRPO #104, DanceGRPO #57 traced theirs to recomputing with other inputs).
+
+The inference grid (`set_timesteps`): σ = linspace(1, 1/N, N) before the scheduler's shift, then 0,
+as diffusers' FLUX pipelines pass it. The scheduler's own default, linspace(1, σ_min, N) with
+σ_min = 1/num_train_timesteps, ends with a micro-step σ_min -> 0 (dt = −0.001 against −0.0526 for
+the other 19 of 20 steps): its step variance is ~3,000× smaller than the step's before it, so a
+method that trains the last transition (∇-GFlowNet's terminal residual, DRaFT-K=1, ReFL) sees a
+~50× weaker dμ/dv and a ~2,500× larger score there. On this grid every step has the same |dt|
+(shift 1) and the last step goes from σ = 1/N to the data: x_0 = x0_hat(x_{1/N}). A diffusers
+pipeline reproduces our samples when given `sigmas=inference_sigmas(N)`.
 """
 
 from __future__ import annotations
@@ -38,6 +47,32 @@ def is_flow(scheduler) -> bool:
     from diffusers import FlowMatchEulerDiscreteScheduler
 
     return isinstance(scheduler, FlowMatchEulerDiscreteScheduler)
+
+
+def inference_sigmas(num_steps: int) -> list[float]:
+    """σ of the N inference steps before the scheduler's shift: linspace(1, 1/N, N) (then 0 is appended
+    by the scheduler). The grid without the scheduler's σ_min -> 0 micro-step (module docstring)."""
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be >= 1, got {num_steps}")
+    return torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).tolist()
+
+
+def set_timesteps(scheduler, num_steps: int, device=None) -> None:
+    """`scheduler.set_timesteps` on the grid of `inference_sigmas` (the scheduler applies its shift)."""
+    if getattr(scheduler.config, "use_dynamic_shifting", False):
+        raise ValueError("this flow scheduler uses dynamic (resolution-dependent) shifting, which needs `mu`: "
+                         "dynamic shifting (FLUX-style) is not supported yet; use a scheduler with a fixed `shift`")
+    scheduler.set_timesteps(sigmas=inference_sigmas(num_steps), device=device)
+
+
+def on_grid(scheduler, num_steps: int) -> bool:
+    """True when the scheduler's current schedule is `set_timesteps(scheduler, num_steps)`'s."""
+    if getattr(scheduler, "num_inference_steps", None) != num_steps or scheduler.sigmas is None:
+        return False
+    shift = float(scheduler.shift)
+    s = torch.tensor(inference_sigmas(num_steps), dtype=torch.float64)
+    expect = shift * s / (1 + (shift - 1) * s)
+    return bool(torch.allclose(scheduler.sigmas[:num_steps].cpu().double(), expect, atol=1e-6))
 
 
 def _per_sample(t, sample: torch.Tensor) -> torch.Tensor:

@@ -31,7 +31,8 @@ from typing import Callable, Iterable, Sequence
 import torch
 from torch.utils.checkpoint import checkpoint as grad_checkpoint
 
-from .sampling import StepOutput, noise_coefficient, output_shift, step_with_logprob, x0_from_output
+from .sampling import StepOutput, noise_coefficient, output_shift, set_timesteps, step_with_logprob, timesteps_ready, \
+    x0_from_output
 from .trajectory import Trajectory
 
 
@@ -70,13 +71,14 @@ class Sampler:
 
     # ---- one step ----------------------------------------------------------------------
     def timesteps(self, model) -> torch.Tensor:
-        """The scheduler's timesteps for `num_steps` (first = noisiest), on the model's device."""
-        model.scheduler.set_timesteps(self.num_steps, device=model.device)
+        """The scheduler's timesteps for `num_steps` (first = noisiest), on the model's device
+        (`sampling.set_timesteps`: flow models on a grid without the scheduler's last micro-step)."""
+        set_timesteps(model.scheduler, self.num_steps, device=model.device)
         return model.scheduler.timesteps
 
     def _ready(self, model) -> None:
-        if model.scheduler.num_inference_steps != self.num_steps:
-            model.scheduler.set_timesteps(self.num_steps, device=model.device)
+        if not timesteps_ready(model.scheduler, self.num_steps):
+            set_timesteps(model.scheduler, self.num_steps, device=model.device)
 
     def noise(self, model, n: int, generator=None) -> torch.Tensor:
         """x_T for n samples (one generator, or a list of one per sample)."""

@@ -132,6 +132,22 @@ def ddpm_mean_std(scheduler, model_output, timestep, sample):
     return mean, std, x0, eps
 
 
+def set_timesteps(scheduler, num_steps: int, device=None) -> None:
+    """The inference schedule of `num_steps` steps: the scheduler's own, except for flow models, whose
+    grid drops the scheduler's last micro-step (`diffalign.flow.set_timesteps`)."""
+    if flow.is_flow(scheduler):
+        flow.set_timesteps(scheduler, num_steps, device)
+    else:
+        scheduler.set_timesteps(num_steps, device=device)
+
+
+def timesteps_ready(scheduler, num_steps: int) -> bool:
+    """True when the scheduler holds the schedule `set_timesteps(scheduler, num_steps)` sets."""
+    if flow.is_flow(scheduler):
+        return flow.on_grid(scheduler, num_steps)
+    return getattr(scheduler, "num_inference_steps", None) == num_steps
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """log N(x; mean, std^2) per sample: summed (exact) or averaged over non-batch elements."""
     if reduction not in REDUCTIONS:

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from ..flow import is_flow
+from ..flow import inference_sigmas, is_flow
 from ..models import load_model
 from ..sampler import Sampler
 
@@ -42,9 +42,10 @@ def pipeline_loop(model, sampler, prompts, generator):
         model.info["_pipe"] = pipe
     size = model.info["resolution"]
     latents = sampler.noise(model, len(prompts), generator)
-    eta = {} if is_flow(model.scheduler) else {"eta": sampler.eta}  # a flow pipeline runs its ODE (no eta)
+    # a flow pipeline runs its ODE (no eta) on our grid (diffalign.flow.inference_sigmas: no last micro-step)
+    kw = {"sigmas": inference_sigmas(sampler.num_steps)} if is_flow(model.scheduler) else {"eta": sampler.eta}
     return pipe(list(prompts), height=size, width=size, num_inference_steps=sampler.num_steps,
-                guidance_scale=sampler.guidance_scale, latents=latents, generator=generator, **eta,
+                guidance_scale=sampler.guidance_scale, latents=latents, generator=generator, **kw,
                 negative_prompt=[model.info.get("negative_prompt", "")] * len(prompts), output_type="latent").images
 
 

@@ -42,6 +42,11 @@ def _mean(x: torch.Tensor) -> torch.Tensor:
     return x.flatten(1).mean(1)
 
 
+def _kind_mean(v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
+    """Mean of per-sample `v` over the rows `mask` selects; None when it selects none."""
+    return v.detach()[mask].mean() if bool(mask.any()) else None
+
+
 def residual_db_loss(a, a_ref, b, b_ref, reward_prev, reward_t, flow_prev, flow_t, terminal: torch.Tensor,
                      reverse_weight: float = 1.0, weight: torch.Tensor | None = None,
                      flow_weight: torch.Tensor | None = None):
@@ -54,24 +59,39 @@ def residual_db_loss(a, a_ref, b, b_ref, reward_prev, reward_t, flow_prev, flow_
     (g_φ) respectively (None: 1); with both None this is the plain sum of squares. Given a
     weight, the value is w·(policy-side residuals) + wf·(flow-side residuals): the same residuals
     twice, each half reaching only its own side's parameters (with w = wf = 1, twice the plain
-    value, with the plain gradient on each side)."""
-    end = terminal.view(-1, *[1] * (a.ndim - 1)).to(a.dtype)
+    value, with the plain gradient on each side). The terminal forward residual has no g_φ in
+    its target, so it has no flow side: every term of the value has a gradient.
+
+    The info holds the residuals by kind (`forward`, `reverse` over non-terminal transitions,
+    `forward_terminal`, `reverse_terminal` over terminal ones, each present only when the
+    minibatch has such rows), the penalty `terminal_flow`, and the two sides of the value
+    (`policy_part`, `flow_part`, their per-sample means; without weights `policy_part` is the
+    whole plain value and `flow_part` 0)."""
+    end_mask = terminal.bool()
+    end = end_mask.view(-1, *[1] * (a.ndim - 1)).to(a.dtype)
     fwd_target = a_ref + reward_prev + (1 - end) * flow_prev
     rev_target = b_ref - reward_t - flow_t
-    penalty = _mean(flow_prev ** 2) * terminal.to(a.dtype)
+    penalty = _mean(flow_prev ** 2) * end_mask.to(a.dtype)
 
     def residuals(a, fwd_target, b, rev_target):
         return _mean((a - fwd_target) ** 2), _mean((b - rev_target) ** 2)
 
     if weight is None and flow_weight is None:
         forward, reverse = residuals(a, fwd_target, b, rev_target)
-        loss = forward + reverse_weight * reverse
+        policy = forward + reverse_weight * reverse
+        flow_side = torch.zeros_like(policy)
     else:
         w = 1.0 if weight is None else weight
         wf = 1.0 if flow_weight is None else flow_weight
         forward, reverse = residuals(a, fwd_target.detach(), b, rev_target.detach())  # reaches θ only
         ff, fr = residuals(a.detach(), fwd_target, b.detach(), rev_target)  # the same values, reaches g_φ only
-        loss = w * (forward + reverse_weight * reverse) + wf * (ff + reverse_weight * fr)
-    info = {"forward": forward.mean().detach(), "reverse": reverse.mean().detach(),
-            "terminal_flow": penalty.sum().detach() / terminal.sum().clamp(min=1)}
-    return loss + penalty, info
+        policy = w * (forward + reverse_weight * reverse)
+        flow_side = wf * ((~end_mask).to(ff.dtype) * ff + reverse_weight * fr)
+    info = {"terminal_flow": penalty.sum().detach() / end_mask.sum().clamp(min=1),
+            "policy_part": policy.detach().mean(), "flow_part": flow_side.detach().mean()}
+    for name, v in (("forward", forward), ("reverse", reverse)):
+        for suffix, mask in (("", ~end_mask), ("_terminal", end_mask)):
+            m = _kind_mean(v, mask)
+            if m is not None:
+                info[name + suffix] = m
+    return policy + flow_side + penalty, info
