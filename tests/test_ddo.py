@@ -326,3 +326,50 @@ def test_toy2d_reports_the_distance_to_its_own_data_the_practical_limit():
     assert m["data_distance"] < 1.6 * m["data_floor"]  # exact data: about the floor
     shifted = sample_metrics(model, data + 0.5, [""] * 400, build_reward("quadratic"), 1.0)
     assert shifted["data_distance"] > 3 * m["data_floor"]
+
+
+def test_one_timestep_per_row_corrects_each_row_at_its_own_timestep():
+    """Re-scoring hands the correction one timestep per row: each row gets the closed-form Δ of its own t
+    (not row 0's), and the batched call equals the rows' own calls."""
+    s2, c = 0.8, torch.tensor([0.7, -0.4])
+    model = gaussian_model(s2)
+    plain = Sampler(num_steps=20, eta=1.0)
+    plain.timesteps(model)
+    corr = DoobCorrection(lambda x0, cond: -(x0 * c).sum(1), plain.predict, "gaussian", particles=20000, data_var=s2)
+    x = torch.randn(3, 2, generator=torch.Generator().manual_seed(0))
+    ts = torch.tensor([801, 101, 401])
+    got = corr(model, x, ts, None)
+    for i, t in enumerate(ts.tolist()):
+        a = float(model.scheduler.alphas_cumprod[t])
+        exact = c * math.sqrt(a) * s2 / (a * s2 + 1 - a)
+        assert torch.allclose(got[i], exact, atol=0.05 * float(exact.abs().max())), (t, got[i], exact)
+        torch.testing.assert_close(got[i:i + 1], corr(model, x[i:i + 1], torch.tensor(t), None))
+
+
+def test_learned_correction_targets_use_the_guided_prediction():
+    """The sampler adds the correction to the guided output, so the regression's x0_hat is the guided one."""
+    from diffalign.doob import learned_correction_loss
+    from diffalign.sampling import alpha_bar, x0_from_output
+
+    model = gaussian_model(0.8)
+    model.null_condition = lambda n: torch.zeros(n, 2)
+    base = model.forward
+    model.forward = lambda den, x, t, cond: base(den, x, t, cond) + (0.0 if cond is None else 0.3 * cond)
+    guided = Sampler(num_steps=10, eta=1.0, guidance_scale=3.0)
+    guided.timesteps(model)
+    x0, cond = torch.randn(6, 2, generator=torch.Generator().manual_seed(1)), torch.ones(6, 2)
+    zero_net = lambda den, x, t, c: torch.zeros_like(x)  # noqa: E731
+    model.forward = (lambda f: lambda den, x, t, c: zero_net(den, x, t, c) if den == "net" else f(den, x, t, c))(
+        model.forward)
+    loss = learned_correction_loss(model, "net", x0, cond, torch.ones(6), model.scheduler.timesteps,
+                                   generator=torch.Generator().manual_seed(2), predict=guided.predict)
+    g = torch.Generator().manual_seed(2)  # the same draws as the loss: timesteps, then noise
+    t = model.scheduler.timesteps[torch.randint(len(model.scheduler.timesteps), (6,), generator=g)]
+    x_t = model.scheduler.add_noise(x0, torch.randn(x0.shape, generator=g), t)
+    a = alpha_bar(model.scheduler, t, x_t)
+    want = {}
+    for name, out in (("guided", guided.predict(model, x_t, t, cond)), ("plain", model.predict_noise(x_t, t, cond))):
+        target = a.sqrt() / (1 - a) * (x0 - x0_from_output(model.scheduler, out, t, x_t))
+        want[name] = float((target.pow(2).sum(1) * (1 - a).flatten()).mean())
+    assert float(loss) == pytest.approx(want["guided"], rel=1e-5)
+    assert abs(want["guided"] - want["plain"]) > 1e-3 * want["guided"]

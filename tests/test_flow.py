@@ -201,3 +201,22 @@ class SimpleModel:
 
     def predict_noise(self, x, t, cond):
         return torch.zeros_like(x)
+
+
+def test_output_shift_is_finite_at_sigma_one_and_shifts_the_implied_noise_elsewhere():
+    """At σ = 1 the implied noise is x_t whatever v is (and the exact Doob correction is 0): the shift is 0,
+    not d_eps / 1e-6. Below 1 it changes ε_hat = x_t + (1 − σ)·v by exactly d_eps."""
+    from diffalign.sampling import output_shift
+
+    s = scheduler(steps=4)
+    x, d_eps = torch.randn(3, 2), torch.randn(3, 2)
+    t_one = s.timesteps[0]
+    assert float(t_one) == 1000.0
+    shift = output_shift(s, d_eps, t_one, x)
+    assert torch.isfinite(shift).all() and float(shift.abs().max()) == 0.0
+    t = s.timesteps[1:3]
+    ts = torch.stack([t[0], t[1], t[1]])
+    v = torch.randn(3, 2)
+    sig = flow.sigma(s, ts, x)
+    eps = lambda v_: x + (1 - sig) * v_  # noqa: E731
+    torch.testing.assert_close(eps(v + output_shift(s, d_eps, ts, x)) - eps(v), d_eps)

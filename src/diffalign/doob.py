@@ -123,10 +123,17 @@ class DoobCorrection:
             raise ValueError(f"particles must be >= 2 for a Monte Carlo Doob correction, got {self.particles}")
 
     def __call__(self, model, x, t, cond, output=None):
-        t_int = int(torch.as_tensor(t).reshape(-1)[0])
+        tt = torch.as_tensor(t, device=x.device).reshape(-1)
         if self.estimator == "learned":
-            tt = torch.full((x.shape[0],), t_int, device=x.device)
-            return model.forward(self.net, x, tt, cond)
+            return model.forward(self.net, x, tt.expand(x.shape[0]), cond)
+        if tt.numel() > 1 and bool((tt != tt[0]).any()):  # one timestep per row (re-scoring): each group on its own
+            delta = torch.empty_like(x)
+            for value in tt.unique():
+                rows = (tt == value).nonzero().squeeze(1)
+                delta[rows] = self(model, x[rows], int(value), None if cond is None else cond[rows],
+                                   None if output is None else output[rows])
+            return delta
+        t_int = int(tt[0])
         if output is None:
             output = self.predict(model, x, t_int, cond)
         x0s = self._continue(model, x, t_int, cond, output) if self.estimator == "continuation" else \
@@ -197,7 +204,7 @@ class DoobCorrection:
 
 
 def learned_correction_loss(model, net, x0: torch.Tensor, cond, weights: torch.Tensor, timesteps: torch.Tensor,
-                            generator: torch.Generator | None = None) -> torch.Tensor:
+                            generator: torch.Generator | None = None, predict: Callable | None = None) -> torch.Tensor:
     """Weighted regression whose minimiser is the Doob correction Δ.
 
     x0 (N, *shape) are reference samples, `weights` (N,) ∝ exp(−f(x0)) normalised to mean 1
@@ -206,14 +213,17 @@ def learned_correction_loss(model, net, x0: torch.Tensor, cond, weights: torch.T
         loss = mean w·(1−ā)·||c_φ(x_t, t) − √ā/(1−ā)·(x0 − x0_hat_ref(x_t))||².
     Per x_t its minimiser is √ā/(1−ā)·(E_q[X0|x_t] − x0_hat), which is Δ when the
     reference's x0_hat is E_p[X0|x_t]; the (1−ā) weight keeps small-noise targets from
-    dominating."""
+    dominating. x0_hat comes from `predict(model, x, t, cond)`, the model output the sampler
+    adds the correction to (the plain sampler's `predict`, with its guidance); None = the
+    unguided denoiser."""
     n = x0.shape[0]
     device = x0.device
     t = timesteps.to(device)[torch.randint(len(timesteps), (n,), generator=generator).to(device)]
     noise = torch.randn(x0.shape, generator=generator).to(device=device, dtype=x0.dtype)
     x_t = model.scheduler.add_noise(x0, noise, t)
     with torch.no_grad():
-        x0_hat = x0_from_output(model.scheduler, model.predict_noise(x_t, t, cond), t, x_t)
+        out = model.predict_noise(x_t, t, cond) if predict is None else predict(model, x_t, t, cond)
+        x0_hat = x0_from_output(model.scheduler, out, t, x_t)
     a = alpha_bar(model.scheduler, t, x_t)
     target = a.sqrt() / (1 - a) * (x0 - x0_hat)
     err = (model.forward(net, x_t, t, cond) - target).pow(2).flatten(1).sum(1) * (1 - a).flatten()

@@ -277,9 +277,17 @@ def output_shift(scheduler, d_eps: torch.Tensor, timestep, sample: torch.Tensor)
     """The change of the raw model output that changes the implied noise by `d_eps` at fixed x_t.
 
     From x0 = (x_t - sqrt(1 - a) eps) / sqrt(a): 'epsilon' d_eps, 'v_prediction' d_eps / sqrt(a)
-    (v = eps / sqrt(a) - sqrt(1 - a) x_t / sqrt(a)), 'sample' -sqrt(1 - a) d_eps / sqrt(a)."""
-    if flow.is_flow(scheduler):  # ε = x_t + (1 − σ)·v
-        return d_eps / (1 - flow.sigma(scheduler, timestep, sample)).clamp(min=1e-6).to(sample.dtype)
+    (v = eps / sqrt(a) - sqrt(1 - a) x_t / sqrt(a)), 'sample' -sqrt(1 - a) d_eps / sqrt(a).
+
+    Flow models (ε = x_t + (1 − σ)·v): d_eps / (1 − σ) for σ < 1, and 0 at σ = 1, where x_t is the
+    noise itself, ε_hat = x_t whatever v is, and the score −x_t is the same for every tilt of the
+    data (h_1(x) = E[h(X_0) | X_1 = x] does not depend on x, so an exact correction is 0 there and an
+    estimated one is estimator noise; dividing by 1 − σ would multiply it without bound)."""
+    if flow.is_flow(scheduler):
+        s = flow.sigma(scheduler, timestep, sample)
+        inside = s < 1
+        return torch.where(inside, d_eps.float() / torch.where(inside, 1 - s, torch.ones_like(s)),
+                           torch.zeros_like(s)).to(sample.dtype)
     kind = scheduler.config.prediction_type
     a = alpha_bar(scheduler, timestep, sample)
     if kind == "epsilon":

@@ -291,7 +291,8 @@ class DDO:
             rows = torch.randperm(len(x), generator=g)[: self.args.fit_batch]
             loss = learned_correction_loss(self.run.model, self.net, x[rows.to(x.device)], self._cond(ids[rows]),
                                            weights[rows.to(weights.device)].float(),
-                                           self.sampler.timesteps(self.run.model).cpu(), generator=g)
+                                           self.sampler.timesteps(self.run.model).cpu(), generator=g,
+                                           predict=self.run.sampler.predict)
             return loss, {"correction_loss": loss.detach()}
 
         return compute
