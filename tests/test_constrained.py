@@ -31,9 +31,11 @@ def test_dual_step_hand_worked():
     new = dual_step(mu, torch.tensor([0.3, 0.1, 0.0]), torch.tensor([0.2, 0.2, 0.5]), lr=0.5)
     # 0 + 0.5·0.1 = 0.05; 1 + 0.5·(−0.1) = 0.95; max(0, 0.1 + 0.5·(−0.5)) = 0
     assert torch.allclose(new, torch.tensor([0.05, 0.95, 0.0]))
-    # resilient, α = 2: 1 + 0.5·(0.3 − 0.2 − 1/4) = 0.925
-    assert torch.allclose(dual_step(torch.tensor([1.0]), torch.tensor([0.3]), torch.tensor([0.2]), 0.5, alpha=2.0),
-                          torch.tensor([0.925]))
+    # resilient at the paper's α = 0.085: 1 + 0.5·(0.3 − 0.2 − 2·0.085·1) = 0.965
+    assert torch.allclose(dual_step(torch.tensor([1.0]), torch.tensor([0.3]), torch.tensor([0.2]), 0.5, alpha=0.085),
+                          torch.tensor([0.965]))
+    # α = 2: 1 + 0.5·(0.1 − 4) = −0.95, projected to 0
+    assert float(dual_step(torch.tensor([1.0]), torch.tensor([0.3]), torch.tensor([0.2]), 0.5, alpha=2.0)) == 0.0
 
 
 def test_resilient_fixed_point_is_finite_where_plain_grows():
@@ -42,7 +44,7 @@ def test_resilient_fixed_point_is_finite_where_plain_grows():
     for _ in range(2000):
         plain, res = dual_step(plain, loss, bound, 0.1), dual_step(res, loss, bound, 0.1, alpha=2.0)
     assert plain.item() == pytest.approx(20.0, rel=1e-4)  # grows by lr·0.1 per step, forever
-    assert res.item() == pytest.approx(2 * 2.0 * 0.1, rel=1e-4)  # μ* = 2α(L − b): relaxation u = μ/(2α) = L − b
+    assert res.item() == pytest.approx(0.1 / (2 * 2.0), rel=1e-4)  # μ* = (L − b)/(2α): relaxation u = 2αμ = L − b
 
 
 def test_lagrangian_gradient_is_main_plus_weighted_constraints():

