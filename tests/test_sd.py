@@ -242,3 +242,46 @@ def test_bench_suite_on_a_pipeline_folder(sd, tmp_path):
     assert (out / "report.md").is_file()
     with pytest.raises(ValueError, match="overrides"):  # a bench folder never mixes settings
         run_bench("digits", out, methods=["diffusion-dpo"], seeds=1, budget=8, per_prompt=2, overrides=sets[:-1])
+
+
+@pytest.fixture(scope="module")
+def sd_alpha_one(sd, tmp_path_factory):
+    """The tiny folder with the `DDIMScheduler()` defaults some community checkpoints ship: set_alpha_to_one
+    true and steps_offset 0 (the last step goes to ā = 1, or stays at t = 0: std 0 either way)."""
+    out = tmp_path_factory.mktemp("tiny") / "sd-alpha-one"
+    shutil.copytree(sd, out)
+    path = out / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "set_alpha_to_one": True, "steps_offset": 0}))
+    return str(out)
+
+
+def test_a_deterministic_last_step_is_refused_at_config_time_for_every_likelihood_method(sd_alpha_one):
+    names = [n for n, _ in list_methods() if getattr(get_method(n), "requires_logprob", False)]
+    assert len(names) >= 8
+    for name in names:
+        with pytest.raises(ConfigError, match=r"pipeline\.scheduler\.set_alpha_to_one=false.*steps_offset=1"):
+            resolve_config(base=dict(BASE, model=sd_alpha_one, method=name, args=ARGS.get(name, {})))
+    # either setting alone leaves a deterministic last step; both give every step a likelihood
+    for fix in ({"set_alpha_to_one": False}, {"steps_offset": 1}):
+        with pytest.raises(ConfigError, match="deterministic"):
+            resolve_config(base=dict(BASE, model=sd_alpha_one, method="ddpo", pipeline={"scheduler": fix}))
+    with pytest.raises(ConfigError, match=r"pipeline\.scheduler\.set_alpha_to_on'.*no setting"):
+        resolve_config(base=dict(BASE, model=sd_alpha_one, method="ddpo", pipeline={"scheduler": {"set_alpha_to_on": 0}}))
+    resolve_config(base=dict(BASE, model=sd_alpha_one, method="alignprop"))  # no likelihood needed: accepted
+
+
+def test_the_scheduler_override_trains_and_is_exported(sd_alpha_one, tmp_path):
+    """With the settings the error names, a likelihood method trains on the folder unchanged, and the export
+    carries the settings the run sampled with."""
+    sets = ["--set", "pipeline.scheduler.set_alpha_to_one=false", "--set", "pipeline.scheduler.steps_offset=1"]
+    for k, v in [("model", sd_alpha_one), ("reward", "ink"), ("prompts", "[a cat, a dog]"), ("sampling.num_steps", 6),
+                 ("train.batch_size", 4), ("train.batches_per_epoch", 1), ("train.epochs", 1), ("eval.reward", "null"),
+                 ("eval.per_prompt", 2), ("optim.lr", 1e-2)]:
+        sets += ["--set", f"{k}={v}"]
+    assert main(["train", "configs/ddpo_digits.yaml", *sets, "--out", str(tmp_path / "run")]) == 0
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["finished"]
+    folder = json.loads((__import__("pathlib").Path(sd_alpha_one) / "scheduler" / "scheduler_config.json").read_text())
+    assert folder["set_alpha_to_one"] is True  # the user's folder is untouched
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 0
+    exported = json.loads((tmp_path / "x" / "scheduler" / "scheduler_config.json").read_text())
+    assert exported["set_alpha_to_one"] is False and exported["steps_offset"] == 1

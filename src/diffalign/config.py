@@ -114,6 +114,7 @@ class EvalConfig:
 class PipelineConfig:
     resolution: int | None = None  # image side in pixels for pipeline folders; None = the model's default
     negative_prompt: str = ""  # what the unconditional branch of classifier-free guidance encodes
+    scheduler: dict = field(default_factory=dict)  # overrides of the folder's scheduler config, e.g. {set_alpha_to_one: false, steps_offset: 1}
 
     def validate(self, where: str):
         _check(self.resolution is None or self.resolution >= 8, f"{where}.resolution", "must be >= 8 pixels")

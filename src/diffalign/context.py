@@ -83,7 +83,8 @@ class Run:
         with self.acc.main_process_first():  # main pretrains/caches, the others then load
             try:
                 self.model = load_model(cfg.model, progress=self.acc.is_main_process,
-                                        resolution=cfg.pipeline.resolution, negative_prompt=cfg.pipeline.negative_prompt)
+                                        resolution=cfg.pipeline.resolution, negative_prompt=cfg.pipeline.negative_prompt,
+                                        scheduler=cfg.pipeline.scheduler or None)
             except ValueError as e:
                 raise ConfigError(f"config key 'model': {e}") from e
         self.model.to(self.device)

@@ -100,6 +100,9 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
                 pipe.fuse_lora()
                 pipe.unload_lora_weights()
                 pipe.save_pretrained(tmp, safe_serialization=True)
+        if lr.cfg.pipeline.scheduler:  # the run sampled with these settings over the folder's: so does the export
+            path = tmp / "scheduler" / "scheduler_config.json"
+            path.write_text(json.dumps({**json.loads(path.read_text()), **lr.cfg.pipeline.scheduler}, indent=2))
     return out
 
 

@@ -148,6 +148,21 @@ def timesteps_ready(scheduler, num_steps: int) -> bool:
     return getattr(scheduler, "num_inference_steps", None) == num_steps
 
 
+def deterministic_steps(scheduler, num_steps: int, eta: float) -> list:
+    """The timesteps of the `num_steps` schedule whose step has std 0 at this `eta` (no log-probability)."""
+    set_timesteps(scheduler, num_steps)
+    x = torch.zeros(1, 1)
+    out = []
+    for t in scheduler.timesteps:
+        try:
+            std = step_with_logprob(scheduler, x, t, x, eta=eta, with_logprob=False).std
+        except ValueError:  # e.g. DDPM with eta != 1: the step itself refuses, with its own message, later
+            return []
+        if float(std.max()) == 0.0:
+            out.append(float(t) if flow.is_flow(scheduler) else int(t))
+    return out
+
+
 def gaussian_log_prob(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, reduction: str = "sum") -> torch.Tensor:
     """log N(x; mean, std^2) per sample: summed (exact) or averaged over non-batch elements."""
     if reduction not in REDUCTIONS:

@@ -121,7 +121,38 @@ def resolve_config(path=None, overrides=None, base: dict | None = None):
             f"method '{cfg.method}' needs step log-probabilities, but sampling.eta = {cfg.sampling.eta} makes "
             "every step deterministic: set sampling.eta > 0 (1.0 = DDPM variance)"
         )
+    if getattr(method_cls, "requires_logprob", False):
+        check_stochastic_steps(cfg)
     return cfg, args
+
+
+def check_stochastic_steps(cfg) -> None:
+    """A pipeline folder's scheduler must give every step a likelihood (std > 0); refuse it here, before
+    anything loads, naming the `pipeline.scheduler` settings that fix it."""
+    from ..config import ConfigError
+    from ..models import folder_scheduler, is_path
+    from ..sampling import deterministic_steps
+
+    if not is_path(cfg.model):
+        return
+    try:
+        scheduler = folder_scheduler(cfg.model, cfg.pipeline.scheduler or None)
+    except ValueError as e:  # an override the scheduler does not take
+        raise ConfigError(str(e)) from None
+    if scheduler is None:
+        return
+    bad = deterministic_steps(scheduler, cfg.sampling.num_steps, cfg.sampling.eta)
+    if not bad:
+        return
+    settings = {k: scheduler.config.get(k) for k in ("set_alpha_to_one", "steps_offset") if k in scheduler.config}
+    shown = ", ".join(f"{k}: {str(v).lower()}" for k, v in settings.items())
+    raise ConfigError(
+        f"model folder {cfg.model!r}: its scheduler ({type(scheduler).__name__}, {shown}) makes the step(s) at "
+        f"timestep {bad} of the {cfg.sampling.num_steps}-step schedule deterministic (std 0), so they have no "
+        f"log-probability and method '{cfg.method}' cannot train them. Override the folder's settings in the config "
+        "(the folder stays as it is): --set pipeline.scheduler.set_alpha_to_one=false "
+        "--set pipeline.scheduler.steps_offset=1 (Stable Diffusion 1.x's own settings), or in YAML "
+        "`pipeline: {scheduler: {set_alpha_to_one: false, steps_offset: 1}}`")
 
 
 def build(run, args):

@@ -29,6 +29,7 @@ class ModelEntry:
 
 MODELS: dict[str, ModelEntry] = {}
 PIPELINES: dict[str, Callable[..., DiffusionModel]] = {}  # model_index.json _class_name -> loader(path, **options)
+SCHEDULERS: dict[str, Callable] = {}  # model_index.json _class_name -> scheduler loader(folder, overrides)
 
 
 def register_model(name: str, description: str):
@@ -43,11 +44,15 @@ def register_model(name: str, description: str):
     return deco
 
 
-def register_pipeline(class_name: str):
-    """Decorator for a folder loader `load(path, **options) -> DiffusionModel` of one pipeline class."""
+def register_pipeline(class_name: str, scheduler: Callable | None = None):
+    """Decorator for a folder loader `load(path, **options) -> DiffusionModel` of one pipeline class;
+    `scheduler(folder, overrides)` builds the scheduler that loader uses, without reading weights (so a
+    config can be checked against it before anything loads)."""
 
     def deco(load: Callable) -> Callable:
         PIPELINES[class_name] = load
+        if scheduler is not None:
+            SCHEDULERS[class_name] = scheduler
         return load
 
     return deco
@@ -92,6 +97,22 @@ def load_folder(path: str, **options) -> DiffusionModel:
     return PIPELINES[kind](folder, **options)
 
 
+def folder_scheduler(path: str, overrides: dict | None = None):
+    """The scheduler the loader of pipeline folder `path` builds (with `pipeline.scheduler` overrides), or None
+    when the folder cannot be read or its class has no scheduler loader (loading it reports why)."""
+    import json
+    from pathlib import Path
+
+    _discover()
+    index = Path(path).expanduser() / "model_index.json"
+    try:
+        kind = json.loads(index.read_text()).get("_class_name", "")
+    except (OSError, ValueError):
+        return None
+    load = SCHEDULERS.get(kind)
+    return None if load is None else load(Path(path).expanduser(), overrides)
+
+
 def load_model(name: str, device: str | None = None, progress: bool = True, **options) -> DiffusionModel:
     """Load a registered base model (pretraining and caching it on first use), or a pipeline
     folder when `name` is a path (`options`: the loader's, e.g. resolution, negative_prompt)."""
@@ -99,7 +120,7 @@ def load_model(name: str, device: str | None = None, progress: bool = True, **op
         model = load_folder(name, **options)
         return model.to(device) if device is not None else model
     names = model_names()
-    set_options = {k: v for k, v in options.items() if v not in (None, "")}
+    set_options = {k: v for k, v in options.items() if v not in (None, "", {})}
     if set_options:
         raise ValueError(f"options {sorted(set_options)} apply to pipeline folders only, not to the embedded "
                          f"model {name!r}: remove them from the config's 'pipeline' section")

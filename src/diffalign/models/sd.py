@@ -10,7 +10,11 @@ network) and safetensors weights. The diffusion runs in the VAE's latent space:
 - `decode`: latents / scaling_factor -> VAE decoder -> images in [0, 1]; differentiable.
 - `encode_images`: images -> VAE encoder's mean x scaling_factor (offline feedback data).
 - The scheduler is the folder's config loaded as diffusers' `DDIMScheduler` (eta > 0 gives
-  the Gaussian policy the likelihood methods need).
+  the Gaussian policy the likelihood methods need), with the config's `pipeline.scheduler`
+  settings over it. A folder whose last DDIM step is deterministic (`set_alpha_to_one: true`,
+  the `DDIMScheduler()` default, or `steps_offset: 0`) has no likelihood there: likelihood
+  methods refuse it when the config is read (`deterministic_steps`), naming the settings
+  that fix it without editing the folder.
 
 The sample resolution is the model's default (UNet sample_size x the VAE's factor) unless
 `pipeline.resolution` overrides it.
@@ -102,14 +106,38 @@ def image_size(denoiser, vae, size: int | None) -> tuple[int, int]:
     return size, factor
 
 
+def scheduler_from_folder(cls, folder: Path, overrides: dict | None = None):
+    """The folder's scheduler config as `cls`, with `overrides` (the config's `pipeline.scheduler`) applied;
+    a key the scheduler does not take is an error that names it."""
+    import inspect
+
+    config = dict(cls.load_config(folder, subfolder="scheduler"))
+    known = set(inspect.signature(cls.__init__).parameters) - {"self"}
+    for key, value in (overrides or {}).items():
+        if key not in known:
+            raise ValueError(f"config key 'pipeline.scheduler.{key}': {cls.__name__} has no setting {key!r} "
+                             f"(it takes {', '.join(sorted(known))})")
+        config[key] = value
+    return cls.from_config(config)
+
+
 def vae_factor(vae) -> int:
     return 2 ** (len(vae.config.block_out_channels) - 1)
 
 
-@register_pipeline("StableDiffusionPipeline")
-def load_pipeline(path, resolution: int | None = None, negative_prompt: str = "") -> DiffusionModel:
-    """Load a local SD 1.x/2.x pipeline folder (see the module docstring)."""
-    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+def load_scheduler(folder: Path, overrides: dict | None = None):
+    """The folder's scheduler config as diffusers' `DDIMScheduler`, with the `pipeline.scheduler` overrides."""
+    from diffusers import DDIMScheduler
+
+    return scheduler_from_folder(DDIMScheduler, folder, overrides)
+
+
+@register_pipeline("StableDiffusionPipeline", scheduler=load_scheduler)
+def load_pipeline(path, resolution: int | None = None, negative_prompt: str = "",
+                  scheduler: dict | None = None) -> DiffusionModel:
+    """Load a local SD 1.x/2.x pipeline folder (see the module docstring); `scheduler` overrides settings of
+    the folder's scheduler config (`pipeline.scheduler`)."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import AutoTokenizer, CLIPTextModel
 
     folder = Path(path).expanduser()
@@ -119,7 +147,7 @@ def load_pipeline(path, resolution: int | None = None, negative_prompt: str = ""
     vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
     text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local)
     tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    scheduler = DDIMScheduler.from_config(DDIMScheduler.load_config(folder, subfolder="scheduler"))
+    scheduler = load_scheduler(folder, scheduler)
     for part in (unet, vae, text_encoder):
         part.eval().requires_grad_(False)
     return build(folder, unet, vae, text_encoder, tokenizer, scheduler, resolution, negative_prompt)

@@ -28,7 +28,7 @@ import torch
 
 from . import register_pipeline
 from .base import DiffusionModel, ModelFolderError, zero_output
-from .sd import cached_prompts, check_folder, image_size, vae_codec
+from .sd import cached_prompts, check_folder, image_size, scheduler_from_folder, vae_codec
 
 WEIGHTS = (("config.json",), ("diffusion_pytorch_model.safetensors",))
 TEXT = (("config.json",), ("model.safetensors", "model.safetensors.index.json"))
@@ -48,20 +48,22 @@ def has_t5(folder: Path) -> bool:
     return (index.get("text_encoder_3") or [None])[0] is not None
 
 
-def load_scheduler(folder: Path):
+def load_scheduler(folder: Path, overrides: dict | None = None):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    config = FlowMatchEulerDiscreteScheduler.load_config(folder, subfolder="scheduler")
-    if config.get("use_dynamic_shifting"):
+    scheduler = scheduler_from_folder(FlowMatchEulerDiscreteScheduler, folder, overrides)
+    if scheduler.config.get("use_dynamic_shifting"):
         raise ModelFolderError(f"{str(folder)!r}: its scheduler uses dynamic shifting (use_dynamic_shifting: true, "
                                "FLUX-style: the shift depends on the resolution), which diffalign does not support; "
                                "use a folder whose scheduler has a fixed `shift` (SD3 / SD3.5)")
-    return FlowMatchEulerDiscreteScheduler.from_config(config)
+    return scheduler
 
 
-@register_pipeline("StableDiffusion3Pipeline")
-def load_pipeline(path, resolution: int | None = None, negative_prompt: str = "") -> DiffusionModel:
-    """Load a local SD3 pipeline folder (see the module docstring)."""
+@register_pipeline("StableDiffusion3Pipeline", scheduler=load_scheduler)
+def load_pipeline(path, resolution: int | None = None, negative_prompt: str = "",
+                  scheduler: dict | None = None) -> DiffusionModel:
+    """Load a local SD3 pipeline folder (see the module docstring); `scheduler` overrides settings of the
+    folder's scheduler config (`pipeline.scheduler`)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
     from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
 
@@ -81,7 +83,7 @@ def load_pipeline(path, resolution: int | None = None, negative_prompt: str = ""
     for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
         if parts[part] is not None:
             parts[part].eval().requires_grad_(False)
-    return build(folder, parts, load_scheduler(folder), resolution, negative_prompt)
+    return build(folder, parts, load_scheduler(folder, scheduler), resolution, negative_prompt)
 
 
 def build(folder: Path, parts: dict, scheduler, resolution: int | None = None,
