@@ -110,7 +110,12 @@ def folder_scheduler(path: str, overrides: dict | None = None):
     except (OSError, ValueError):
         return None
     load = SCHEDULERS.get(kind)
-    return None if load is None else load(Path(path).expanduser(), overrides)
+    if load is None:
+        return None
+    try:
+        return load(Path(path).expanduser(), overrides)
+    except OSError:  # no scheduler config: loading the folder names every missing part
+        return None
 
 
 def load_model(name: str, device: str | None = None, progress: bool = True, **options) -> DiffusionModel:
