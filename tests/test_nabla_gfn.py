@@ -295,7 +295,7 @@ def test_logged_loss_is_the_sum_of_the_trained_residuals():
     assert info["forward"] == pytest.approx(float(fwd[~terminal].mean()))
     assert info["forward_terminal"] == pytest.approx(float(fwd[terminal].mean()))
     assert info["reverse_terminal"] == pytest.approx(float(rev[terminal].mean()))
-    assert float(info["policy_part"] + info["flow_part"]) == pytest.approx(float((per - pen).mean()), rel=1e-5)
+    assert float(info["policy_part"] + info["flow_part"]) == pytest.approx(float((per - pen).detach().mean()), rel=1e-5)
 
 
 def test_the_terminal_residual_stays_small_on_a_flow_model(tmp_path):
