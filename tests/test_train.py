@@ -47,7 +47,10 @@ def test_run_folder_contents_and_refuses_to_overwrite(tmp_path):
                  "samples/final.png", "reward_curve.png", "final/pytorch_lora_weights.safetensors"):
         assert (run / name).exists(), name
     assert list((run / "tb").iterdir()), "TensorBoard events"
-    assert len((run / "checkpoints").iterdir().__next__().name) > 0
+    # checkpoint_every 1, keep_checkpoints 2: the two newest epochs, each complete
+    kept = sorted(p.name for p in (run / "checkpoints").iterdir())
+    assert kept == ["epoch-000002", "epoch-000003"], kept
+    assert all((run / "checkpoints" / k / "optimizer.pt").is_file() for k in kept)
     lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [x["epoch"] for x in lines] == [0, 1, 2]
     summary = json.loads((run / "summary.json").read_text())
@@ -245,3 +248,17 @@ def test_decaying_schedule_needs_total_steps():
         resolve_config(base=dict(TOY, optim={"schedule": "cosine", "warmup_steps": 10}))
     with pytest.raises(ConfigError, match="'optim.schedule' must be one of constant"):
         resolve_config(base=dict(TOY, optim={"schedule": "cosin"}))
+
+
+def test_gradients_are_averaged_over_processes_not_summed(tmp_path):
+    """AdamW with clipping is invariant to a constant gradient scale, so the 1-vs-2-process runs cannot tell
+    a sum from a mean: this checks the averaging itself. Ranks hold gradients 1 and 2: both must end with 1.5
+    (a sum gives 3); a module only rank 0 touched (gradient 4) is averaged with zeros, 2 on both ranks."""
+    script = Path(__file__).with_name("average_gradients.py")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                        "29537", str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    for rank in (0, 1):
+        held = json.loads((tmp_path / f"rank-{rank}.json").read_text())
+        assert held == {"processes": 2, "denoiser": [1.5], "flow": [2.0]}, (rank, held)
