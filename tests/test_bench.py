@@ -33,7 +33,7 @@ def test_eval_command_writes_eval_json(tmp_path, capsys):
     e = json.loads((tmp_path / "run" / "eval.json").read_text())
     assert e["per_prompt"] == 40 and e["seed"] == 7 and e["aligned"]["n"] == 40 and e["reward_queries"] == 16
     assert e["base"]["kl"] == 0.0 and e["aligned"]["kl"] > 0
-    assert 0 <= e["aligned"]["win_rate"] <= 1 and e["aligned"]["optimum_floor"] > 0
+    assert e["aligned"]["win_rate"] > 0.5 and e["base"]["win_rate"] == 0.5 and e["aligned"]["optimum_floor"] > 0
     assert main(["eval", str(tmp_path / "run"), "--n", "30"]) == 0  # one prompt: 30 samples
     assert json.loads((tmp_path / "run" / "eval.json").read_text())["aligned"]["n"] == 30
     # the same seed gives the same base numbers as the run's own evaluation at its size
