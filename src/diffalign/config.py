@@ -11,14 +11,14 @@ method's own `Config` dataclass (see `diffalign.methods`).
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Union
-
 import yaml
+
+from .registry import closest
 
 
 class ConfigError(ValueError):
@@ -214,8 +214,8 @@ def from_dict(cls, data: dict | None, prefix: str = ""):
     for key, value in data.items():
         full = f"{prefix}.{key}" if prefix else str(key)
         if key not in names:
-            close = difflib.get_close_matches(str(key), names, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else f"; known keys: {', '.join(names)}"
+            close = closest(key, names)
+            hint = f"; did you mean '{close}'?" if close else f"; known keys: {', '.join(names)}"
             raise ConfigError(f"unknown config key '{full}'{hint}")
         kwargs[key] = _coerce(value, hints[key], full)
     obj = cls(**kwargs)

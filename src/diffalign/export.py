@@ -69,16 +69,16 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
     """Write the newest weights of the run in `run_dir` as a pipeline folder `out` (atomically)."""
     from .eval.run import load_run
 
-    lr = load_run(run_dir)
-    run, base = lr.run, pipeline_folder(lr.run.model)
+    loaded = load_run(run_dir)
+    run, base = loaded.run, pipeline_folder(loaded.run.model)
     if base is None:
-        raise ValueError(f"{run_dir}: its model {lr.cfg.model!r} is not a diffusers pipeline folder, so there is no "
+        raise ValueError(f"{run_dir}: its model {loaded.cfg.model!r} is not a diffusers pipeline folder, so there is no "
                          "pipeline to export; its weights are in RUN/final (unet/ or the LoRA file)")
-    if not _trains_denoiser(lr):
-        raise ValueError(f"{run_dir}: method {lr.cfg.method!r} does not train the denoiser (its aligned model is the "
+    if not _trains_denoiser(loaded):
+        raise ValueError(f"{run_dir}: method {loaded.cfg.method!r} does not train the denoiser (its aligned model is the "
                          "base with its own sampler), so a pipeline folder would be the base unchanged")
-    if getattr(lr.sampler, "correction", None) is not None or getattr(lr.sampler, "transition", None) is not None:
-        warnings.warn(f"method {lr.cfg.method!r} samples with its own score correction; the exported pipeline "
+    if getattr(loaded.sampler, "correction", None) is not None or getattr(loaded.sampler, "transition", None) is not None:
+        warnings.warn(f"method {loaded.cfg.method!r} samples with its own score correction; the exported pipeline "
                       "holds the weights only and samples without it", stacklevel=2)
     den = adapters.unwrap(run.model.denoiser)
     out = Path(out)
@@ -100,13 +100,13 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
                 pipe.fuse_lora()
                 pipe.unload_lora_weights()
                 pipe.save_pretrained(tmp, safe_serialization=True)
-        if lr.cfg.pipeline.scheduler:  # the run sampled with these settings over the folder's: so does the export
+        if loaded.cfg.pipeline.scheduler:  # the run sampled with these settings over the folder's: so does the export
             path = tmp / "scheduler" / "scheduler_config.json"
-            path.write_text(json.dumps({**json.loads(path.read_text()), **lr.cfg.pipeline.scheduler}, indent=2))
+            path.write_text(json.dumps({**json.loads(path.read_text()), **loaded.cfg.pipeline.scheduler}, indent=2))
     return out
 
 
-def _trains_denoiser(lr) -> bool:
+def _trains_denoiser(loaded) -> bool:
     from .methods import modules_of
 
-    return "denoiser" in modules_of(lr.method, lr.run)
+    return "denoiser" in modules_of(loaded.method, loaded.run)

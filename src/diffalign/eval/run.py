@@ -66,8 +66,8 @@ def evaluate_run(run_dir: str | Path, per_prompt: int | None = None, seed: int |
     at least 2). `base` reuses an earlier base evaluation with the same settings. Writes eval.json."""
     if n is not None and per_prompt is not None:
         raise ValueError("give either n (total samples) or per_prompt, not both")
-    lr = load_run(run_dir)
-    r, cfg = lr.run, lr.cfg
+    loaded = load_run(run_dir)
+    r, cfg = loaded.run, loaded.cfg
     start = time.time()
     if n is not None:
         per_prompt = max(2, -(-n // len(r.prompts)))
@@ -76,15 +76,15 @@ def evaluate_run(run_dir: str | Path, per_prompt: int | None = None, seed: int |
     if base is None:
         with r.reference():
             base = as_baseline(evaluate(r, r.sampler, per_prompt=per_prompt, seed=seed))
-    aligned = evaluate(r, lr.sampler, per_prompt=per_prompt, seed=seed, kl=True)
+    aligned = evaluate(r, loaded.sampler, per_prompt=per_prompt, seed=seed, kl=True)
     aligned.update(compare(base, aligned))
-    result = {"run": str(lr.folder), "method": cfg.method, "model": cfg.model, "reward": r.reward.name,
-              "eval_reward": r.eval_reward.name if r.eval_reward else None, "checkpoint": lr.checkpoint.name,
-              "epoch": lr.state["epoch"], "reward_queries": lr.state["reward_queries"], "wall_s": lr.state.get("wall_s"),
+    result = {"run": str(loaded.folder), "method": cfg.method, "model": cfg.model, "reward": r.reward.name,
+              "eval_reward": r.eval_reward.name if r.eval_reward else None, "checkpoint": loaded.checkpoint.name,
+              "epoch": loaded.state["epoch"], "reward_queries": loaded.state["reward_queries"], "wall_s": loaded.state.get("wall_s"),
               "per_prompt": per_prompt, "seed": seed, "eval_s": round(time.time() - start, 2),
               "base": base, "aligned": aligned}
     if write:
-        checkpoint.atomic_write_text(lr.folder / "eval.json", json.dumps(result, indent=1))
+        checkpoint.atomic_write_text(loaded.folder / "eval.json", json.dumps(result, indent=1))
     return result
 
 

@@ -51,8 +51,8 @@ def sample_run(run_dir: str | Path, out: str | Path, n: int | None = None, promp
     """Sample a finished run's aligned model (or, with `base`, the base model) and write `out`;
     `n` samples in all (rounded up to a whole number per prompt), default the run's eval.per_prompt
     per prompt. Returns what was written."""
-    lr = load_run(run_dir, finished=True)
-    r = lr.run
+    loaded = load_run(run_dir, finished=True)
+    r = loaded.run
     prompts = list(prompts) if prompts else list(r.prompts)
     for p in prompts:
         r.model.encode_prompts([p])  # an unknown prompt fails now, with the model's message
@@ -60,7 +60,7 @@ def sample_run(run_dir: str | Path, out: str | Path, n: int | None = None, promp
         raise ValueError(f"--n must be >= 1, got {n}")
     per_prompt = -(-n // len(prompts)) if n else r.cfg.eval.per_prompt
     with r.reference() if base else contextlib.nullcontext():
-        images, finals, all_prompts = sample_eval(r.model, r.sampler if base else lr.sampler, prompts, per_prompt,
+        images, finals, all_prompts = sample_eval(r.model, r.sampler if base else loaded.sampler, prompts, per_prompt,
                                                   seed, purpose="sample")
     points = images.ndim == 2
     path = _out_path(Path(out), points)
@@ -73,8 +73,8 @@ def sample_run(run_dir: str | Path, out: str | Path, n: int | None = None, promp
         from diffusers.utils import make_image_grid
 
         make_image_grid([_pil(x) for x in images], rows=len(prompts), cols=per_prompt).save(tmp, format="PNG")
-    meta = {"run": str(lr.folder), "checkpoint": lr.checkpoint.name, "model": "base" if base else "aligned",
-            "method": lr.cfg.method, "seed": str(seed), "prompts": json.dumps(all_prompts)}
+    meta = {"run": str(loaded.folder), "checkpoint": loaded.checkpoint.name, "model": "base" if base else "aligned",
+            "method": loaded.cfg.method, "seed": str(seed), "prompts": json.dumps(all_prompts)}
     tensors = path.with_suffix(".safetensors")
     tmp_t = tensors.with_name(f".tmp-{os.getpid()}-{tensors.name}")
     save_file({"samples": images.detach().float().cpu().contiguous(),
@@ -82,5 +82,5 @@ def sample_run(run_dir: str | Path, out: str | Path, n: int | None = None, promp
     os.replace(tmp, path)
     os.replace(tmp_t, tensors)
     return {"path": str(path), "tensors": str(tensors), "n": len(all_prompts), "per_prompt": per_prompt,
-            "prompts": prompts, "model": meta["model"], "checkpoint": lr.checkpoint.name}
+            "prompts": prompts, "model": meta["model"], "checkpoint": loaded.checkpoint.name}
 

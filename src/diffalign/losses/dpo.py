@@ -26,13 +26,13 @@ def logratio_from_errors(e: torch.Tensor, e_ref: torch.Tensor) -> torch.Tensor:
 
 def dpo_loss(logratio_w, logratio_l, beta: float, clip: float | None = None):
     """Per-pair loss and diagnostics; `clip` = ε in (0, 1), or None for no clipping."""
-    lr_w, lr_l = logratio_w, logratio_l
+    winner, loser = logratio_w, logratio_l
     if clip is not None:
         if not 0 < clip < 1:
             raise ValueError(f"DPO log-ratio clip must be in (0, 1), got {clip}")
         lo, hi = math.log(1.0 - clip), math.log(1.0 + clip)
-        lr_w, lr_l = lr_w.clamp(lo, hi), lr_l.clamp(lo, hi)
-    z = beta * (lr_w - lr_l)
+        winner, loser = winner.clamp(lo, hi), loser.clamp(lo, hi)
+    z = beta * (winner - loser)
     info = {"accuracy": (z > 0).float().mean().detach(), "margin": z.mean().detach(),
             "logratio_w": logratio_w.mean().detach(), "logratio_l": logratio_l.mean().detach()}
     return -F.logsigmoid(z), info

@@ -30,14 +30,14 @@ pieces (pair building, step rewards) are functions; no class hierarchies.
 
 from __future__ import annotations
 
-import difflib
+
 import importlib
 from dataclasses import dataclass
 from typing import Callable
 
 from torch import nn
 
-from ..registry import import_all
+from ..registry import did_you_mean, import_all
 
 METHODS: dict[str, type] = {}
 
@@ -97,9 +97,8 @@ def get_method(name: str) -> type:
         return cls
     _discover()
     if name not in METHODS:
-        close = difflib.get_close_matches(name, METHODS, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown method {name!r}: registered methods are {', '.join(sorted(METHODS))}.{hint}")
+        raise ValueError(f"unknown method {name!r}: registered methods are {', '.join(sorted(METHODS))}."
+                         f"{did_you_mean(name, METHODS)}")
     return METHODS[name]
 
 

@@ -242,7 +242,7 @@ class NablaGFN:
         def compute():
             if len(tr.keys) == 0:
                 return None, {}
-            run, s, m = self.run, self.sampler, self.run.model
+            s, m = self.sampler, self.run.model
             x_t = tr.x_t.detach().requires_grad_(True)
             with twice_differentiable():
                 out = s.predict(m, x_t, tr.t, tr.cond)

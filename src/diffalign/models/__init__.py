@@ -12,11 +12,11 @@ names the pipeline class, and the loader registered for that class with
 
 from __future__ import annotations
 
-import difflib
+
 from dataclasses import dataclass
 from typing import Callable
 
-from ..registry import import_all
+from ..registry import did_you_mean, import_all
 from .base import DiffusionModel, EvalSpace, ModelFolderError
 
 
@@ -130,9 +130,7 @@ def load_model(name: str, device: str | None = None, progress: bool = True, **op
         raise ValueError(f"options {sorted(set_options)} apply to pipeline folders only, not to the embedded "
                          f"model {name!r}: remove them from the config's 'pipeline' section")
     if name not in MODELS:
-        close = difflib.get_close_matches(name, names, n=1)
-        hint = f" Did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(names)}.{hint}")
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(names)}.{did_you_mean(name, names)}")
     model = MODELS[name].load(progress=progress)
     if device is not None:
         model.to(device)

@@ -53,17 +53,16 @@ Adding a built-in reward::
 
 from __future__ import annotations
 
-import difflib
+
 import importlib
 import inspect
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
-
 import torch
 
-from ..registry import import_all
+from ..registry import closest, did_you_mean, import_all
 
 __all__ = [
     "Reward",
@@ -262,7 +261,7 @@ def _check_kwargs(name: str, factory, kwargs: dict) -> None:
     accepted = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY) and p.name != "device"]
     bad = sorted(set(kwargs) - set(accepted))
     if bad:
-        close = [c for b in bad for c in difflib.get_close_matches(b, accepted, n=1)]
+        close = [c for c in (closest(b, accepted) for b in bad) if c]
         hint = f" (did you mean {', '.join(close)}?)" if close else ""
         raise ValueError(f"reward {name!r} has no keyword argument {', '.join(bad)}{hint}; it accepts "
                          f"{', '.join(accepted) or 'none'}" + (" (the device is the run's)" if "device" in bad else ""))
@@ -312,10 +311,8 @@ def build_reward(spec, device="cpu", **kwargs) -> Reward:
     if ":" in spec:
         return _build_user(spec, device, kwargs)
     names = registered_names()
-    close = difflib.get_close_matches(spec, names, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
     raise ValueError(
-        f"unknown reward {spec!r}.{hint} Registered rewards: {', '.join(names)}. "
+        f"unknown reward {spec!r}.{did_you_mean(spec, names)} Registered rewards: {', '.join(names)}. "
         "Use 'package.module:function' for your own reward, or '1.0*a+0.1*b' for a weighted sum."
     )
 
