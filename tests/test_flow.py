@@ -183,6 +183,10 @@ def test_the_samplers_grid_has_no_last_micro_step(shift):
     var = [float(step_with_logprob(m.scheduler, torch.zeros_like(x), t, x, eta=0.7, with_logprob=False).std) ** 2
            for t in ts]
     assert var[-1] > 0.2 * var[-2]
+    slope = [float((step_with_logprob(m.scheduler, torch.ones_like(x), t, x, eta=0.7, with_logprob=False).mean
+                    - step_with_logprob(m.scheduler, torch.zeros_like(x), t, x, eta=0.7, with_logprob=False).mean)[0, 0])
+             for t in ts[-2:]]  # dμ/dv of the last two steps
+    assert slope[1] < 0 and abs(slope[1]) > 0.2 * abs(slope[0])
     # a pipeline (or anyone) that set the scheduler's own grid is put back on ours before the next step
     m.scheduler.set_timesteps(20)
     assert not flow.on_grid(m.scheduler, 20)

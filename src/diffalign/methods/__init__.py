@@ -30,7 +30,6 @@ pieces (pair building, step rewards) are functions; no class hierarchies.
 
 from __future__ import annotations
 
-
 import importlib
 from dataclasses import dataclass
 from typing import Callable

@@ -12,7 +12,6 @@ names the pipeline class, and the loader registered for that class with
 
 from __future__ import annotations
 
-
 from dataclasses import dataclass
 from typing import Callable
 
@@ -104,16 +103,16 @@ def folder_scheduler(path: str, overrides: dict | None = None):
     from pathlib import Path
 
     _discover()
-    index = Path(path).expanduser() / "model_index.json"
+    folder = Path(path).expanduser()
     try:
-        kind = json.loads(index.read_text()).get("_class_name", "")
+        kind = json.loads((folder / "model_index.json").read_text()).get("_class_name", "")
     except (OSError, ValueError):
         return None
     load = SCHEDULERS.get(kind)
     if load is None:
         return None
     try:
-        return load(Path(path).expanduser(), overrides)
+        return load(folder, overrides)
     except OSError:  # no scheduler config: loading the folder names every missing part
         return None
 

@@ -53,13 +53,13 @@ Adding a built-in reward::
 
 from __future__ import annotations
 
-
 import importlib
 import inspect
 import math
 import re
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
+
 import torch
 
 from ..registry import closest, did_you_mean, import_all
