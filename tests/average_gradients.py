@@ -25,3 +25,5 @@ tr._average_gradients()
 held = {name: sorted({float(v) for p in ps if p.grad is not None for v in p.grad.unique()}) for name, ps in
         tr.params.items()}
 (out / f"rank-{rank}.json").write_text(json.dumps({"processes": tr.run.processes, **held}))
+tr.acc.wait_for_everyone()  # neither rank leaves while the other still talks to it
+torch.distributed.destroy_process_group()

@@ -378,12 +378,24 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _leave_process_group() -> None:
+    """Under torchrun: wait for every process, then close the group, so no process exits while another still
+    talks to it (gloo aborts such a process with 'terminate called without an active exception')."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .data.human import LabelsNeeded
 
     args = build_parser().parse_args(argv)
     try:
-        return args.fn(args)
+        code = args.fn(args)
+        _leave_process_group()
+        return code
     except LabelsNeeded as e:  # not an error: the run waits for a person
         print(f"diffalign: waiting for labels: {e}", file=sys.stderr)
         return 3
