@@ -33,11 +33,15 @@ method that trains the last transition (∇-GFlowNet's terminal residual, DRaFT-
 ~50× weaker dμ/dv and a ~2,500× larger score there. On this grid every step has the same |dt|
 (shift 1) and the last step goes from σ = 1/N to the data: x_0 = x0_hat(x_{1/N}). A diffusers
 pipeline reproduces our samples when given `sigmas=inference_sigmas(N)`.
+
+`FlowSDE` is this family's `diffalign.steps.Family`: what `diffalign.sampling` asks of a flow scheduler.
 """
 
 from __future__ import annotations
 
 import torch
+
+from .steps import Family, broadcastable, per_sample, register
 
 SDES = ("flow-grpo", "dance")
 
@@ -75,20 +79,10 @@ def on_grid(scheduler, num_steps: int) -> bool:
     return bool(torch.allclose(scheduler.sigmas[:num_steps].cpu().double(), expect, atol=1e-6))
 
 
-def _per_sample(t, sample: torch.Tensor) -> torch.Tensor:
-    t = torch.as_tensor(t, device=sample.device, dtype=torch.float32)
-    if t.ndim == 0:
-        t = t.expand(sample.shape[0])
-    if t.shape != (sample.shape[0],):
-        raise ValueError(f"timestep must be a scalar or shape ({sample.shape[0]},), got {tuple(t.shape)}")
-    return t
-
-
 def sigma(scheduler, timestep, sample: torch.Tensor) -> torch.Tensor:
     """σ = timestep / num_train_timesteps per sample, (B, 1, ...) float32 (any timestep, on or off
     the inference schedule: training draws them continuously)."""
-    t = _per_sample(timestep, sample) / scheduler.config.num_train_timesteps
-    return t.view(-1, *[1] * (sample.ndim - 1))
+    return broadcastable(per_sample(timestep, sample, torch.float32) / scheduler.config.num_train_timesteps, sample)
 
 
 def schedule_sigmas(scheduler, timestep, sample: torch.Tensor):
@@ -96,7 +90,7 @@ def schedule_sigmas(scheduler, timestep, sample: torch.Tensor):
     next step (0 after the last), and the largest σ below 1 (Flow-GRPO's stand-in at σ = 1)."""
     if getattr(scheduler, "num_inference_steps", None) is None:
         raise ValueError("call scheduler.set_timesteps(num_steps) before stepping")
-    t = _per_sample(timestep, sample)
+    t = per_sample(timestep, sample, torch.float32)
     ts = scheduler.timesteps.to(sample.device, torch.float32)
     idx = (t[:, None] - ts[None, :]).abs().argmin(1)
     if not torch.allclose(ts[idx], t, rtol=0, atol=1e-3):
@@ -105,8 +99,7 @@ def schedule_sigmas(scheduler, timestep, sample: torch.Tensor):
     sigmas = scheduler.sigmas.to(sample.device, torch.float32)
     below = sigmas[sigmas < 1]
     cap = below.max() if len(below) else sigmas.new_tensor(1 - 1e-3)
-    shape = (-1, *[1] * (sample.ndim - 1))
-    return sigmas[idx].view(shape), sigmas[idx + 1].view(shape), cap
+    return broadcastable(sigmas[idx], sample), broadcastable(sigmas[idx + 1], sample), cap
 
 
 def noise_level(sde: str, level: float, s: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
@@ -129,3 +122,60 @@ def sde_mean_std(v: torch.Tensor, x: torch.Tensor, s, s_next, g):
     eps = x + (1 - s) * v
     mean = x + dt * v + dt * g.pow(2) / (2 * s) * eps  # x + dt·(v − ½g²·s) with s = −ε/σ
     return mean, g * (-dt).sqrt()
+
+
+@register
+class FlowSDE(Family):
+    """diffusers' `FlowMatchEulerDiscreteScheduler`: the model outputs a velocity, a step is the SDE above
+    (noise level `eta`, schedule `sde`; eta = 0 is the scheduler's own Euler step), x_σ = (1 − σ)·x0 + σ·ε."""
+
+    @staticmethod
+    def matches(scheduler):
+        return is_flow(scheduler)
+
+    def set_timesteps(self, num_steps, device=None):
+        """The grid without the scheduler's last micro-step (`inference_sigmas`)."""
+        set_timesteps(self.scheduler, num_steps, device)
+
+    def timesteps_ready(self, num_steps):
+        return on_grid(self.scheduler, num_steps)
+
+    def mean_std(self, model_output, timestep, sample, eta, sde="flow-grpo"):
+        """The Euler–Maruyama step σ -> σ' (`sde_mean_std`), in fp32; x0 and ε in the sample's dtype."""
+        s, s_next, cap = schedule_sigmas(self.scheduler, timestep, sample)
+        x, v = sample.float(), model_output.float()
+        mean, std = sde_mean_std(v, x, s, s_next, noise_level(sde, eta, s, cap))
+        x0, eps = (p.to(sample.dtype) for p in predictions(v, x, s))
+        return mean, std, x0, eps
+
+    def alpha_bar(self, timestep, sample):
+        """The variance-preserving equivalent (1 − σ)² / ((1 − σ)² + σ²)."""
+        s = sigma(self.scheduler, timestep, sample)
+        return ((1 - s) ** 2 / ((1 - s) ** 2 + s**2)).to(sample.dtype)
+
+    def x0_from_output(self, model_output, timestep, sample):
+        """x_t − σ·v."""
+        return predictions(model_output, sample, sigma(self.scheduler, timestep, sample).to(sample.dtype))[0]
+
+    def training_target(self, x0, noise, timestep):
+        """The velocity noise − x0."""
+        return noise - x0
+
+    def output_shift(self, d_eps, timestep, sample):
+        """ε = x_t + (1 − σ)·v: d_eps / (1 − σ) for σ < 1, and 0 at σ = 1, where x_t is the noise itself,
+        ε_hat = x_t whatever v is, and the score −x_t is the same for every tilt of the data
+        (h_1(x) = E[h(X_0) | X_1 = x] does not depend on x, so an exact correction is 0 there and an
+        estimated one is estimator noise; dividing by 1 − σ would multiply it without bound)."""
+        s = sigma(self.scheduler, timestep, sample)
+        inside = s < 1
+        return torch.where(inside, d_eps.float() / torch.where(inside, 1 - s, torch.ones_like(s)),
+                           torch.zeros_like(s)).to(sample.dtype)
+
+    def noise_coefficient(self, timestep, sample):
+        """σ."""
+        return sigma(self.scheduler, timestep, sample).to(sample.dtype)
+
+    def add_noise(self, x0, noise, timestep):
+        """(1 − σ)·x0 + σ·noise, any σ = timestep / num_train_timesteps."""
+        s = sigma(self.scheduler, timestep, x0).to(x0.dtype)
+        return (1 - s) * x0 + s * noise
