@@ -1,6 +1,7 @@
 """The flow-matching step as a Gaussian policy (diffalign.flow through sampling.step_with_logprob):
-the ODE limit equals diffusers' own step, the SDE keeps the ODE's marginals, hand-worked
-values, re-scoring gives ratio 1, the |dt| in the std, fp32 log-probs from bf16 outputs."""
+the SDE keeps the ODE's marginals, hand-worked values, re-scoring through the sampler gives ratio 1,
+the |dt| in the std, fp32 log-probs from bf16 outputs. That the ODE limit (eta = 0) is diffusers' own
+Euler step, bitwise, is in the contract every family passes (test_sampling.py)."""
 
 import math
 
@@ -19,18 +20,6 @@ def scheduler(steps=10, shift=1.0):
     s = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
     s.set_timesteps(steps)
     return s
-
-
-@pytest.mark.parametrize("shift", [1.0, 3.0])
-def test_eta_zero_is_the_schedulers_own_step(shift):
-    s, ref = scheduler(shift=shift), scheduler(shift=shift)
-    x = torch.randn(4, 3, 5, 5, generator=torch.Generator().manual_seed(0))
-    for t in s.timesteps:
-        v = torch.randn(x.shape, generator=torch.Generator().manual_seed(int(t)))
-        ours = step_with_logprob(s, v, t, x, eta=0.0, with_logprob=False)
-        assert torch.equal(ours.prev_sample, ref.step(v, t, x).prev_sample)
-        assert float(ours.std.max()) == 0.0
-        x = ours.prev_sample
 
 
 def test_hand_worked_step_values():
