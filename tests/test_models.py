@@ -239,3 +239,17 @@ def test_corrupt_cache_entry(module, sub, tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="delete the folder") as err:
         module.load(progress=False)
     assert str(entry) in str(err.value)
+
+
+def test_cache_keys_are_pinned():
+    """The cache folders are named by a hash of each embedded model's config: a change to what goes into it
+    re-pretrains every user's models, so it must be a deliberate one (update these with a reason)."""
+    keys = {"digits": (digits.DEFAULT_CONFIG, "ae3e7b0481ec"), "digits-flow": (digits.FLOW_CONFIG, "1e35ee65f6f0"),
+            "toy2d": (toy2d.DEFAULT_CONFIG, "40b6dcde46bd"), "toy2d-flow": (toy2d.FLOW_CONFIG, "e0b37a9849ae")}
+    assert {name: config_key(config) for name, (config, _) in keys.items()} == {n: k for n, (_, k) in keys.items()}
+    from diffalign.models import MODELS, model_names
+
+    model_names()
+    assert {n: (MODELS[n].reward, MODELS[n].eval_reward) for n in keys} == {
+        "digits": ("classifier", "classifier_heldout"), "digits-flow": ("classifier", "classifier_heldout"),
+        "toy2d": ("quadratic", None), "toy2d-flow": ("quadratic", None)}

@@ -11,15 +11,13 @@ known answers:
 - `win_rate`: fraction of fixed seeds where one model's sample beats the other's.
 - `path_kl`: KL between the policy's and the reference's sampling paths, summed over
   steps of the per-step Gaussian KL ||mu_theta - mu_ref||^2 / (2 sigma_t^2).
-- `sliced_wasserstein`: distance between point clouds (toy2d, versus the exact optimum).
+- `sliced_wasserstein`: distance between point clouds (toy2d: versus the exact optimum).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
-
-from ..models.toy2d import sliced_wasserstein  # noqa: F401  (re-exported: one place for metrics)
 
 
 def pairwise_diversity(features: torch.Tensor, groups: list | None = None) -> float:
@@ -97,3 +95,24 @@ def gaussian_step_kl(mean_p: torch.Tensor, mean_q: torch.Tensor, std: torch.Tens
         return (d ** 2).sum(1) / (2 * s ** 2)
     q = torch.as_tensor(std_q, dtype=torch.float64, device=d.device).flatten()
     return d.shape[1] * (torch.log(q / s) + s ** 2 / (2 * q ** 2) - 0.5) + (d ** 2).sum(1) / (2 * q ** 2)
+
+
+def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 128,
+                       generator: torch.Generator | None = None) -> float:
+    """Sliced 2-Wasserstein distance between point clouds a (n, d) and b (m, d).
+
+    Averages the squared 1-D W2 distance over `n_proj` random directions and returns
+    its square root. Unequal sizes are compared through quantiles.
+    """
+    a = a.detach().float().cpu().flatten(1)
+    b = b.detach().float().cpu().flatten(1)
+    dirs = torch.randn(a.shape[1], n_proj, generator=generator)
+    dirs = dirs / dirs.norm(dim=0, keepdim=True)
+    pa, _ = (a @ dirs).sort(dim=0)
+    pb, _ = (b @ dirs).sort(dim=0)
+    if pa.shape[0] != pb.shape[0]:
+        m = max(pa.shape[0], pb.shape[0])
+        q = (torch.arange(m, dtype=torch.float32) + 0.5) / m
+        pa = torch.quantile(pa, q, dim=0)
+        pb = torch.quantile(pb, q, dim=0)
+    return float((pa - pb).pow(2).mean().sqrt())

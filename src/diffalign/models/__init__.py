@@ -2,8 +2,10 @@
 
 A model file in this package defines a loader `load(progress=True) -> DiffusionModel`
 and decorates it; importing the package finds them all, so adding a model is one
-new file (see `toy2d.py`). `load_model(name)` returns a `DiffusionModel`
-(`models/base.py`).
+new file (see `toy2d.py`; `embedded.py` does the pretraining and caching for models
+trained on first use). `load_model(name)` returns a `DiffusionModel` (`models/base.py`).
+A registered model may name its default training and held-out rewards, which a config
+that leaves `reward` or `eval.reward` at 'default' gets (`model_defaults`).
 
 A name that is a folder path loads a diffusers pipeline folder: its `model_index.json`
 names the pipeline class, and the loader registered for that class with
@@ -24,6 +26,8 @@ class ModelEntry:
     name: str
     load: Callable[..., DiffusionModel]  # load(progress=True) -> DiffusionModel
     description: str
+    reward: str | None = None  # the training reward a config gets by default (None = it must name one)
+    eval_reward: str | None = None  # the held-out evaluation reward a config gets by default (None = none)
 
 
 MODELS: dict[str, ModelEntry] = {}
@@ -31,13 +35,14 @@ PIPELINES: dict[str, Callable[..., DiffusionModel]] = {}  # model_index.json _cl
 SCHEDULERS: dict[str, Callable] = {}  # model_index.json _class_name -> scheduler loader(folder, overrides)
 
 
-def register_model(name: str, description: str):
-    """Decorator for a loader `load(progress=True) -> DiffusionModel`."""
+def register_model(name: str, description: str, reward: str | None = None, eval_reward: str | None = None):
+    """Decorator for a loader `load(progress=True) -> DiffusionModel`; `reward` and `eval_reward` are the
+    defaults of a config that runs on it."""
 
     def deco(load: Callable) -> Callable:
         if name in MODELS and MODELS[name].load is not load:
             raise ValueError(f"model {name!r} is registered twice")
-        MODELS[name] = ModelEntry(name, load, description)
+        MODELS[name] = ModelEntry(name, load, description, reward, eval_reward)
         return load
 
     return deco
@@ -117,24 +122,39 @@ def folder_scheduler(path: str, overrides: dict | None = None):
         return None
 
 
+def model_entry(name: str) -> ModelEntry:
+    """The registry entry of model `name`; an unknown name is an error that lists the known ones."""
+    names = model_names()
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(names)}.{did_you_mean(name, names)}")
+    return MODELS[name]
+
+
+def model_defaults(name: str) -> tuple[str | None, str | None]:
+    """(training reward, held-out evaluation reward) that model `name` registered as its defaults;
+    (None, None) for a pipeline folder, which has none."""
+    if is_path(name):
+        return None, None
+    found = model_entry(name)
+    return found.reward, found.eval_reward
+
+
 def load_model(name: str, device: str | None = None, progress: bool = True, **options) -> DiffusionModel:
     """Load a registered base model (pretraining and caching it on first use), or a pipeline
     folder when `name` is a path (`options`: the loader's, e.g. resolution, negative_prompt)."""
     if is_path(name):
         model = load_folder(name, **options)
         return model.to(device) if device is not None else model
-    names = model_names()
     set_options = {k: v for k, v in options.items() if v not in (None, "", {})}
     if set_options:
         raise ValueError(f"options {sorted(set_options)} apply to pipeline folders only, not to the embedded "
                          f"model {name!r}: remove them from the config's 'pipeline' section")
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}: choose one of {', '.join(names)}.{did_you_mean(name, names)}")
-    model = MODELS[name].load(progress=progress)
+    model = model_entry(name).load(progress=progress)
     if device is not None:
         model.to(device)
     return model
 
 
-__all__ = ["DiffusionModel", "EvalSpace", "MODELS", "list_models", "load_model", "model_names", "register_model",
+__all__ = ["DiffusionModel", "EvalSpace", "MODELS", "model_entry", "list_models", "load_model", "model_defaults",
+           "model_names", "register_model",
            "register_pipeline", "is_path", "load_folder", "ModelFolderError"]

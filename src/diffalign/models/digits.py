@@ -7,7 +7,8 @@ Images live in [-1, 1] inside the diffusion; `decode` maps them back to [0, 1].
 
 The first `load()` pretrains the model on the digits train split (about two
 minutes on two CPU cores) and caches it with `cached_dir('digits', DEFAULT_CONFIG, ...)`;
-later calls load the cached folder. The folder layout is the usual diffusers one:
+later calls load the cached folder (`embedded.py` does both, for every embedded model).
+The folder layout is the usual diffusers one:
 
     <folder>/unet/       UNet2DModel.save_pretrained (config.json + safetensors)
     <folder>/scheduler/  DDIMScheduler.save_pretrained (FlowMatchEulerDiscreteScheduler for digits-flow)
@@ -22,13 +23,12 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from diffusers import UNet2DModel
 
-from ..cache import cached_dir
 from ..data import digits as digits_data
-from . import register_model
-from .base import DiffusionModel, EvalSpace, zero_output
 from . import pretraining
-from .pretraining import denoising_pretrain, load_folder
+from .base import DiffusionModel, EvalSpace, zero_output
+from .embedded import Embedded
 
 NULL_CLASS = 10
 NUM_CLASSES = 11  # 0..9 + null
@@ -62,7 +62,6 @@ FIELD_NET_CONFIG: dict = {**DEFAULT_CONFIG, "block_out_channels": [16, 32], "nor
 GUIDANCE_SCALE = 2.0
 NUM_INFERENCE_STEPS = 20
 LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj"]
-REQUIRED_FILES = ("unet/config.json", "unet/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json")
 
 
 def make_scheduler(config: dict = DEFAULT_CONFIG):
@@ -70,8 +69,6 @@ def make_scheduler(config: dict = DEFAULT_CONFIG):
 
 
 def make_unet(config: dict = DEFAULT_CONFIG):
-    from diffusers import UNet2DModel
-
     return UNet2DModel(
         sample_size=config["sample_size"],
         in_channels=1,
@@ -95,38 +92,30 @@ def to_model_space(images: torch.Tensor, sample_size: int) -> torch.Tensor:
     return x
 
 
+def forward(net, x, t, labels):
+    return net(x, t, class_labels=labels).sample
+
+
+def training_batches(config: dict):
+    """batch(generator) -> (x0, labels): random train-split images, about `label_dropout` of the labels
+    dropped to the null class (for classifier-free guidance)."""
+    images, labels = digits_data.load("train")
+    x0_all = to_model_space(images, config["sample_size"])
+    bs = config["batch_size"]
+
+    def batch(g):
+        idx = torch.randint(0, x0_all.shape[0], (bs,), generator=g)
+        y = labels[idx].clone()
+        y[torch.rand(bs, generator=g) < config["label_dropout"]] = NULL_CLASS  # for CFG
+        return x0_all[idx], y
+
+    return batch
+
+
 def pretrain(out_dir, config: dict = DEFAULT_CONFIG, progress: bool = True) -> dict:
-    """Train the UNet from scratch on the digits train split and save it to `out_dir`.
-
-    Deterministic for a given config (seeded init, batches, noise). Saves the EMA
-    weights to `out_dir/unet` and the scheduler to `out_dir/scheduler`; returns stats.
-    """
-    out_dir = Path(out_dir)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(config["threads"], old_threads)))
-    try:
-        torch.manual_seed(config["seed"])
-        gen = torch.Generator().manual_seed(config["seed"])
-        unet = make_unet(config)
-        scheduler = make_scheduler(config)
-        images, labels = digits_data.load("train")
-        x0_all = to_model_space(images, config["sample_size"])
-        bs = config["batch_size"]
-
-        def batch(g):
-            idx = torch.randint(0, x0_all.shape[0], (bs,), generator=g)
-            y = labels[idx].clone()
-            y[torch.rand(bs, generator=g) < config["label_dropout"]] = NULL_CLASS  # for CFG
-            return x0_all[idx], y
-
-        stats = denoising_pretrain(
-            unet, scheduler, config, batch, lambda net, x, t, y: net(x, t, class_labels=y).sample, gen,
-            out_dir / "unet", "pretraining digits UNet (first use only)", progress,
-        )
-        scheduler.save_pretrained(out_dir / "scheduler")
-        return stats
-    finally:
-        torch.set_num_threads(old_threads)
+    """Train the UNet from scratch on the digits train split and save it to `out_dir`
+    (EMA weights to `out_dir/unet`, the scheduler to `out_dir/scheduler`); returns stats."""
+    return DIGITS.pretrain(out_dir, config, progress)
 
 
 def _build_model(folder: Path, unet, scheduler, name: str = "digits") -> DiffusionModel:
@@ -144,9 +133,6 @@ def _build_model(folder: Path, unet, scheduler, name: str = "digits") -> Diffusi
 
     def null_condition(n: int) -> torch.Tensor:
         return torch.full((n,), NULL_CLASS, dtype=torch.long, device=device())
-
-    def forward(denoiser, x, t, cond):
-        return denoiser(x, t, class_labels=cond).sample
 
     def decode(x0: torch.Tensor) -> torch.Tensor:
         img = (x0.clamp(-1, 1) + 1) / 2
@@ -189,49 +175,26 @@ def eval_space() -> EvalSpace:
                      "held-out classifier penultimate features (128-d)")
 
 
-def _load(folder: Path, fix: str, name: str = "digits") -> DiffusionModel:
-    from diffusers import UNet2DModel
-
-    def read(folder):
-        return (UNet2DModel.from_pretrained(folder / "unet", use_safetensors=True),
-                pretraining.load_scheduler(folder / "scheduler"))
-
-    unet, scheduler = load_folder(name, folder, REQUIRED_FILES, fix, read)
+def _check(unet) -> str | None:
     if unet.config.num_class_embeds != NUM_CLASSES or unet.config.in_channels != 1:
-        raise RuntimeError(
-            f"{str(folder)!r} is not a digits model (need in_channels=1, num_class_embeds={NUM_CLASSES}); {fix}"
-        )
-    return _build_model(folder, unet, scheduler, name)
+        return f"need in_channels=1, num_class_embeds={NUM_CLASSES}"
+    return None
+
+
+DIGITS = Embedded("digits", "unet", UNet2DModel, make_unet, training_batches, forward, _build_model, _check)
 
 
 def load_from_folder(path) -> DiffusionModel:
     """Load a digits model saved as `<path>/unet` + `<path>/scheduler` (e.g. your own fine-tune)."""
-    folder = Path(path).expanduser()
-    fix = (
-        "pass a folder holding 'unet/' (UNet2DModel.save_pretrained) and 'scheduler/' "
-        "(DDIMScheduler or FlowMatchEulerDiscreteScheduler .save_pretrained), or use load() for the embedded "
-        "pretrained model"
-    )
-    return _load(folder, fix)
+    return DIGITS.from_folder(path)
 
 
-@register_model("digits", "class-conditional UNet2DModel on scikit-learn's 8x8 handwritten digits (pretrained on first use)")
-def load(progress: bool = True) -> DiffusionModel:
-    """The embedded digits model, pretrained (about 2 minutes on CPU) and cached on first use."""
-    folder = cached_dir("digits", DEFAULT_CONFIG, lambda p: pretrain(p, DEFAULT_CONFIG, progress=progress))
-    fix = f"the cache entry looks corrupt: delete the folder {str(folder)!r} and call load() again to re-pretrain"
-    return _load(folder, fix)
-
+REWARDS = {"reward": "classifier", "eval_reward": "classifier_heldout"}  # a second, independently trained network
+load = DIGITS.register("digits", "class-conditional UNet2DModel on scikit-learn's 8x8 handwritten digits "
+                       "(pretrained on first use)", DEFAULT_CONFIG, **REWARDS)
 
 # The same UNet trained as a rectified flow (velocity v = ε − x0, `diffalign.flow`); more steps,
 # since a flow is sampled by 20 Euler steps of its ODE/SDE rather than DDIM's exact jumps.
 FLOW_CONFIG: dict = {**DEFAULT_CONFIG, "version": 1, "objective": "flow", "steps": 600}
-
-
-@register_model("digits-flow", "the digits UNet trained as a rectified flow (flow matching, SD3-style; pretrained on "
-                "first use)")
-def load_flow(progress: bool = True) -> DiffusionModel:
-    """The embedded digits flow-matching model, pretrained (a few minutes on CPU) and cached on first use."""
-    folder = cached_dir("digits-flow", FLOW_CONFIG, lambda p: pretrain(p, FLOW_CONFIG, progress=progress))
-    fix = f"the cache entry looks corrupt: delete the folder {str(folder)!r} and call load_flow() again"
-    return _load(folder, fix, "digits-flow")
+load_flow = DIGITS.register("digits-flow", "the digits UNet trained as a rectified flow (flow matching, SD3-style; "
+                            "pretrained on first use)", FLOW_CONFIG, **REWARDS)

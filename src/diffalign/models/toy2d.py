@@ -28,12 +28,11 @@ from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
 from torch import nn
 
-from ..cache import cached_dir
+from ..eval.metrics import sliced_wasserstein
 from ..rewards.toy2d import SCALE, TARGET
-from . import register_model
-from .base import DiffusionModel, EvalSpace, zero_output
 from . import pretraining
-from .pretraining import denoising_pretrain, load_folder
+from .base import DiffusionModel, EvalSpace, zero_output
+from .embedded import Embedded
 
 # Six components on a hexagon of radius 1.5, with different shapes and weights.
 MEANS = torch.tensor(
@@ -76,7 +75,6 @@ DEFAULT_CONFIG: dict = {
 }
 
 NUM_INFERENCE_STEPS = 20
-REQUIRED_FILES = ("mlp/config.json", "mlp/diffusion_pytorch_model.safetensors", "scheduler/scheduler_config.json")
 
 
 def sample_data(n: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -92,26 +90,6 @@ def log_prob(x: torch.Tensor) -> torch.Tensor:
     dist = torch.distributions.MultivariateNormal(MEANS.to(x), covariance_matrix=COVS.to(x))
     comp_lp = dist.log_prob(x.unsqueeze(-2))  # (..., K)
     return torch.logsumexp(comp_lp + WEIGHTS.to(x).log(), dim=-1)
-
-
-def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 128, generator: torch.Generator | None = None) -> float:
-    """Sliced 2-Wasserstein distance between point clouds a (n, d) and b (m, d).
-
-    Averages the squared 1-D W2 distance over `n_proj` random directions and returns
-    its square root. Unequal sizes are compared through quantiles.
-    """
-    a = a.detach().float().cpu().flatten(1)
-    b = b.detach().float().cpu().flatten(1)
-    dirs = torch.randn(a.shape[1], n_proj, generator=generator)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, _ = (a @ dirs).sort(dim=0)
-    pb, _ = (b @ dirs).sort(dim=0)
-    if pa.shape[0] != pb.shape[0]:
-        m = max(pa.shape[0], pb.shape[0])
-        q = (torch.arange(m, dtype=torch.float32) + 0.5) / m
-        pa = torch.quantile(pa, q, dim=0)
-        pb = torch.quantile(pb, q, dim=0)
-    return float((pa - pb).pow(2).mean().sqrt())
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -152,24 +130,22 @@ def make_scheduler(config: dict = DEFAULT_CONFIG):
     return pretraining.make_scheduler(config)
 
 
+def make_net(config: dict = DEFAULT_CONFIG) -> ToyMLP:
+    return ToyMLP(hidden=config["hidden"], n_blocks=config["n_blocks"], time_dim=config["time_dim"])
+
+
+def training_batches(config: dict):
+    """batch(generator) -> (x0, None): fresh mixture samples."""
+    return lambda g: (sample_data(config["batch_size"], g), None)
+
+
+def forward(net, x, t, cond):
+    return net(x, t)
+
+
 def pretrain(out_dir, config: dict = DEFAULT_CONFIG, progress: bool = True) -> dict:
     """Train the MLP on fresh mixture samples; save EMA weights to `out_dir/mlp` and the scheduler."""
-    out_dir = Path(out_dir)
-    old_threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, min(config["threads"], old_threads)))
-    try:
-        torch.manual_seed(config["seed"])
-        gen = torch.Generator().manual_seed(config["seed"])
-        net = ToyMLP(hidden=config["hidden"], n_blocks=config["n_blocks"], time_dim=config["time_dim"])
-        scheduler = make_scheduler(config)
-        stats = denoising_pretrain(
-            net, scheduler, config, lambda g: (sample_data(config["batch_size"], g), None),
-            lambda net, x, t, cond: net(x, t), gen, out_dir / "mlp", "pretraining toy2d MLP (first use only)", progress,
-        )
-        scheduler.save_pretrained(out_dir / "scheduler")
-        return stats
-    finally:
-        torch.set_num_threads(old_threads)
+    return TOY2D.pretrain(out_dir, config, progress)
 
 
 def _build_model(folder: Path, net: ToyMLP, scheduler, name: str = "toy2d") -> DiffusionModel:
@@ -180,7 +156,7 @@ def _build_model(folder: Path, net: ToyMLP, scheduler, name: str = "toy2d") -> D
         scheduler=scheduler,
         sample_shape=(2,),
         encode_prompts=lambda prompts: None,
-        forward=lambda denoiser, x, t, cond: denoiser(x, t),
+        forward=forward,
         decode=lambda x0: x0,
         image_encoder=lambda points: points,  # samples are the points themselves (feedback sets store them as .npy)
         null_condition=lambda n: None,
@@ -273,43 +249,20 @@ def distance_to_data(points: torch.Tensor, seed: int = 0, n_proj: int = 256) -> 
     return {"data_distance": d, "data_floor": floor}
 
 
-def _load(folder: Path, fix: str, name: str = "toy2d") -> DiffusionModel:
-    def read(folder):
-        return (ToyMLP.from_pretrained(folder / "mlp", use_safetensors=True),
-                pretraining.load_scheduler(folder / "scheduler"))
-
-    net, scheduler = load_folder(name, folder, REQUIRED_FILES, fix, read)
-    return _build_model(folder, net, scheduler, name)
+TOY2D = Embedded("toy2d", "mlp", ToyMLP, make_net, training_batches, forward, _build_model)
 
 
 def load_from_folder(path) -> DiffusionModel:
     """Load a toy2d model saved as `<path>/mlp` + `<path>/scheduler` (e.g. your own fine-tune)."""
-    folder = Path(path).expanduser()
-    fix = (
-        "pass a folder holding 'mlp/' (ToyMLP.save_pretrained) and 'scheduler/' "
-        "(DDIMScheduler or FlowMatchEulerDiscreteScheduler .save_pretrained), or use load() for the embedded "
-        "pretrained model"
-    )
-    return _load(folder, fix)
+    return TOY2D.from_folder(path)
 
 
-@register_model("toy2d", "MLP noise model on a 2-D Gaussian mixture with a known aligned optimum (pretrained on first use)")
-def load(progress: bool = True) -> DiffusionModel:
-    """The embedded toy2d model, pretrained (well under a minute) and cached on first use."""
-    folder = cached_dir("toy2d", DEFAULT_CONFIG, lambda p: pretrain(p, DEFAULT_CONFIG, progress=progress))
-    fix = f"the cache entry looks corrupt: delete the folder {str(folder)!r} and call load() again to re-pretrain"
-    return _load(folder, fix)
-
+REWARDS = {"reward": "quadratic", "eval_reward": None}  # the exact optimum is the held-out yardstick
+load = TOY2D.register("toy2d", "MLP noise model on a 2-D Gaussian mixture with a known aligned optimum (pretrained "
+                      "on first use)", DEFAULT_CONFIG, **REWARDS)
 
 # The same MLP trained as a rectified flow (velocity v = ε − x0, `diffalign.flow`), on the same
 # mixture: the exact optimum p* is the same, so the toy2d yardstick applies to flow methods.
 FLOW_CONFIG: dict = {**DEFAULT_CONFIG, "version": 1, "objective": "flow"}
-
-
-@register_model("toy2d-flow", "the toy2d MLP trained as a rectified flow (flow matching) on the same mixture, same "
-                "exact optimum (pretrained on first use)")
-def load_flow(progress: bool = True) -> DiffusionModel:
-    """The embedded toy2d flow-matching model, pretrained (under a minute) and cached on first use."""
-    folder = cached_dir("toy2d-flow", FLOW_CONFIG, lambda p: pretrain(p, FLOW_CONFIG, progress=progress))
-    fix = f"the cache entry looks corrupt: delete the folder {str(folder)!r} and call load_flow() again"
-    return _load(folder, fix, "toy2d-flow")
+load_flow = TOY2D.register("toy2d-flow", "the toy2d MLP trained as a rectified flow (flow matching) on the same "
+                           "mixture, same exact optimum (pretrained on first use)", FLOW_CONFIG, **REWARDS)
