@@ -61,3 +61,19 @@ def test_shipped_configs_are_valid():
     assert configs
     for c in configs:
         resolve_config(c)
+
+
+def test_rewards_left_at_default_are_the_models_own():
+    """The shared config names no model's reward: 'default' becomes what the model registered."""
+    cfg = load_config(base={})
+    assert (cfg.model, cfg.reward, cfg.eval.reward) == ("digits", "classifier", "classifier_heldout")
+    cfg = load_config(base={"model": "toy2d-flow"})
+    assert cfg.reward == "quadratic" and cfg.eval.reward is None  # no held-out network for points
+    cfg = load_config(base={"model": "toy2d", "reward": "ink", "eval": {"reward": "classifier"}})
+    assert cfg.reward == "ink" and cfg.eval.reward == "classifier"  # a named reward stays
+    assert "default" not in dump_config(load_config(base={"model": "digits-flow"}))
+    with pytest.raises(ConfigError, match="config key 'reward' must be set: model './sd' has no default reward"):
+        load_config(base={"model": "./sd"})
+    assert load_config(base={"model": "./sd", "reward": "ink"}).eval.reward is None
+    with pytest.raises(ValueError, match="unknown model 'toy2'.*Did you mean 'toy2d'"):
+        load_config(base={"model": "toy2"})

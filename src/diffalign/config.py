@@ -6,6 +6,9 @@ errors that name the key (with the closest known key as a suggestion).
 
 Method-specific options live under `args:` and are validated against the
 method's own `Config` dataclass (see `diffalign.methods`).
+
+Nothing here knows a model: `reward` and `eval.reward` left at 'default' become the
+defaults the model registered (`diffalign.models.model_defaults`) when the config is built.
 """
 
 from __future__ import annotations
@@ -24,6 +27,9 @@ from .registry import closest
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
+
+
+DEFAULT = "default"  # a reward left to the model (see `fill_model_defaults`)
 
 
 @dataclass
@@ -98,7 +104,7 @@ class TrainConfig:
 
 @dataclass
 class EvalConfig:
-    reward: str | None = "classifier_heldout"  # held-out reward for evaluation (None = training reward only)
+    reward: str | None = DEFAULT  # held-out evaluation reward; 'default' = the model's, None = the training reward only
     per_prompt: int = 8  # evaluation samples per prompt
     seed: int = 1234  # evaluation seed: base and final use the same noise
     every: int = 0  # epochs between evaluations during training (0 = start and end only)
@@ -125,7 +131,7 @@ class PipelineConfig:
 class RunConfig:
     method: str = "ddpo"  # registered method name (`diffalign methods`)
     model: str = "digits"  # base model by name (`diffalign models`), or a local diffusers pipeline folder
-    reward: Any = "classifier"  # reward name, 'module:function', or {name: weight}
+    reward: Any = DEFAULT  # reward name, 'module:function', or {name: weight}; 'default' = the model's own
     prompts: list[str] | str | None = None  # a list, a prompts file (one per line), or a prompt set name; None = the model's defaults
     seed: int = 0  # run seed: every epoch's randomness derives from (seed, epoch)
     device: str | None = None  # None = accelerate's choice (GPU if available)
@@ -137,8 +143,27 @@ class RunConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
     args: dict = field(default_factory=dict)  # method-specific options (validated by the method)
 
+    def __post_init__(self):
+        fill_model_defaults(self)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+
+def fill_model_defaults(cfg: RunConfig) -> None:
+    """Replace 'default' in `reward` and `eval.reward` by the rewards model `cfg.model` registered; a
+    training reward the model does not name is an error (pipeline folders name none)."""
+    if DEFAULT not in (cfg.reward, cfg.eval.reward):
+        return
+    from .models import model_defaults
+
+    reward, eval_reward = model_defaults(cfg.model)
+    if cfg.eval.reward == DEFAULT:
+        cfg.eval.reward = eval_reward
+    if cfg.reward == DEFAULT:
+        _check(reward is not None, "reward", f"must be set: model {cfg.model!r} has no default reward "
+                                             "(`diffalign rewards` lists them)")
+        cfg.reward = reward
 
 
 def _check(ok: bool, key: str, msg: str):
