@@ -250,9 +250,8 @@ def _offline_message(s: FeedbackSet, method: str) -> str:
     out = s.folder / s.output
     if not out.exists():
         return f"done: every item was skipped, so no {s.output} was written"
-    return (f"done: {s.output} is written; train on it with "
-            f"`diffalign train configs/{method}_digits.yaml --set args.data={_shown(out)}` (or your own "
-            f"{method.replace('_', '-')} config)")
+    return (f"done: {s.output} is written; train on it with a {method.replace('_', '-')} config for your model "
+            f"(examples: configs/{method}_*.yaml): `diffalign train CONFIG --set args.data={_shown(out)}`")
 
 
 # ---- reading the input files ----
