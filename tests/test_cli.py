@@ -64,7 +64,7 @@ def test_existing_run_is_never_overwritten_and_resume_needs_a_run(tmp_path, caps
     assert code == 2 and "not empty" in err and "--resume" in err
     assert (tmp_path / "run" / "summary.json").read_text() == before
     assert main(["train", "--resume", str(tmp_path / "nothing")]) == 2
-    assert "no run to resume" in capsys.readouterr().err
+    assert "not a run folder" in capsys.readouterr().err
 
 
 def test_full_fine_tuning_option(tmp_path, capsys):

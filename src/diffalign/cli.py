@@ -29,17 +29,16 @@ from pathlib import Path
 
 
 def _train(a) -> int:
+    from .run_folder import open_run
     from .train import resolve_config, train
 
     if a.resume:
-        run = Path(a.resume)
         if a.config:
             raise SystemExit("give either CONFIG or --resume DIR, not both")
-        if not (run / "config.yaml").exists():
-            raise FileNotFoundError(f"{run} holds no run to resume (no config.yaml)")
-        cfg, args = resolve_config(run / "config.yaml", a.set)
-        summary = train(cfg, args, run, resume=True)
-        out = run
+        folder = open_run(a.resume)
+        cfg, args = folder.config(a.set)
+        out = folder.folder
+        summary = train(cfg, args, out, resume=True)
     else:
         if not a.config:
             raise SystemExit("usage: diffalign train CONFIG.yaml [--set key=value ...] [--out DIR]")
@@ -52,27 +51,11 @@ def _train(a) -> int:
     return 0
 
 
-def format_summary(s: dict) -> str:
-    rows = [("", "base", "aligned")]
-    rows.append((f"training reward ({s['reward']})", f"{s['base_reward_mean']:.3f}", f"{s['final_reward_mean']:.3f}"))
-    if s.get("eval_reward"):
-        rows.append((f"held-out reward ({s['eval_reward']})", f"{s['base_eval_reward_mean']:.3f}",
-                     f"{s['final_eval_reward_mean']:.3f}"))
-    for key, label in (("eval_reward_accuracy", "held-out accuracy"), ("reward_accuracy", "training-classifier accuracy")):
-        if key in s["base"]:
-            rows.append((label, f"{s['base'][key]:.3f}", f"{s['final'][key]:.3f}"))
-    b, f = s["base"], s["final"]
-    if f.get("eval_win_rate") is not None:
-        rows.append(("held-out win rate vs base (same noise)", "", f"{f['eval_win_rate']:.2f}"))
-    if f.get("diversity") is not None:
-        rows.append(("diversity within a prompt", f"{b['diversity']:.3f}", f"{f['diversity']:.3f}"))
-        rows.append(("Fréchet distance to real data", f"{b['frechet']:.3f}", f"{f['frechet']:.3f}"))
-    if f.get("kl") is not None:
-        rows.append(("KL to base (nats, path)", "0", f"{f['kl']:.1f}"))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
-    lines.append(f"{s['method']} on {s['model']}: {s['reward_queries']} reward queries, {s['wall_s']:.0f} s")
-    return "\n".join(lines)
+def format_summary(summary: dict) -> str:
+    """summary.json's content (or `train`'s result) as the results table."""
+    from .eval.results import Summary, format_table
+
+    return format_table(Summary.from_json(summary))
 
 
 def _pretrain(a) -> int:
@@ -84,11 +67,10 @@ def _pretrain(a) -> int:
 
 
 def _eval(a) -> int:
-    from .eval import evaluate_run
-    from .eval.run import format_eval
+    from .eval import EvalResult, evaluate_run, format_table
 
     result = evaluate_run(a.run, per_prompt=a.per_prompt, seed=a.seed, n=a.n)
-    print(format_eval(result))
+    print(format_table(EvalResult.from_json(result)))
     print(f"written: {Path(a.run) / 'eval.json'}")
     return 0
 
@@ -199,18 +181,18 @@ def _bench(a) -> int:
 
 
 def _demo(a) -> int:
+    from .run_folder import holds_run, open_run
     from .train import resolve_config, train
 
     out = Path(a.out)
-    config = Path(a.config)
-    summary_path = out / "summary.json"
-    if summary_path.exists():
-        summary = json.loads(summary_path.read_text())
+    folder = open_run(out) if holds_run(out) else None
+    if folder is not None and folder.finished:
+        summary = folder.summary.to_json()
         print(f"{out} already holds a finished demo run (delete it to run again):")
+    elif folder is not None:  # interrupted: resume it
+        summary = train(*folder.config(), out, resume=True)
     else:
-        cfg, args = resolve_config(config)
-        resume = (out / "config.yaml").exists()
-        summary = train(cfg, args, out, resume=resume)
+        summary = train(*resolve_config(Path(a.config)), out)
     print()
     print(format_summary(summary))
     print()
@@ -244,14 +226,14 @@ def _data(a) -> int:
             raise ValueError("give either --pairs (labels from a pairs set) or --model (labels from new samples)")
         _print_labels(a.out, feedback.labels_from_pairs(a.pairs, a.out)[1])
         return 0
-    import torch
+    from accelerate import PartialState
 
     from .data.prompts import resolve_prompts
     from .models import load_model
     from .rewards import build_reward
     from .sampler import Sampler
 
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = PartialState().device  # accelerate chooses: CUDA, MPS, XPU or the CPU
     model = load_model(a.model or "digits", device=device)
     prompts = resolve_prompts(_prompts_arg(a.prompts), model.prompts)
     sampler = Sampler(num_steps=a.steps or model.num_inference_steps, eta=a.eta, guidance_scale=a.guidance)

@@ -170,6 +170,7 @@ def _overrides(p: dict, seed: int, offline: bool) -> list[str]:
 def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
     from ..methods import get_method
     from ..rewards import RewardError
+    from ..run_folder import holds_run, open_run
     from ..train import resolve_config, train
 
     run = out / "runs" / name / f"seed-{seed}"
@@ -178,10 +179,11 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
     data = ensure_pairs(p, out, seed, cfg) if offline else None
     if (run / "failed.json").exists():
         return failed_row(name, seed, run, cfg.method)
-    if not (run / "summary.json").exists():
+    folder = open_run(run) if holds_run(run) else None
+    if folder is None or not folder.finished:
         try:
-            if (run / "config.yaml").exists():
-                cfg, args = resolve_config(run / "config.yaml")
+            if folder is not None:  # interrupted: resume it
+                cfg, args = folder.config()
                 train(cfg, args, run, resume=True)
             else:
                 extra = [f"args.data={data['path']}"] if data else []
@@ -230,12 +232,14 @@ def ensure_pairs(p: dict, out: Path, seed: int, cfg) -> dict:
 
 
 def make_row(name: str, seed: int, run: Path, data: dict | None) -> dict:
-    s = json.loads((run / "summary.json").read_text())
-    row = {"method": name, "algorithm": s["method"], "seed": seed, "run": str(run),
-           "reward_queries": s["reward_queries"] + (data["reward_queries"] if data else 0),
-           "wall_s": round(s["wall_s"] + (data["wall_s"] if data else 0.0), 2),
-           "epochs": s["epochs"], "offline": data is not None}
-    for prefix, e in (("base", as_baseline(s["base"])), ("aligned", s["final"])):
+    from ..run_folder import open_run
+
+    s = open_run(run, finished=True).summary
+    row = {"method": name, "algorithm": s.method, "seed": seed, "run": str(run),
+           "reward_queries": s.reward_queries + (data["reward_queries"] if data else 0),
+           "wall_s": round(s.wall_s + (data["wall_s"] if data else 0.0), 2),
+           "epochs": s.epochs, "offline": data is not None}
+    for prefix, e in (("base", as_baseline(s.base)), ("aligned", s.aligned)):
         for key in METRICS:
             row[f"{prefix}_{key}"] = e.get(key)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from .. import checkpoint
 from .core import as_baseline, compare, evaluate
+from .results import EvalResult, write_result
 
 
 @dataclass
@@ -25,34 +25,27 @@ class LoadedRun:
 
 
 def load_run(run_dir: str | Path, finished: bool = False) -> LoadedRun:
-    """Build a run's context and method, and load its newest checkpoint into every module.
+    """Open the run folder (`run_folder.open_run`), build its context and method, and load its
+    newest checkpoint into every module.
 
     The reference stays available: LoRA runs switch adapters off, full fine-tunes keep a
     copy of the base weights taken before the checkpoint is loaded. `finished=True`
     refuses a run that has not finished training."""
     from ..context import Run
-    from ..methods import build, modules_of, resolve_config, sampler_of
+    from ..methods import build, modules_of, sampler_of
+    from ..run_folder import open_run
 
-    folder = Path(run_dir)
-    if not (folder / "config.yaml").exists():
-        raise FileNotFoundError(f"{folder} is not a run folder (no config.yaml): pass the --out folder of "
-                                "`diffalign train`")
-    ckpt = checkpoint.latest(folder / "checkpoints")
-    if ckpt is None:
-        raise FileNotFoundError(f"{folder} has no checkpoint yet: train (or resume) it for at least one epoch")
-    if finished and not (folder / "summary.json").exists():
-        raise FileNotFoundError(f"{folder} has not finished training (newest checkpoint {ckpt.name}): resume it with "
-                                f"`diffalign train --resume {folder}`")
-    cfg, args = resolve_config(folder / "config.yaml")
-    run = Run(cfg, out=folder, keep_reference=True)
+    folder = open_run(run_dir, checkpoint_needed=True, finished=finished)
+    cfg, args = folder.config()
+    run = Run(cfg, out=folder.folder, keep_reference=True)
     method = build(run, args)
     modules = {n: tr.module.to(run.device) for n, tr in modules_of(method, run).items()}
-    state, method_state = checkpoint.load(ckpt, modules, None)
+    state, method_state = checkpoint.load(folder.checkpoint, modules, None)
     if hasattr(method, "load_state_dict"):
         method.load_state_dict(method_state)
     for m in modules.values():
         m.eval()
-    return LoadedRun(folder, cfg, run, method, sampler_of(method, run), ckpt, state)
+    return LoadedRun(folder.folder, cfg, run, method, sampler_of(method, run), folder.checkpoint, state)
 
 
 def evaluate_run(run_dir: str | Path, per_prompt: int | None = None, seed: int | None = None,
@@ -63,7 +56,8 @@ def evaluate_run(run_dir: str | Path, per_prompt: int | None = None, seed: int |
     reference sampled plainly. Both sample the same prompts from the same noise (`seed`,
     default the run's eval.seed); `per_prompt` samples per prompt (default the run's
     eval.per_prompt), or `n` samples in all (rounded up to the same number for every prompt,
-    at least 2). `base` reuses an earlier base evaluation with the same settings. Writes eval.json."""
+    at least 2). `base` reuses an earlier base evaluation with the same settings. Writes eval.json and
+    returns its content (`EvalResult.to_json()`)."""
     if n is not None and per_prompt is not None:
         raise ValueError("give either n (total samples) or per_prompt, not both")
     loaded = load_run(run_dir)
@@ -78,35 +72,11 @@ def evaluate_run(run_dir: str | Path, per_prompt: int | None = None, seed: int |
             base = as_baseline(evaluate(r, r.sampler, per_prompt=per_prompt, seed=seed))
     aligned = evaluate(r, loaded.sampler, per_prompt=per_prompt, seed=seed, kl=True)
     aligned.update(compare(base, aligned))
-    result = {"run": str(loaded.folder), "method": cfg.method, "model": cfg.model, "reward": r.reward.name,
-              "eval_reward": r.eval_reward.name if r.eval_reward else None, "checkpoint": loaded.checkpoint.name,
-              "epoch": loaded.state["epoch"], "reward_queries": loaded.state["reward_queries"], "wall_s": loaded.state.get("wall_s"),
-              "per_prompt": per_prompt, "seed": seed, "eval_s": round(time.time() - start, 2),
-              "base": base, "aligned": aligned}
+    result = EvalResult(method=cfg.method, model=cfg.model, reward=r.reward.name,
+                        eval_reward=r.eval_reward.name if r.eval_reward else None, base=base, aligned=aligned,
+                        reward_queries=loaded.state["reward_queries"], wall_s=loaded.state.get("wall_s"),
+                        run=str(loaded.folder), checkpoint=loaded.checkpoint.name, epoch=loaded.state["epoch"],
+                        per_prompt=per_prompt, seed=seed, eval_s=round(time.time() - start, 2))
     if write:
-        checkpoint.atomic_write_text(loaded.folder / "eval.json", json.dumps(result, indent=1))
-    return result
-
-
-ROWS = [("reward_mean", "training reward"), ("eval_reward_mean", "held-out reward"), ("win_rate", "win rate vs base"),
-        ("diversity", "diversity"), ("frechet", "Fréchet distance"), ("kl", "KL to reference (nats)"),
-        ("optimum_distance", "distance to p*")]
-
-
-def format_eval(result: dict) -> str:
-    """A two-column text table (base, aligned) of the headline metrics."""
-    b, a = result["base"], result["aligned"]
-    rows = [("", "base", "aligned")]
-    for key, label in ROWS:
-        if a.get(key) is not None:
-            f = lambda v: "-" if v is None else f"{v:.4g}"
-            rows.append((label, f(b.get(key)), f(a.get(key))))
-    if a.get("frechet_real") is not None:
-        rows.append(("Fréchet distance, same-size real sample", "", f"{a['frechet_real']:.4g}"))
-    if a.get("optimum_floor") is not None:
-        rows.append(("floor of distance to p*", "", f"{a['optimum_floor']:.4g}"))
-    w = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = ["  ".join(c.ljust(w[i]) if i == 0 else c.rjust(w[i]) for i, c in enumerate(r)) for r in rows]
-    lines.append(f"{result['method']} on {result['model']}, {result['checkpoint']}: {result['reward_queries']} reward "
-                 f"queries; {result['per_prompt']} samples per prompt, seed {result['seed']}")
-    return "\n".join(lines)
+        write_result(loaded.folder, result)
+    return result.to_json()
