@@ -296,49 +296,62 @@ def make_pairs(model, reward, prompts, n_pairs: int, out_dir, seed: int = 0, bt_
         raise ValueError("bt_noise (Bradley–Terry temperature) must be > 0")
     prompts = list(prompts)
     rng = torch.Generator().manual_seed(seed_for(seed, "bt"))
-    rows, rw, rl, agree, ties = [], [], [], 0, 0
+    rows, won = [], []  # won: (winner's reward, loser's reward) of every pair that is not a tie
     for start in range(0, n_pairs, batch_size // 2 or 1):
         idx = list(range(start, min(n_pairs, start + max(1, batch_size // 2))))
         ps = [prompts[i % len(prompts)] for i in idx]
-        imgs = []
-        for side in ("a", "b"):
-            gens = [generators(model.device, "pairs", seed, side, indices=[i])[0] for i in idx]
-            traj = sampler.sample(model, ps, generator=gens, with_logprob=False)
-            imgs.append(model.decode(traj.final).cpu())
-        # score the images as they will be loaded back (8-bit quantised; other samples are stored exactly)
-        qa, qb = [(x.clamp(0, 1) * 255).round() / 255 if is_image(x[0]) else x for x in imgs]
+        qa, qb = _sample_pairs(model, sampler, ps, idx, seed)
         ra, _ = reward(qa.to(model.device), ps)
         rb, _ = reward(qb.to(model.device), ps)
         ra, rb = ra.float().cpu(), rb.float().cpu()
         for j, i in enumerate(idx):
-            ext = sample_suffix(qa[j])
-            fa, fb = f"img/{i:06d}_a{ext}", f"img/{i:06d}_b{ext}"
-            save_sample(qa[j], out / fa)
-            save_sample(qb[j], out / fb)
-            d = float(ra[j] - rb[j])
-            if bt_noise is None:
-                a_wins, tie = d > 0, d == 0
-            else:
-                p = 1.0 / (1.0 + math.exp(-d / bt_noise)) if abs(d / bt_noise) < 700 else float(d > 0)
-                a_wins, tie = bool(torch.rand((), generator=rng) < p), False
-            w, lo = (fa, fb) if a_wins else (fb, fa)
-            row = {"prompt": ps[j], "winner": w, "loser": lo}
-            if tie:
-                row["tie"] = True
-                ties += 1
-            else:
-                rw.append(float(ra[j] if a_wins else rb[j]))
-                rl.append(float(rb[j] if a_wins else ra[j]))
-                agree += int(rw[-1] >= rl[-1])
+            row, rewards = _write_pair(out, i, ps[j], (qa[j], qb[j]), (ra[j], rb[j]), bt_noise, rng)
             rows.append(row)
+            if rewards is not None:
+                won.append(rewards)
     path = out / "pairs.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    n = len(rows) - ties
-    stats = {"path": str(path), "pairs": len(rows), "ties": ties,
-             "winner_reward_mean": sum(rw) / max(1, n), "loser_reward_mean": sum(rl) / max(1, n),
-             "agreement_with_reward": agree / max(1, n), "bt_noise": bt_noise}
+    n = len(won)
+    stats = {"path": str(path), "pairs": len(rows), "ties": len(rows) - n,
+             "winner_reward_mean": sum(w for w, _ in won) / max(1, n),
+             "loser_reward_mean": sum(lo for _, lo in won) / max(1, n),
+             "agreement_with_reward": sum(int(w >= lo) for w, lo in won) / max(1, n), "bt_noise": bt_noise}
     (out / "pairs_stats.json").write_text(json.dumps(stats, indent=1))
     return stats
+
+
+def _sample_pairs(model, sampler, ps: list[str], idx: list[int], seed: int):
+    """Both samples of the pairs `idx` (prompts `ps`), images quantised to 8 bits as they will be
+    loaded back (other samples are stored exactly): (a samples, b samples)."""
+    imgs = []
+    for side in ("a", "b"):
+        gens = [generators(model.device, "pairs", seed, side, indices=[i])[0] for i in idx]
+        traj = sampler.sample(model, ps, generator=gens, with_logprob=False)
+        imgs.append(model.decode(traj.final).cpu())
+    qa, qb = [(x.clamp(0, 1) * 255).round() / 255 if is_image(x[0]) else x for x in imgs]
+    return qa, qb
+
+
+def _write_pair(out: Path, i: int, prompt: str, samples, rewards, bt_noise: float | None, rng):
+    """Save pair i's two samples and pick its winner: the higher reward (an exact tie is marked),
+    or with `bt_noise` a Bradley–Terry draw from `rng`. Returns its pairs.jsonl row and, unless
+    tied, (winner's reward, loser's reward)."""
+    (xa, xb), (ra, rb) = samples, rewards
+    ext = sample_suffix(xa)
+    fa, fb = f"img/{i:06d}_a{ext}", f"img/{i:06d}_b{ext}"
+    save_sample(xa, out / fa)
+    save_sample(xb, out / fb)
+    d = float(ra - rb)
+    if bt_noise is None:
+        a_wins, tie = d > 0, d == 0
+    else:
+        p = 1.0 / (1.0 + math.exp(-d / bt_noise)) if abs(d / bt_noise) < 700 else float(d > 0)
+        a_wins, tie = bool(torch.rand((), generator=rng) < p), False
+    w, lo = (fa, fb) if a_wins else (fb, fa)
+    row = {"prompt": prompt, "winner": w, "loser": lo}
+    if tie:
+        return {**row, "tie": True}, None
+    return row, (float(ra if a_wins else rb), float(rb if a_wins else ra))
 
 
 @torch.no_grad()
