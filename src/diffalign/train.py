@@ -195,14 +195,36 @@ def start_run(cfg: RunConfig, out: Path, resume: bool) -> None:
 
 def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accelerator=None,
           max_epochs: int | None = None) -> dict:
-    """Run (or resume) a training run in `out_dir`; return the summary.
+    """Run (or resume) a training run in `out_dir`; return the summary as summary.json holds it
+    (`eval.results.Summary.to_json()`; {} on processes other than the main one).
 
     `max_epochs` stops early after that many epochs in this call (for tests and
-    time-boxed runs); the run can be resumed later.
+    time-boxed runs); the run can be resumed later: then the result is
+    {"epoch": ..., "finished": False}.
     """
-    from .eval import base_context, compare, evaluate, write_report_images
+    trainer = setup(cfg, args, Path(out_dir), resume, accelerator)
+    base = base_evaluation(trainer)
+    stop = cfg.train.epochs if max_epochs is None else min(cfg.train.epochs, trainer.epoch + max_epochs)
+    log = EpochLog(trainer)
+    while trainer.epoch < stop and not budget_spent(trainer):
+        metrics = run_epoch(trainer, log)
+        periodic_evaluation(trainer, metrics)
+        log.write(metrics)
+        if trainer.epoch % cfg.train.checkpoint_every == 0 or trainer.epoch == stop or budget_spent(trainer):
+            log.bank_time()
+            trainer.save_checkpoint()
+    log.close()
+    if trainer.epoch < cfg.train.epochs and not budget_spent(trainer):
+        return {"epoch": trainer.epoch, "finished": False}
+    summary = finish(trainer, base)
+    return summary.to_json() if summary is not None else {}
 
-    out = Path(out_dir)
+
+def setup(cfg: RunConfig, args, out: Path, resume: bool, accelerator=None) -> Trainer:
+    """The trainer, validated before anything is written; the run folder started, or its newest
+    checkpoint loaded when resuming; the run described."""
+    from .run_folder import open_run
+
     trainer = Trainer(cfg, args, out, accelerator)  # validates everything before writing
     if hasattr(trainer.method, "start"):
         trainer.method.start()  # e.g. loads and validates a data set: still nothing written
@@ -210,110 +232,135 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
     if acc.is_main_process:
         start_run(cfg, out, resume)
     acc.wait_for_everyone()
-    ckpt = checkpoint.latest(out / "checkpoints") if resume else None
+    ckpt = open_run(out).checkpoint if resume else None
     if ckpt is not None:
         trainer.load_checkpoint(ckpt)
         run.say(f"resuming {out} from {ckpt.name} (epoch {trainer.epoch} of {cfg.train.epochs})")
-    metrics_path = out / "metrics.jsonl"
     if acc.is_main_process:
-        _truncate_metrics(metrics_path, trainer.epoch)
+        _truncate_metrics(out / "metrics.jsonl", trainer.epoch)
+    run.say(describe(trainer))
+    return trainer
 
-    run.say(
-        f"method {cfg.method} | model {cfg.model} | reward {run.reward.name} | processes {run.processes} | modules "
-        f"{', '.join(f'{n} ({sum(p.numel() for p in ps):,} parameters)' for n, ps in trainer.params.items())}\n"
-        f"batch size {cfg.train.batch_size} ({run.local_batch} per process) x {cfg.train.batches_per_epoch} "
-        f"batches = {cfg.train.batch_size * cfg.train.batches_per_epoch} samples per epoch, "
-        + (f"until {cfg.train.reward_budget} reward queries are spent" if cfg.train.reward_budget
-           else f"{cfg.train.epochs} epochs")
-    )
 
-    base_path = out / "eval_base.json"
-    if acc.is_main_process and not base_path.exists():
+def describe(trainer: Trainer) -> str:
+    """Two lines: what trains what, and how much per epoch."""
+    cfg, run = trainer.cfg, trainer.run
+    modules = ", ".join(f"{n} ({sum(p.numel() for p in ps):,} parameters)" for n, ps in trainer.params.items())
+    length = (f"until {cfg.train.reward_budget} reward queries are spent" if cfg.train.reward_budget
+              else f"{cfg.train.epochs} epochs")
+    return (f"method {cfg.method} | model {cfg.model} | reward {run.reward.name} | processes {run.processes} | "
+            f"modules {modules}\n"
+            f"batch size {cfg.train.batch_size} ({run.local_batch} per process) x {cfg.train.batches_per_epoch} "
+            f"batches = {cfg.train.batch_size * cfg.train.batches_per_epoch} samples per epoch, " + length)
+
+
+def base_evaluation(trainer: Trainer) -> dict:
+    """The base model on the fixed evaluation set: evaluated once (main process), kept in eval_base.json."""
+    from .eval import base_context, evaluate
+
+    acc, run, path = trainer.acc, trainer.run, trainer.out / "eval_base.json"
+    if acc.is_main_process and not path.exists():
         with base_context(run):
-            base = evaluate(run, run.sampler, grid_path=out / "samples" / "base.png", label="base")
-        checkpoint.atomic_write_text(base_path, json.dumps(base, indent=1))
+            base = evaluate(run, run.sampler, grid_path=trainer.out / "samples" / "base.png", label="base")
+        checkpoint.atomic_write_text(path, json.dumps(base, indent=1))
     acc.wait_for_everyone()
-    base = json.loads(base_path.read_text())
+    return json.loads(path.read_text())
 
-    writer = None
-    if acc.is_main_process:
-        from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(str(out / "tb"))
-    t0 = time.time()
-    stop = cfg.train.epochs if max_epochs is None else min(cfg.train.epochs, trainer.epoch + max_epochs)
-    bar = tqdm(total=None if cfg.train.reward_budget else cfg.train.epochs, initial=trainer.epoch, desc=cfg.method,
-               unit="epoch", disable=not acc.is_main_process)
-    while trainer.epoch < stop and not budget_spent(trainer):
-        epoch = trainer.epoch
-        m = trainer.train_epoch(epoch)
-        budget = cfg.train.reward_budget
-        if budget and epoch == 0 and run.reward_queries > budget:
-            raise ConfigError(
-                f"one epoch of '{cfg.method}' costs {run.reward_queries} reward queries, more than "
-                f"train.reward_budget = {budget}: lower train.batch_size or train.batches_per_epoch (or the "
-                "method's reward calls per sample, e.g. args.train_steps / args.k)"
-            )
-        bar.update(1)
-        trainer.epoch = epoch + 1
-        m.update(epoch=epoch, reward_queries=run.reward_queries, wall_s=trainer.wall_prev + time.time() - t0,
-                 lr=trainer.lr_schedule.get_last_lr()[0])
-        trainer.set_training(False)  # evaluation samples every module in eval mode
-        if cfg.eval.every and trainer.epoch % cfg.eval.every == 0 and trainer.epoch < cfg.train.epochs:
-            if acc.is_main_process:
-                ev = evaluate(run, trainer.sampler)
-                m.update({f"eval_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
-            acc.wait_for_everyone()
-        if cfg.train.sample_grid_every and trainer.epoch % cfg.train.sample_grid_every == 0 and acc.is_main_process:
-            evaluate(run, trainer.sampler, grid_path=out / "samples" / f"epoch-{trainer.epoch:04d}.png", label="")
+def run_epoch(trainer: Trainer, log: EpochLog) -> dict:
+    """One epoch (collect, update) and its bookkeeping; every module left in eval mode."""
+    cfg, run, epoch = trainer.cfg, trainer.run, trainer.epoch
+    metrics = trainer.train_epoch(epoch)
+    budget = cfg.train.reward_budget
+    if budget and epoch == 0 and run.reward_queries > budget:
+        raise ConfigError(
+            f"one epoch of '{cfg.method}' costs {run.reward_queries} reward queries, more than "
+            f"train.reward_budget = {budget}: lower train.batch_size or train.batches_per_epoch (or the "
+            "method's reward calls per sample, e.g. args.train_steps / args.k)"
+        )
+    trainer.epoch = epoch + 1
+    metrics.update(epoch=epoch, reward_queries=run.reward_queries, wall_s=log.wall_s(),
+                   lr=trainer.lr_schedule.get_last_lr()[0])
+    trainer.set_training(False)  # evaluation samples every module in eval mode
+    return metrics
+
+
+def periodic_evaluation(trainer: Trainer, metrics: dict) -> None:
+    """Every eval.every epochs (not the last: `finish` evaluates it) the fixed evaluation set, into
+    `metrics` as eval_*; every train.sample_grid_every epochs a grid of samples (main process)."""
+    from .eval import evaluate
+
+    cfg, acc, run, epoch = trainer.cfg, trainer.acc, trainer.run, trainer.epoch
+    if cfg.eval.every and epoch % cfg.eval.every == 0 and epoch < cfg.train.epochs:
         if acc.is_main_process:
-            with open(metrics_path, "a") as f:
-                f.write(json.dumps(m) + "\n")
-            for k, v in m.items():
-                if isinstance(v, (int, float)):
-                    writer.add_scalar(k, v, run.reward_queries)
-            shown = "reward_mean" if "reward_mean" in m else "loss"
-            if shown in m:
-                bar.set_postfix({shown.split("_")[0]: f"{m[shown]:.3f}"})
-        if trainer.epoch % cfg.train.checkpoint_every == 0 or trainer.epoch == stop or budget_spent(trainer):
-            trainer.wall_prev += time.time() - t0
-            t0 = time.time()
-            trainer.save_checkpoint()
-    bar.close()
-    if writer is not None:
-        writer.close()
-    if trainer.epoch < cfg.train.epochs and not budget_spent(trainer):
-        return {"epoch": trainer.epoch, "finished": False}
+            ev = evaluate(run, trainer.sampler)
+            metrics.update({f"eval_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
+        acc.wait_for_everyone()
+    if cfg.train.sample_grid_every and epoch % cfg.train.sample_grid_every == 0 and acc.is_main_process:
+        evaluate(run, trainer.sampler, grid_path=trainer.out / "samples" / f"epoch-{epoch:04d}.png", label="")
 
-    summary = {}
+
+class EpochLog:
+    """Where epochs are recorded: metrics.jsonl, TensorBoard and a progress bar (main process),
+    and the wall clock (banked into the trainer at each checkpoint)."""
+
+    def __init__(self, trainer: Trainer):
+        cfg, self.trainer, self.main = trainer.cfg, trainer, trainer.acc.is_main_process
+        self.writer = None
+        if self.main:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(trainer.out / "tb"))
+        self.t0 = time.time()
+        self.bar = tqdm(total=None if cfg.train.reward_budget else cfg.train.epochs, initial=trainer.epoch,
+                        desc=cfg.method, unit="epoch", disable=not self.main)
+
+    def wall_s(self) -> float:
+        """Training time so far, over every call that trained this run."""
+        return self.trainer.wall_prev + time.time() - self.t0
+
+    def bank_time(self) -> None:
+        """Add the time since the last bank to the trainer's (saved with its checkpoint)."""
+        self.trainer.wall_prev += time.time() - self.t0
+        self.t0 = time.time()
+
+    def write(self, metrics: dict) -> None:
+        self.bar.update(1)
+        if not self.main:
+            return
+        with open(self.trainer.out / "metrics.jsonl", "a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        for k, v in metrics.items():
+            if isinstance(v, (int, float)):
+                self.writer.add_scalar(k, v, self.trainer.run.reward_queries)
+        shown = "reward_mean" if "reward_mean" in metrics else "loss"
+        if shown in metrics:
+            self.bar.set_postfix({shown.split("_")[0]: f"{metrics[shown]:.3f}"})
+
+    def close(self) -> None:
+        self.bar.close()
+        if self.writer is not None:
+            self.writer.close()
+
+
+def finish(trainer: Trainer, base: dict):
+    """The aligned model evaluated against the base, its weights in final/, summary.json and the
+    report images (main process); returns the summary there (None elsewhere)."""
+    from .eval import Summary, compare, evaluate, write_report_images, write_result
+
+    acc, run, out = trainer.acc, trainer.run, trainer.out
+    summary = None
     trainer.set_training(False)
     if acc.is_main_process:
-        final = evaluate(run, trainer.sampler, grid_path=out / "samples" / "final.png", label="final",
-                         kl=run.has_reference)
-        final.update(compare(base, final))
+        aligned = evaluate(run, trainer.sampler, grid_path=out / "samples" / "final.png", label="final",
+                           kl=run.has_reference)
+        aligned.update(compare(base, aligned))
         trainer.save_weights(out / "final")
-        summary = {
-            "method": cfg.method,
-            "model": cfg.model,
-            "reward": run.reward.name,
-            "eval_reward": run.eval_reward.name if run.eval_reward else None,
-            "epochs": trainer.epoch,
-            "reward_budget": cfg.train.reward_budget or None,
-            "base_reward_mean": base["reward_mean"],
-            "final_reward_mean": final["reward_mean"],
-            "base_eval_reward_mean": base.get("eval_reward_mean"),
-            "final_eval_reward_mean": final.get("eval_reward_mean"),
-            "win_rate_vs_base": final["win_rate"],
-            "eval_win_rate_vs_base": final["eval_win_rate"],
-            "kl": final.get("kl"),  # None: full fine-tuning without a reference copy (`diffalign eval` has it)
-            "base": base,
-            "final": final,
-            "reward_queries": run.reward_queries,
-            "wall_s": round(trainer.wall_prev, 2),
-            "processes": run.processes,
-            "finished": True,
-        }
-        checkpoint.atomic_write_text(out / "summary.json", json.dumps(summary, indent=1))
+        summary = Summary(method=trainer.cfg.method, model=trainer.cfg.model, reward=run.reward.name,
+                          eval_reward=run.eval_reward.name if run.eval_reward else None, base=base, aligned=aligned,
+                          reward_queries=run.reward_queries, wall_s=round(trainer.wall_prev, 2), epochs=trainer.epoch,
+                          reward_budget=trainer.cfg.train.reward_budget or None, processes=run.processes)
+        write_result(out, summary)
         write_report_images(out)  # after summary.json: the curve shows the final evaluation
     acc.wait_for_everyone()
     return summary
