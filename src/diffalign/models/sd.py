@@ -132,73 +132,95 @@ def load_scheduler(folder: Path, overrides: dict | None = None):
     return scheduler_from_folder(DDIMScheduler, folder, overrides)
 
 
+def read_parts(folder: Path, networks: dict[str, type], tokenizers: tuple[str, ...] = ()) -> dict:
+    """The folder's networks (`{subfolder: class}`: safetensors, local files only, frozen) and tokenizers,
+    by subfolder."""
+    from transformers import AutoTokenizer
+
+    local = dict(local_files_only=True, use_safetensors=True)
+    parts = {sub: cls.from_pretrained(folder, subfolder=sub, **local) for sub, cls in networks.items()}
+    for sub in tokenizers:
+        parts[sub] = AutoTokenizer.from_pretrained(folder / sub, local_files_only=True)
+    for sub in networks:
+        parts[sub].eval().requires_grad_(False)
+    return parts
+
+
+def latent_model(folder: Path, denoiser, vae, scheduler, encode: Callable[[list[str]], torch.Tensor],
+                 device: Callable[[], torch.device], resolution: int | None, negative_prompt: str,
+                 field_net: Callable[[int], torch.nn.Module], shift: float = 0.0, info: dict | None = None,
+                 **fields) -> DiffusionModel:
+    """A pipeline folder's `DiffusionModel` in `vae`'s latent space, at `resolution` (None = the denoiser's
+    default): prompts through `encode(prompts)` (cached per prompt), the negative prompt as the null condition,
+    `field_net(latent side)` for a second field. `fields` are the rest (forward, LoRA targets, defaults,
+    parts); `info` gets the resolution and the negative prompt."""
+    size, factor = image_size(denoiser, vae, resolution)
+    side = size // factor
+    decode, encode_images = vae_codec(vae, size, vae.config.scaling_factor, shift)
+    encode_prompts = cached_prompts(encode, device)
+    return DiffusionModel(
+        name=str(folder),
+        denoiser=denoiser,
+        scheduler=scheduler,
+        sample_shape=(denoiser.config.in_channels, side, side),
+        encode_prompts=encode_prompts,
+        decode=decode,
+        null_condition=lambda n: encode_prompts([negative_prompt] * n),
+        prompts=[],  # a pipeline has no prompt set of its own: the config names one
+        path=str(folder),
+        image_encoder=encode_images,
+        make_field_net=lambda: field_net(side),
+        info={**(info or {}), "resolution": size, "negative_prompt": negative_prompt},
+        **fields,
+    )
+
+
 @register_pipeline("StableDiffusionPipeline", scheduler=load_scheduler)
 def load_pipeline(path, resolution: int | None = None, negative_prompt: str = "",
                   scheduler: dict | None = None) -> DiffusionModel:
     """Load a local SD 1.x/2.x pipeline folder (see the module docstring); `scheduler` overrides settings of
     the folder's scheduler config (`pipeline.scheduler`)."""
     from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import AutoTokenizer, CLIPTextModel
+    from transformers import CLIPTextModel
 
     folder = Path(path).expanduser()
     check_folder(folder)
-    local = dict(local_files_only=True, use_safetensors=True)
-    unet = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", **local)
-    vae = AutoencoderKL.from_pretrained(folder, subfolder="vae", **local)
-    text_encoder = CLIPTextModel.from_pretrained(folder, subfolder="text_encoder", **local)
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    scheduler = load_scheduler(folder, scheduler)
-    for part in (unet, vae, text_encoder):
-        part.eval().requires_grad_(False)
-    return build(folder, unet, vae, text_encoder, tokenizer, scheduler, resolution, negative_prompt)
+    parts = read_parts(folder, {"unet": UNet2DConditionModel, "vae": AutoencoderKL, "text_encoder": CLIPTextModel},
+                       ("tokenizer",))
+    return build(folder, parts["unet"], parts["vae"], parts["text_encoder"], parts["tokenizer"],
+                 load_scheduler(folder, scheduler), resolution, negative_prompt)
+
+
+def field_net(unet, text_encoder, side: int) -> torch.nn.Module:
+    """A small zero-output UNet with `unet`'s inputs and outputs, conditioned on the text encoder's states."""
+    from diffusers import UNet2DConditionModel
+
+    net = UNet2DConditionModel(sample_size=side, in_channels=unet.config.in_channels,
+                               out_channels=unet.config.out_channels, layers_per_block=1,
+                               block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
+                               cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8)
+    return zero_output(net)
 
 
 def build(folder: Path, unet, vae, text_encoder, tokenizer, scheduler, resolution: int | None = None,
           negative_prompt: str = "") -> DiffusionModel:
-    size, factor = image_size(unet, vae, resolution)
-    decode, encode_images = vae_codec(vae, size, vae.config.scaling_factor)
-
     def encode(prompts: list[str]) -> torch.Tensor:
         ids = tokenizer(prompts, padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
                         return_tensors="pt").input_ids.to(text_encoder.device)
         return text_encoder(ids)[0]
 
-    encode_prompts = cached_prompts(encode, lambda: text_encoder.device)
-
-    def null_condition(n: int) -> torch.Tensor:
-        return encode_prompts([negative_prompt] * n)
-
     def forward(denoiser, x, t, cond):
         return denoiser(x, t, encoder_hidden_states=cond).sample
 
-    def field_net():
-        from diffusers import UNet2DConditionModel
-
-        net = UNet2DConditionModel(sample_size=size // factor, in_channels=unet.config.in_channels,
-                                   out_channels=unet.config.out_channels, layers_per_block=1,
-                                   block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"), norm_num_groups=8,
-                                   cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8)
-        return zero_output(net)
-
     index = json.loads((folder / "model_index.json").read_text()) if (folder / "model_index.json").exists() else {}
-    return DiffusionModel(
-        name=str(folder),
-        denoiser=unet,
-        scheduler=scheduler,
-        sample_shape=(unet.config.in_channels, size // factor, size // factor),
-        encode_prompts=encode_prompts,
+    return latent_model(
+        folder, unet, vae, scheduler, encode, lambda: text_encoder.device, resolution, negative_prompt,
+        lambda side: field_net(unet, text_encoder, side),
         forward=forward,
-        decode=decode,
-        null_condition=null_condition,
-        prompts=[],  # a pipeline has no prompt set of its own: the config names one
         lora_targets=list(LORA_TARGETS),
         guidance_scale=GUIDANCE_SCALE,
         num_inference_steps=NUM_INFERENCE_STEPS,
-        path=str(folder),
-        image_encoder=encode_images,
-        make_field_net=field_net,
         parts={"vae": vae, "text_encoder": text_encoder},
-        info={"pipeline": index.get("_class_name", "StableDiffusionPipeline"), "resolution": size,
-              "tokenizer": tokenizer, "negative_prompt": negative_prompt},
+        info={"pipeline": index.get("_class_name", "StableDiffusionPipeline"), "tokenizer": tokenizer},
     )

@@ -28,7 +28,7 @@ import torch
 
 from . import register_pipeline
 from .base import DiffusionModel, ModelFolderError, zero_output
-from .sd import cached_prompts, check_folder, image_size, scheduler_from_folder, vae_codec
+from .sd import check_folder, latent_model, read_parts, scheduler_from_folder
 
 WEIGHTS = (("config.json",), ("diffusion_pytorch_model.safetensors",))
 TEXT = (("config.json",), ("model.safetensors", "model.safetensors.index.json"))
@@ -65,25 +65,30 @@ def load_pipeline(path, resolution: int | None = None, negative_prompt: str = ""
     """Load a local SD3 pipeline folder (see the module docstring); `scheduler` overrides settings of the
     folder's scheduler config (`pipeline.scheduler`)."""
     from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from transformers import AutoTokenizer, CLIPTextModelWithProjection, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     folder = Path(path).expanduser()
     t5 = has_t5(folder)
     check_folder(folder, {**PARTS, **(T5_PARTS if t5 else {})}, "Stable Diffusion 3 pipeline", "make-tiny-sd3")
-    local = dict(local_files_only=True, use_safetensors=True)
-    parts = {
-        "transformer": SD3Transformer2DModel.from_pretrained(folder, subfolder="transformer", **local),
-        "vae": AutoencoderKL.from_pretrained(folder, subfolder="vae", **local),
-        "text_encoder": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder", **local),
-        "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(folder, subfolder="text_encoder_2", **local),
-        "text_encoder_3": T5EncoderModel.from_pretrained(folder, subfolder="text_encoder_3", **local) if t5 else None,
-    }
-    for name in ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if t5 else ()):
-        parts[name] = AutoTokenizer.from_pretrained(folder / name, local_files_only=True)
-    for part in ("transformer", "vae", "text_encoder", "text_encoder_2", "text_encoder_3"):
-        if parts[part] is not None:
-            parts[part].eval().requires_grad_(False)
+    networks = {"transformer": SD3Transformer2DModel, "vae": AutoencoderKL,
+                "text_encoder": CLIPTextModelWithProjection, "text_encoder_2": CLIPTextModelWithProjection,
+                **({"text_encoder_3": T5EncoderModel} if t5 else {})}
+    parts = read_parts(folder, networks, ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if t5 else ()))
+    parts.setdefault("text_encoder_3", None)  # no T5: zeros in place of its tokens, as the pipeline does
     return build(folder, parts, load_scheduler(folder, scheduler), resolution, negative_prompt)
+
+
+def field_net(transformer) -> torch.nn.Module:
+    """A one-layer zero-output transformer with `transformer`'s inputs and outputs."""
+    from diffusers import SD3Transformer2DModel
+
+    c = transformer.config
+    net = SD3Transformer2DModel(sample_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
+                                out_channels=c.out_channels, num_layers=1, attention_head_dim=16,
+                                num_attention_heads=2, joint_attention_dim=c.joint_attention_dim,
+                                caption_projection_dim=32, pooled_projection_dim=c.pooled_projection_dim,
+                                pos_embed_max_size=c.pos_embed_max_size)
+    return zero_output(net)
 
 
 def build(folder: Path, parts: dict, scheduler, resolution: int | None = None,
@@ -93,8 +98,6 @@ def build(folder: Path, parts: dict, scheduler, resolution: int | None = None,
     pipe = StableDiffusion3Pipeline(scheduler=scheduler, **{"tokenizer_3": None, **parts})
     pipe.set_progress_bar_config(disable=True)
     transformer, vae = parts["transformer"], parts["vae"]
-    size, factor = image_size(transformer, vae, resolution)
-    decode, encode_images = vae_codec(vae, size, vae.config.scaling_factor, vae.config.shift_factor or 0.0)
     width, pooled_width = transformer.config.joint_attention_dim, transformer.config.pooled_projection_dim
 
     def encode(prompts: list[str]) -> torch.Tensor:
@@ -103,43 +106,19 @@ def build(folder: Path, parts: dict, scheduler, resolution: int | None = None,
                                                   max_sequence_length=MAX_SEQUENCE_LENGTH)
         return torch.cat([embeds.flatten(1), pooled], 1)
 
-    encode_prompts = cached_prompts(encode, lambda: pipe.text_encoder.device)
-
-    def null_condition(n: int) -> torch.Tensor:
-        return encode_prompts([negative_prompt] * n)
-
     def forward(denoiser, x, t, cond):
         embeds, pooled = cond[:, :-pooled_width], cond[:, -pooled_width:]
         return denoiser(hidden_states=x, timestep=t, encoder_hidden_states=embeds.reshape(len(cond), -1, width),
                         pooled_projections=pooled, return_dict=False)[0]
 
-    def field_net():
-        from diffusers import SD3Transformer2DModel
-
-        c = transformer.config
-        net = SD3Transformer2DModel(sample_size=c.sample_size, patch_size=c.patch_size, in_channels=c.in_channels,
-                                    out_channels=c.out_channels, num_layers=1, attention_head_dim=16,
-                                    num_attention_heads=2, joint_attention_dim=width, caption_projection_dim=32,
-                                    pooled_projection_dim=c.pooled_projection_dim, pos_embed_max_size=c.pos_embed_max_size)
-        return zero_output(net)
-
-    return DiffusionModel(
-        name=str(folder),
-        denoiser=transformer,
-        scheduler=scheduler,
-        sample_shape=(transformer.config.in_channels, size // factor, size // factor),
-        encode_prompts=encode_prompts,
+    return latent_model(
+        folder, transformer, vae, scheduler, encode, lambda: pipe.text_encoder.device, resolution, negative_prompt,
+        lambda side: field_net(transformer), shift=vae.config.shift_factor or 0.0,
         forward=forward,
-        decode=decode,
-        null_condition=null_condition,
-        prompts=[],  # a pipeline has no prompt set of its own: the config names one
         lora_targets=list(LORA_TARGETS),
         guidance_scale=GUIDANCE_SCALE,
         num_inference_steps=NUM_INFERENCE_STEPS,
-        path=str(folder),
-        image_encoder=encode_images,
-        make_field_net=field_net,
         parts={k: v for k, v in parts.items() if isinstance(v, torch.nn.Module) and k != "transformer"},
-        info={"pipeline": "StableDiffusion3Pipeline", "resolution": size, "negative_prompt": negative_prompt,
-              "component": "transformer", "t5": parts["text_encoder_3"] is not None, "_pipe": pipe},
+        info={"pipeline": "StableDiffusion3Pipeline", "component": "transformer",
+              "t5": parts["text_encoder_3"] is not None, "_pipe": pipe},
     )
