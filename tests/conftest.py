@@ -1,3 +1,6 @@
+"""Fixtures shared by the tests: the tiny random models (`tiny_models.py`) and the tiny random
+pipeline folders (`diffalign models make-tiny-sd|make-tiny-sd3`), one per test module."""
+
 import os
 import sys
 from pathlib import Path
@@ -17,6 +20,34 @@ def tiny():
     from tiny_models import tiny_model
 
     return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def sd(tmp_path_factory):
+    """A tiny random Stable Diffusion 1.x pipeline folder (32x32 images, 8x8x4 latents)."""
+    from diffalign.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "sd"
+    assert main(["models", "make-tiny-sd", str(out)]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def sd3(tmp_path_factory):
+    """A tiny random Stable Diffusion 3 pipeline folder, with T5."""
+    from diffalign.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "sd3"
+    assert main(["models", "make-tiny-sd3", str(out)]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def sd3_no_t5(tmp_path_factory):
+    """The tiny SD3 folder without T5 (model_index.json lists text_encoder_3 as null)."""
+    from diffalign.models.tiny import make_tiny_sd3
+
+    return str(make_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3-no-t5", t5=False))
 
 
 @pytest.fixture(autouse=True)

@@ -19,13 +19,6 @@ from diffalign.sampler import Sampler
 from diffalign.train import resolve_config, train
 
 
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "sd"
-    assert main(["models", "make-tiny-sd", str(out)]) == 0
-    return str(out)
-
-
 def test_loads_as_latent_text_model(sd):
     m = load_model(sd)
     assert m.sample_shape == (4, 8, 8) and m.info["resolution"] == 32

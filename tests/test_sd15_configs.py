@@ -9,7 +9,6 @@ import pytest
 import torch
 from PIL import Image
 
-from diffalign.cli import main
 from diffalign.config import load_raw
 from diffalign.models.tiny import make_tiny_clip
 from diffalign.rewards import images as ri
@@ -19,9 +18,8 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs" / "sd15").glob
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory):
+def weights(sd, tmp_path_factory):
     root = tmp_path_factory.mktemp("models")
-    assert main(["models", "make-tiny-sd", str(root / "sd")]) == 0
     clip = make_tiny_clip(root / "clip")
     torch.manual_seed(0)
     head = root / "head.safetensors"
@@ -39,7 +37,7 @@ def weights(tmp_path_factory):
         rows.append({"prompt": "cat", "chosen": f"img/{i}c.png", "rejected": f"img/{i}r.png"})
     (data / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (data / "labels.jsonl").write_text("".join(json.dumps(r) + "\n" for r in labels))
-    return {"sd": root / "sd", "clip": clip, "head": head, "data": data}
+    return {"sd": sd, "clip": clip, "head": head, "data": data}
 
 
 def test_there_are_sd15_configs():

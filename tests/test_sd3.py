@@ -13,23 +13,10 @@ from diffalign import adapters
 from diffalign.flow import inference_sigmas
 from diffalign.cli import main
 from diffalign.models import ModelFolderError, load_model
-from diffalign.models.tiny import make_tiny_sd3
 from diffalign.eval.run import load_run
 from diffalign.sampler import Sampler
 
 PROMPTS = ["a cat", "a dog"]
-
-
-@pytest.fixture(scope="module")
-def sd3(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "sd3"
-    assert main(["models", "make-tiny-sd3", str(out)]) == 0
-    return str(out)
-
-
-@pytest.fixture(scope="module")
-def sd3_no_t5(tmp_path_factory):
-    return str(make_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3-no-t5", t5=False))
 
 
 def diffusers_pipeline(folder, **parts):

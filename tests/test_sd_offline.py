@@ -20,13 +20,6 @@ BASE = {"reward": "brightness", "prompts": PROMPTS, "sampling": {"num_steps": 4}
         "train": {"batch_size": 4, "batches_per_epoch": 2, "epochs": 1}, "eval": {"reward": None, "per_prompt": 2}}
 
 
-@pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "sd"
-    assert main(["models", "make-tiny-sd", str(out)]) == 0
-    return str(out)
-
-
 def png(path, h, w, grey=False, seed=0):
     g = torch.Generator().manual_seed(seed)
     a = (torch.rand(h, w, generator=g) if grey else torch.rand(h, w, 3, generator=g)) * 255
