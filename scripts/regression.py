@@ -14,6 +14,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
 TINY_TRAIN = {"epochs": 2, "batch_size": 8, "batches_per_epoch": 1}
@@ -25,9 +26,10 @@ MODELS = {
 }
 FLOW = {"grpo": "-flow"}  # methods whose shipped configs run on the flow variant
 ARGS = {  # small settings that exercise minibatches and every method's own machinery
-    "ddpo": {"minibatches": 2}, "grpo": {"minibatches": 2, "group_size": 4}, "dpok": {"minibatches": 2},
+    "ddpo": {"minibatches": 2}, "dpok": {"minibatch": 8, "policy_steps": 2, "value_steps": 1}, "refl": {"window": 3},
+    "grpo": {"minibatches": 2, "group_size": 4},
     "d3po": {"minibatches": 2}, "spo": {"k": 2, "single_path_steps": 3, "minibatches": 2},
-    "tailorpo": {"minibatches": 2}, "tailorpo-g": {"minibatches": 2},
+    "tailorpo": {"minibatches": 2, "train_steps": [4, 2]}, "tailorpo-g": {"minibatches": 2, "train_steps": [4, 2]},
     "ddo": {"particles": 2, "continuation_steps": 2}, "ddo-dpo": {"particles": 2, "continuation_steps": 2},
     "ddo-kto": {"particles": 2, "continuation_steps": 2},
     "constrained": {"data": "digits:minority=4,5,7:fraction=0.25", "constraint_batch": 4, "dual_every": 1,
@@ -72,10 +74,15 @@ def make_pairs(out: Path) -> dict[str, str]:
 
 
 def weights_hash(run: Path) -> str:
+    """Of the tensors, not the file bytes: safetensors writes its header metadata in varying order."""
+    from safetensors.torch import load_file
+
     h = hashlib.sha256()
     for f in sorted((run / "final").glob("**/*.safetensors")):
         h.update(f.relative_to(run).as_posix().encode())
-        h.update(f.read_bytes())
+        for key, t in sorted(load_file(str(f)).items()):
+            h.update(f"{key}:{t.dtype}:{tuple(t.shape)}".encode())
+            h.update(t.contiguous().view(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -96,14 +103,15 @@ def run_one(spec: dict, out: Path, processes: int, port: int) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/regression")
-    p.add_argument("--save", help="write the hashes to this JSON file")
+    p.add_argument("--save", help="write the hashes to this JSON file (added to the hashes it holds)")
     p.add_argument("--compare", help="a JSON file written by --save: list the runs whose hash differs")
     p.add_argument("--only", help="comma-separated run names (e.g. ddpo-toy2d) to run")
     p.add_argument("--processes", default="1,2")
+    p.add_argument("--rehash", action="store_true", help="hash the finished runs in --out again, without training")
     a = p.parse_args()
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = make_pairs(out)
+    pairs = {m: str(out / f"pairs-{m}" / "pairs.jsonl") for m in MODELS} if a.rehash else make_pairs(out)
     only = set(a.only.split(",")) if a.only else None
     hashes = {}
     for i, (name, spec) in enumerate(specs(pairs)):
@@ -111,10 +119,15 @@ def main() -> None:
             continue
         for n in map(int, a.processes.split(",")):
             key = f"{name}/{n}"
-            hashes[key] = run_one(spec, out / f"{name}-p{n}", n, 29600 + i)
+            folder = out / f"{name}-p{n}"
+            if a.rehash:
+                hashes[key] = weights_hash(folder) if (folder / "final").exists() else "failed: no final weights"
+            else:
+                hashes[key] = run_one(spec, folder, n, 29600 + i)
             print(f"{key:28s} {hashes[key]}", flush=True)
-    if a.save:
-        Path(a.save).write_text(json.dumps(hashes, indent=1) + "\n")
+    if a.save:  # added to what the file holds (a run of --only updates its runs)
+        saved = json.loads(Path(a.save).read_text()) if Path(a.save).exists() else {}
+        Path(a.save).write_text(json.dumps({**saved, **hashes}, indent=1) + "\n")
     if a.compare:
         old = json.loads(Path(a.compare).read_text())
         changed = [k for k in hashes if old.get(k) != hashes[k]]

@@ -29,8 +29,6 @@ class ValueBaseline:
     name = "value-baseline"
     description = "test method: PPO with a learned value baseline V(x0) (a second module) and tensor state"
     requires_logprob = True
-    requires_reference = False
-    requires_differentiable_reward = False
     defaults = {"sampling.logprob": "mean"}
 
     @dataclass
@@ -51,24 +49,24 @@ class ValueBaseline:
                 "value": Trainable(self.value, lr=self.args.value_lr, weight_decay=0.0)}
 
     def collect(self, epoch):
-        run, n = self.run, self.run.cfg.train.batch_size
-        local = run.draw_prompts(epoch, n=n)[run.local_slice(n)]
-        traj = self.sampler.sample(run.model, local, generator=run.sample_generators("vb", epoch, n_global=n))
-        r = run.score(run.model.decode(traj.final), local)
+        run, trajs, rewards = self.run, [], []
+        slots = run.slots(epoch, "vb")
+        for slot in slots:
+            trajs.append(self.sampler.sample(run.model, slot.local, generator=slot.generators))
+            rewards.append(run.score(run.model.decode(trajs[-1].final), slot.local))
+        r = torch.cat(rewards)
         self.reward_mean = 0.9 * self.reward_mean + 0.1 * run.gather(r).mean().cpu()
-        sl = run.local_slice(n)
-        return Batch(traj, r, torch.arange(sl.start, sl.stop), epoch), {"reward_mean": float(run.gather(r).mean())}
+        keys = torch.cat([slot.keys for slot in slots])
+        return Batch(Trajectory.cat(trajs), r, keys, epoch), {"reward_mean": float(run.gather(r).mean())}
 
     def micro_steps(self, batch: Batch):
         g = self.run.generator("vb-perm", batch.epoch)
         for share in self.run.minibatches(batch.keys, self.args.minibatches, g):
             step = int(torch.randint(batch.traj.num_steps, (1,), generator=g))
-            yield Micro(self._loss(batch, share, step))
+            yield Micro(self._loss(batch, share, step), share)
 
     def _loss(self, batch, share, step):
         def compute():
-            if len(share) == 0:
-                return None, {}
             mb = batch.traj.select(share.rows)
             r = batch.rewards[share.rows.to(batch.rewards.device)]
             v = self.value(mb.final.flatten(1)).squeeze(1)

@@ -62,7 +62,7 @@ def digit_like(n, seed=0):
 def image_round(folder, n=4, run=None):
     """A D3PO round of n image pairs as a run writes it (pairs.json, img/, round.json)."""
     rows = [{"prompt": str(i % 10), "a": ia, "b": ib} for i, (ia, ib) in enumerate(human.image_ids(0, 0, range(n)))]
-    human.write_round(folder, 0, 1, rows, digit_like(n, 1), digit_like(n, 2))
+    human.write_round(folder, rows, digit_like(n, 1), digit_like(n, 2))
     human.write_round_info(folder, run, 0, n)
     return rows
 

@@ -92,7 +92,7 @@ def test_refl_samples_above_target_do_not_pull(tmp_path):
 
 
 def test_dpok_first_ratio_is_one_kl_waits_for_warmup_and_buffer_is_bounded(tmp_path):
-    from diffalign.context import Share
+    from diffalign.processes import Share
 
     tr = _trainer(tmp_path, "dpok", buffer_size=6, minibatch=8, policy_steps=2, value_steps=1, kl_warmup=1,
                   kl_weight=1e4)

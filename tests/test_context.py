@@ -1,18 +1,29 @@
 """The run context: global minibatches over processes, models by name, moving every part."""
 
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from diffalign.context import Run, Share
+from diffalign.context import Run
 from diffalign.methods import resolve_config
+from diffalign.processes import Processes, Share
 from tiny_models import tiny_model
 
 
+class Simulated(Processes):
+    """Process `rank` of P, without torch.distributed: gathering returns every process's items."""
+
+    def __init__(self, rank: int, P: int, everything: torch.Tensor):
+        super().__init__(None)
+        self.count, self.index, self.everything = P, rank, everything
+
+    def gather_any(self, t):
+        return self.everything
+
+
 def _process(rank: int, everything: torch.Tensor, P: int):
-    """A stand-in for process `rank` of P holding the keys everything[rank::P]."""
-    return SimpleNamespace(processes=P, gather_any=lambda keys: everything), everything[rank::P]
+    """Process `rank` of P holding the keys everything[rank::P]."""
+    return Simulated(rank, P, everything), everything[rank::P]
 
 
 @pytest.mark.parametrize("P, n_items, n", [(1, 10, 4), (2, 10, 4), (3, 7, 3), (2, 3, 8), (4, 5, 2)])
@@ -20,14 +31,14 @@ def test_global_minibatches_are_shared_out_over_processes(P, n_items, n):
     everything = torch.randperm(100, generator=torch.Generator().manual_seed(n_items))[:n_items]  # any unique ids
     # what one process holding everything would do
     single, _ = _process(0, everything, 1)
-    want = Run.minibatches(single, everything, n, torch.Generator().manual_seed(7))
+    want = single.minibatches(everything, n, torch.Generator().manual_seed(7))
     assert len(want) == min(n, n_items) and all(len(s) > 0 for s in want)  # never an empty minibatch
     values = torch.randn(n_items)
     for j, global_share in enumerate(want):
         parts, total = [], 0.0
         for rank in range(P):
-            self, keys = _process(rank, everything, P)
-            share = Run.minibatches(self, keys, n, torch.Generator().manual_seed(7))[j]
+            proc, keys = _process(rank, everything, P)
+            share = proc.minibatches(keys, n, torch.Generator().manual_seed(7))[j]
             assert share.size == len(global_share) and share.processes == P
             parts.append(keys[share.rows])
             if len(share):  # the loop averages gradients over processes: (1/P) sum of the shares' losses
@@ -38,14 +49,45 @@ def test_global_minibatches_are_shared_out_over_processes(P, n_items, n):
 
 
 def test_minibatches_on_one_process_are_randperm_chunks_in_order():
-    self, keys = _process(0, torch.arange(12), 1)
-    shares = Run.minibatches(self, keys, 4, torch.Generator().manual_seed(3))
+    proc, keys = _process(0, torch.arange(12), 1)
+    shares = proc.minibatches(keys, 4, torch.Generator().manual_seed(3))
     want = torch.randperm(12, generator=torch.Generator().manual_seed(3)).chunk(4)
     assert [s.rows.tolist() for s in shares] == [w.tolist() for w in want]
     assert Share(torch.arange(3), 3, 1).mean(torch.tensor([1.0, 2.0, 6.0])).item() == 3.0
     with pytest.raises(ValueError, match="unique"):
-        Run.minibatches(SimpleNamespace(processes=1, gather_any=lambda k: k), torch.tensor([1, 1]), 2,
-                        torch.Generator())
+        Processes.single().minibatches(torch.tensor([1, 1]), 2, torch.Generator())
+
+
+def test_each_process_owns_its_consecutive_rows():
+    x = torch.arange(12) * 10
+    parts = [Simulated(r, 3, None) for r in range(3)]
+    assert [p.own(x).tolist() for p in parts] == [[0, 10, 20, 30], [40, 50, 60, 70], [80, 90, 100, 110]]
+    assert [p.positions(12).tolist() for p in parts] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11]]
+    assert parts[1].own(list("abcdef")) == ["c", "d"]
+    assert torch.equal(Processes.single().own(x), x) and Processes.single().part is None and parts[2].part == 2
+    with pytest.raises(ValueError, match="'train.batch_size' = 7 is not divisible by the 3 processes"):
+        parts[0].check_divisible(7, "train.batch_size")
+
+
+def test_slots_hold_the_same_samples_for_any_number_of_processes(tmp_path):
+    """Batch b's slot on process r: prompts drawn by (epoch, b), rows r·B.., keys b·n + position, and each
+    sample's generator seeded by its global position, so two processes' slots together are one process's."""
+    cfg, _ = resolve_config(base={"method": "ddpo", "model": "toy2d", "reward": "quadratic", "prompts": ["a", "b", "c"],
+                                  "train": {"batch_size": 4, "batches_per_epoch": 2}, "eval": {"reward": None}})
+    run = Run(cfg)
+    one = run.slots(3, "sample")
+    halves = []
+    for rank in range(2):
+        run.dist = Simulated(rank, 2, None)
+        run.own = run.dist.own
+        halves.append(run.slots(3, "sample"))
+    for b, whole in enumerate(one):
+        assert whole.index == b and whole.keys.tolist() == [4 * b + i for i in range(4)]
+        assert halves[0][b].prompts == halves[1][b].prompts == whole.prompts
+        assert halves[0][b].local + halves[1][b].local == whole.local
+        assert torch.cat([h[b].keys for h in halves]).tolist() == whole.keys.tolist()
+        draws = [torch.randn(1, generator=g) for h in halves for g in h[b].generators]
+        assert torch.equal(torch.cat(draws), torch.cat([torch.randn(1, generator=g) for g in whole.generators]))
 
 
 def test_a_model_registered_outside_the_package_runs_by_name(tmp_path):

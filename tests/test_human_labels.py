@@ -83,7 +83,7 @@ def test_image_rounds_are_png_files(tmp_path):
 
     rows = [{"prompt": "3", "a": ia, "b": ib} for ia, ib in human.image_ids(2, 0, [0, 1])]
     assert rows[1]["b"] == "e0002-b00-i0001-b"
-    human.write_round(tmp_path, 0, 1, rows, torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8))
+    human.write_round(tmp_path, rows, torch.rand(2, 1, 8, 8), torch.rand(2, 1, 8, 8))
     written = json.loads((tmp_path / "pairs.json").read_text())
     img = Image.open(tmp_path / written[0]["a_file"])
     assert img.size == (64, 64) and "a_value" not in written[0]

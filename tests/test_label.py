@@ -102,7 +102,7 @@ def test_a_round_of_several_processes_is_one_set(tmp_path):
     ids = human.image_ids(0, 0, range(4))
     for rank in (0, 1):
         rows = [{"prompt": "1", "a": a, "b": b} for a, b in ids[2 * rank:2 * rank + 2]]
-        human.write_round(tmp_path, rank, 2, rows, digit_like(2), digit_like(2, 1))
+        human.write_round(tmp_path, rows, digit_like(2), digit_like(2, 1), part=rank)
     s = open_set(tmp_path)
     assert [it["a"] for it in s.items] == [a for a, _ in ids] and s.run is None
     for it in s.items:

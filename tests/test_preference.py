@@ -12,15 +12,13 @@ import torch
 from diffalign.config import ConfigError
 from diffalign.losses import dpo_loss
 from diffalign.methods.preference import step_reward
-from diffalign.methods.tailorpo import TailorConfig, TailorPO
+from diffalign.methods.tailorpo import TailorPO
 from diffalign.sampler import Sampler
 from diffalign.train import Trainer, resolve_config, train
 from tiny_models import tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 LOG2 = math.log(2.0)
-
-
 
 TOY = {
     "model": "toy2d", "reward": "quadratic", "prompts": [""], "sampling": {"num_steps": 8},
@@ -138,12 +136,18 @@ def _fake(reward_fn, cls=TailorPO, **args):
         calls.append(len(prompts))
         return reward_fn(images)
 
-    run = SimpleNamespace(model=m, score=score, device="cpu", local_slice=lambda n: slice(0, n),
-                          generator=lambda *parts: torch.Generator().manual_seed(0),
-                          cfg=SimpleNamespace(train=SimpleNamespace(batch_size=12)))
+    run = SimpleNamespace(model=m, score=score, device="cpu", own=lambda x: x,
+                          generator=lambda *parts: torch.Generator().manual_seed(0))
     meth = object.__new__(cls)
     meth.run, meth.args, meth.sampler = run, cls.Config(**args), SAMPLER
     return meth, calls
+
+
+def _slot(prompts, generators):
+    """One rollout batch held whole by one process."""
+    from diffalign.context import Slot
+
+    return Slot(0, prompts, prompts, torch.arange(len(prompts)), generators)
 
 
 def test_branching_children_share_x_t_and_winner_continues():
@@ -151,7 +155,7 @@ def test_branching_children_share_x_t_and_winner_continues():
     meth.steps = [0, 5]
     prompts = ["0", "1", "2"]
     gens = [torch.Generator().manual_seed(i) for i in range(3)]
-    traj, pairs, branches = meth.rollout(prompts, gens, batch=0, log={})
+    traj, pairs, branches = meth.rollout(_slot(prompts, gens), log={})
     assert len(branches) == 2 and len(calls) == 2 * 2 + 0 and sum(calls) == 2 * 2 * 3  # 2 children scored per step
     rows = torch.arange(3)
     for br in branches:
@@ -173,7 +177,7 @@ def test_guided_winner_continues_with_its_own_log_prob():
     meth.steps = [6, 8]
     gens = [torch.Generator().manual_seed(i) for i in range(2)]
     log = {}
-    traj, pairs, branches = meth.rollout(["0", "1"], gens, batch=0, log=log)
+    traj, pairs, branches = meth.rollout(_slot(["0", "1"], gens), log=log)
     moved = torch.stack(log["guided"])
     assert moved.sum() > 0
     rows = torch.arange(2)
@@ -216,7 +220,7 @@ def test_spo_pairs_best_worst_gap_and_random_continuation():
                        single_path_steps=6)
     prompts = ["0", "1", "2"] * 4
     gens = [torch.Generator().manual_seed(i) for i in range(12)]
-    traj, pairs, branches = spo.rollout(prompts, gens, batch=0, epoch=0)
+    traj, pairs, branches = spo.rollout(_slot(prompts, gens), epoch=0)
     assert sum(calls) == 4 * 4 * 12  # every candidate scored through run.score
     not_best, rows = 0, torch.arange(12)
     for br, p in zip(branches, pairs):

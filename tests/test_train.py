@@ -262,3 +262,31 @@ def test_gradients_are_averaged_over_processes_not_summed(tmp_path):
     for rank in (0, 1):
         held = json.loads((tmp_path / f"rank-{rank}.json").read_text())
         assert held == {"processes": 2, "denoiser": [1.5], "flow": [2.0]}, (rank, held)
+
+
+def test_the_loop_divides_accumulated_losses_steps_once_per_group_and_skips_empty_shares(tmp_path):
+    """Micros with accumulate=3: one optimizer step after the third, holding the mean of the three
+    gradients. A Micro whose share is empty on this process is never computed but counts as a zero
+    gradient (the other processes compute it: every process steps at the same micro): (1 + 0 + 2) / 3."""
+    from diffalign.methods import Micro
+    from diffalign.processes import Share
+    from diffalign.train import Trainer
+
+    cfg, args = resolve_config(base=TOY)
+    tr = Trainer(cfg, args, tmp_path / "run")
+    p = tr.params["denoiser"][0]
+    computed, grads = [], []
+    tr.optimizer_step = lambda: (grads.append(p.grad.clone()), tr.optimizer.zero_grad(set_to_none=True))
+
+    def micro(k, share=None, accumulate=3):
+        return Micro(lambda: (computed.append(k), ((k * p).sum(), {"k": k}))[1], share, accumulate)
+
+    empty = Share(torch.empty(0, dtype=torch.long), 4, 2)
+    tr.method.micro_steps = lambda batch: [micro(1), micro(9, empty), micro(2), micro(5, accumulate=1)]
+    m = tr.update(None)
+    assert computed == [1, 2, 5] and len(grads) == 2
+    assert torch.equal(grads[0], torch.full_like(p, 1.0)) and torch.equal(grads[1], torch.full_like(p, 5.0))
+    assert m == {"k": pytest.approx(8 / 3)}
+    tr.method.micro_steps = lambda batch: [micro(1), micro(2)]
+    with pytest.raises(RuntimeError, match="2 micro-step"):
+        tr.update(None)

@@ -27,6 +27,7 @@ from . import adapters
 from .config import ConfigError, RunConfig
 from .data.prompts import resolve_prompts
 from .models import load_model
+from .processes import Processes
 from .rewards import build_reward
 from .sampler import Sampler
 from .seeding import generators, seed_for
@@ -41,20 +42,19 @@ def use_cpu(device: str | None) -> bool:
 
 
 @dataclass
-class Share:
-    """This process's part of one global minibatch."""
+class Slot:
+    """One rollout batch of an epoch, as this process holds it."""
 
-    rows: torch.Tensor  # (n_local,) indices into this process's items (CPU), in the minibatch's order
-    size: int  # items in the global minibatch, over all processes
-    processes: int
+    index: int  # the batch's index in the epoch
+    prompts: list[str]  # the global batch's prompts (the same on every process)
+    local: list[str]  # this process's prompts
+    positions: torch.Tensor  # (B,) positions of this process's rows in the global batch (CPU)
+    generators: list[torch.Generator]  # one per local sample, seeded by (run seed, purpose, epoch, index, position)
 
-    def __len__(self) -> int:
-        return len(self.rows)
-
-    def mean(self, per_item: torch.Tensor) -> torch.Tensor:
-        """The local part of the global minibatch mean: with gradients averaged over processes
-        (the training loop does that), the update is the mean over the whole minibatch."""
-        return per_item.mean() * (len(self.rows) * self.processes / self.size)
+    @property
+    def keys(self) -> torch.Tensor:
+        """Global sample ids of this process's rows over the epoch, batch-major: index · n + position."""
+        return self.index * len(self.prompts) + self.positions
 
 
 class Run:
@@ -67,11 +67,12 @@ class Run:
         a reward without gradients (checked before any model is loaded)."""
         self.cfg, self.out = cfg, None if out is None else Path(out)
         self.acc = accelerator or Accelerator(mixed_precision=cfg.train.mixed_precision, cpu=use_cpu(cfg.device))
-        self.processes, self.rank = self.acc.num_processes, self.acc.process_index
-        if cfg.train.batch_size % self.processes:
-            raise ConfigError(f"config key 'train.batch_size' = {cfg.train.batch_size} is not divisible by the "
-                              f"{self.processes} processes: use a multiple of {self.processes}")
+        self.dist = Processes(self.acc)
+        self.processes, self.rank = self.dist.count, self.dist.index
+        self.dist.check_divisible(cfg.train.batch_size, "train.batch_size")
         self.local_batch = cfg.train.batch_size // self.processes
+        self.gather, self.gather_any, self.own = self.dist.gather, self.dist.gather_any, self.dist.own
+        self.minibatches = self.dist.minibatches
         self.device = self.acc.device
 
         # rewards first: a bad reward spec fails before any model is pretrained
@@ -125,10 +126,6 @@ class Run:
                 part.to(dtype=dtype)
 
     # ---- seeding and data ----------------------------------------------------------------
-    def local_slice(self, n_global: int) -> slice:
-        n = n_global // self.processes
-        return slice(self.rank * n, (self.rank + 1) * n)
-
     def generator(self, *parts) -> torch.Generator:
         """A CPU generator seeded by (run seed, *parts): the same on every process."""
         return torch.Generator().manual_seed(seed_for(self.cfg.seed, *parts))
@@ -139,55 +136,25 @@ class Run:
         return [self.prompts[i] for i in idx]
 
     def sample_generators(self, *parts, n_global: int) -> list[torch.Generator]:
-        """One generator per sample of this process's slice, seeded by (run seed, *parts, global index)."""
-        sl = self.local_slice(n_global)
-        return generators(self.device, self.cfg.seed, *parts, indices=range(sl.start, sl.stop))
+        """One generator per sample of this process's rows, seeded by (run seed, *parts, global position)."""
+        return generators(self.device, self.cfg.seed, *parts, indices=self.dist.positions(n_global).tolist())
+
+    def slots(self, epoch: int, purpose: str, draw=None) -> list[Slot]:
+        """The epoch's rollout batches: `draw(b)` gives batch b's global prompts (default: train.batch_size
+        prompts drawn by (epoch, b)); each sample's generator is seeded by (purpose, epoch, b, position)."""
+        n = self.cfg.train.batch_size
+        out = []
+        for b in range(self.cfg.train.batches_per_epoch):
+            prompts = draw(b) if draw else self.draw_prompts(epoch, b, n=n)
+            out.append(Slot(b, prompts, self.own(prompts), self.dist.positions(len(prompts)),
+                            self.sample_generators(purpose, epoch, b, n_global=len(prompts))))
+        return out
 
     def score(self, images, prompts, metadata=None) -> torch.Tensor:
         """Training reward on this process's samples; counts reward queries (all processes)."""
         rewards, _ = self.reward(images, prompts, metadata)
         self.reward_queries += len(prompts) * self.processes
         return rewards.float()
-
-    def gather(self, t: torch.Tensor) -> torch.Tensor:
-        """Concatenate `t` (same shape on every process) over processes, in process order."""
-        return self.acc.gather(t.contiguous().to(self.device))
-
-    def gather_any(self, t: torch.Tensor) -> torch.Tensor:
-        """Like `gather`, for 1-d tensors whose length differs between processes."""
-        if self.processes == 1:
-            return t
-        n = self.gather(torch.tensor([len(t)], device=self.device)).cpu()
-        padded = torch.zeros(int(n.max()), dtype=t.dtype, device=self.device)
-        padded[: len(t)] = t.to(self.device)
-        rows = self.gather(padded).view(self.processes, -1).cpu()
-        return torch.cat([rows[r, : int(n[r])] for r in range(self.processes)])
-
-    def minibatches(self, keys: torch.Tensor, n: int, generator: torch.Generator) -> list[Share]:
-        """Split the items of all processes into min(n, total) global minibatches.
-
-        `keys` are this process's items' global ids (unique over processes, e.g. the global
-        sample index): the global order is the sorted keys, a permutation drawn from
-        `generator` (the same on every process) shuffles it, `torch.chunk` cuts it (never an
-        empty minibatch), and each process takes the items it holds. So a run gives the same
-        minibatches, and the same update, for any number of processes."""
-        keys = torch.as_tensor(keys, dtype=torch.long).cpu()
-        everything = self.gather_any(keys).sort().values
-        if len(everything) == 0:
-            return []
-        if len(everything.unique()) != len(everything):
-            raise ValueError("minibatches: item keys must be unique over all processes")
-        local_sorted, order = keys.sort()
-        shares = []
-        for part in everything[torch.randperm(len(everything), generator=generator)].chunk(min(n, len(everything))):
-            if len(keys):
-                pos = torch.searchsorted(local_sorted, part).clamp(max=len(keys) - 1)
-                hit = local_sorted[pos] == part
-                rows = order[pos[hit]]
-            else:
-                rows = keys
-            shares.append(Share(rows, len(part), self.processes))
-        return shares
 
     # ---- the reference model -------------------------------------------------------------
     @property

@@ -3,7 +3,7 @@
     for epoch:   reseed from (seed, epoch)
                  batch, metrics = method.collect(epoch)         # sample + reward, no grad
                  for micro in method.micro_steps(batch):         # losses
-                     backward; after a Micro with step=True: average gradients over
+                     backward; after every `accumulate` Micros: average gradients over
                      processes, clip each module, optimizer step, LR schedule step
                  log metrics, evaluate, checkpoint atomically
 
@@ -83,24 +83,34 @@ class Trainer:
         metrics.update(self.update(batch))
         return metrics
 
-    def update(self, batch) -> dict:
-        """Every micro-step of one collected batch, with its optimizer steps; mean metrics."""
+    def update(self, batch, step: bool = True) -> dict:
+        """Every micro-step of one collected batch, with its optimizer steps; mean metrics.
+        `step=False` (timing the losses alone): gradients are dropped where a step would be taken."""
         self.set_training(True)
         sums: dict[str, list[float]] = {}
+        pending = 0
         for micro in self.method.micro_steps(batch):
-            for k, v in self._backward(micro).items():
+            for k, v in self.backward(micro).items():
                 sums.setdefault(k, []).append(v)
+            pending += 1
+            if pending == micro.accumulate:
+                self.optimizer_step() if step else self.optimizer.zero_grad(set_to_none=True)
+                pending = 0
+        if pending:
+            raise RuntimeError(f"method '{self.cfg.method}' ended a batch {pending} micro-step(s) into a gradient "
+                               "accumulation: yield whole groups of `accumulate` Micros")
         return {k: sum(v) / len(v) for k, v in sums.items()}
 
-    def _backward(self, micro: Micro) -> dict:
+    def backward(self, micro: Micro) -> dict:
+        """Backward of one micro-batch's loss (divided by its accumulation count); its metrics."""
+        if micro.share is not None and len(micro.share) == 0:
+            return {}
         with self.acc.autocast():
             loss, metrics = micro.compute()
         if loss is not None and loss.requires_grad:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} in method '{self.cfg.method}'; lower optim.lr")
-            self.acc.backward(loss)
-        if micro.step:
-            self.optimizer_step()
+            self.acc.backward(loss / micro.accumulate if micro.accumulate > 1 else loss)
         return {k: float(v) for k, v in metrics.items()}
 
     def optimizer_step(self) -> None:
@@ -115,6 +125,7 @@ class Trainer:
         if not self.optimizer.step_was_skipped:
             self.lr_schedule.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.method.on_optimizer_step()
 
     def _average_gradients(self) -> None:
         """Mean of every module's gradient over processes; a module no process touched keeps none
@@ -140,7 +151,7 @@ class Trainer:
                 "lr_schedule": self.lr_schedule.state_dict()}
 
     def method_state(self) -> dict:
-        return self.method.state_dict() if hasattr(self.method, "state_dict") else {}
+        return self.method.state_dict()
 
     def save_checkpoint(self) -> None:
         self.acc.wait_for_everyone()
@@ -154,8 +165,7 @@ class Trainer:
         self.epoch, self.run.reward_queries = state["epoch"], state["reward_queries"]
         self.wall_prev = state.get("wall_s", 0.0)
         self.lr_schedule.load_state_dict(state["lr_schedule"])
-        if hasattr(self.method, "load_state_dict"):
-            self.method.load_state_dict(method_state)
+        self.method.load_state_dict(method_state)
 
     def save_weights(self, folder: Path) -> None:
         """final/: the denoiser as diffusers loads it (LoRA file, or a `unet/` folder) when the

@@ -41,7 +41,7 @@ def _record_calls(trainer, batch) -> list[list[tuple]]:
         trainer.set_training(True)
         for micro in trainer.method.micro_steps(batch):
             calls.append([])
-            trainer._backward(micro)
+            trainer.backward(micro)
     finally:
         handle.remove()
     return calls
@@ -61,15 +61,6 @@ def _bare(trainer, calls) -> None:
     trainer.optimizer.zero_grad(set_to_none=True)
 
 
-def _loss_only(trainer, batch) -> None:
-    step = trainer.optimizer_step
-    trainer.optimizer_step = lambda: trainer.optimizer.zero_grad(set_to_none=True)
-    try:
-        trainer.update(batch)
-    finally:
-        trainer.optimizer_step = step
-
-
 def time_method(config: Path, overrides: list[str], repeats: int, out: Path) -> dict:
     from accelerate.state import AcceleratorState
 
@@ -79,13 +70,12 @@ def time_method(config: Path, overrides: list[str], repeats: int, out: Path) -> 
     AcceleratorState._reset_state(True)
     cfg, args = resolve_config(config, SMALL + overrides)
     trainer = Trainer(cfg, args, out)
-    if hasattr(trainer.method, "start"):
-        trainer.method.start()
+    trainer.method.start()
     with torch.no_grad():
         trainer.set_training(False)
         batch, _ = trainer.method.collect(0)
     calls = _record_calls(trainer, batch)  # also warms up
-    fns = {"update": lambda: trainer.update(batch), "loss": lambda: _loss_only(trainer, batch),
+    fns = {"update": lambda: trainer.update(batch), "loss": lambda: trainer.update(batch, step=False),
            "bare": lambda: _bare(trainer, calls)}
     times = {k: [] for k in fns}
     for r in range(repeats + 1):
@@ -95,7 +85,7 @@ def time_method(config: Path, overrides: list[str], repeats: int, out: Path) -> 
             if r > 0:  # the first round warms up
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
-    steps = sum(1 for m in trainer.method.micro_steps(batch) if m.step)
+    steps = round(sum(1 / m.accumulate for m in trainer.method.micro_steps(batch)))
     return {"method": cfg.method, "config": str(config), "micro_steps": len(calls), "optimizer_steps": steps,
             "model_calls": sum(len(c) for c in calls), "update_s": med["update"], "loss_s": med["loss"],
             "bare_s": med["bare"], "loss_ratio": med["loss"] / med["bare"], "update_ratio": med["update"] / med["bare"]}

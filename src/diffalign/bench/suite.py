@@ -51,8 +51,15 @@ class Suite:
     overrides: list[str] = field(default_factory=list)  # applied to every cell (before --set and the variant's)
 
 
-# the likelihood methods, which run on flow-matching models through the flow SDE
-FLOW_METHODS = ["grpo", "ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "dpok", "nabla-gfn"]
+def likelihood_methods() -> list[str]:
+    """Every registered method that trains through step log-probabilities: they run on flow-matching models
+    through the flow SDE. GRPO (made for flow models) first."""
+    from ..methods import get_method, list_methods
+
+    return sorted((n for n, _ in list_methods() if get_method(n).requires_logprob), key=lambda n: n != "grpo")
+
+
+FLOW_METHODS = likelihood_methods()
 
 SUITES = {
     "digits": Suite("digits", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "diffusion-dpo", "diffusion-kto",

@@ -44,6 +44,9 @@ class ImageSet:
         return len(self.images)
 
 
+BUILTIN = ("digits", "toy2d")  # data sets with the name of the embedded model they train
+
+
 def load(spec: str) -> ImageSet:
     """The image set named by `spec` (see the module docstring); never empty."""
     spec = str(spec).strip()

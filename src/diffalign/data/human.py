@@ -43,9 +43,10 @@ def image_ids(epoch: int, batch: int, indices) -> list[tuple[str, str]]:
     return [(f"e{epoch:04d}-b{batch:02d}-i{i:04d}-a", f"e{epoch:04d}-b{batch:02d}-i{i:04d}-b") for i in indices]
 
 
-def write_round(folder: Path, rank: int, nproc: int, rows: list[dict], images_a: torch.Tensor,
-                images_b: torch.Tensor) -> Path:
-    """pairs(-rank).json and the images of this process's pairs (rows: prompt, a, b)."""
+def write_round(folder: Path, rows: list[dict], images_a: torch.Tensor, images_b: torch.Tensor,
+                part: int | None = None) -> Path:
+    """pairs.json (pairs-PART.json: one process's part of a round written by several) and the images of
+    the pairs (rows: prompt, a, b)."""
     folder.mkdir(parents=True, exist_ok=True)
     out = []
     for row, xa, xb in zip(rows, images_a.detach().float().cpu(), images_b.detach().float().cpu()):
@@ -58,7 +59,7 @@ def write_round(folder: Path, rank: int, nproc: int, rows: list[dict], images_a:
             else:
                 row[f"{side}_value"] = [round(float(v), 6) for v in x.flatten()]
         out.append(row)
-    path = folder / ("pairs.json" if nproc == 1 else f"pairs-{rank}.json")
+    path = folder / ("pairs.json" if part is None else f"pairs-{part}.json")
     path.write_text(json.dumps(out, indent=1))
     return path
 

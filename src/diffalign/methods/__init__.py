@@ -3,7 +3,8 @@ decorated with `@register` (or, outside the package, any class named in a config
 `method: mypackage.module:MyMethod`); importing the package finds them all, so adding a
 method is one new file plus a config.
 
-A method class provides (`ddpo.py` is a complete example):
+A method class subclasses `Method`, which declares the protocol and its defaults, and
+provides (`ddpo.py` is a complete example):
 
 - `name`, `description` (one line), `Config` (dataclass of its `args:`, one comment per field);
 - `requires_logprob` (eta > 0 needed), `requires_reference` (the frozen base is used),
@@ -11,21 +12,25 @@ A method class provides (`ddpo.py` is a complete example):
 - `defaults`: config values it prefers, applied under the user's config (dotted keys);
 - `__init__(self, run, args)`: cheap — checks and module construction only. Evaluation
   builds the method too (for its modules and sampler), so heavy work goes in `start`;
-- `start(self)` (optional): called once before training, e.g. to load and validate a
+- `start(self)` (default: nothing): called once before training, e.g. to load and validate a
   data set; an error here stops the run before anything is written;
-- `modules(self) -> dict[str, Trainable]` (optional): the trainable modules by name, each
+- `modules(self) -> dict[str, Trainable]` (default None): the trainable modules by name, each
   with its own learning rate and weight decay (default: `{"denoiser": Trainable(the
   denoiser or its LoRA)}`). The loop moves, optimises, clips and checkpoints each one;
-- `sampler` (optional attribute): the `Sampler` the aligned model samples with (default:
+- `sampler` (attribute, default None): the `Sampler` the aligned model samples with (default:
   the run's plain sampler). Evaluation, `diffalign sample` and the benchmark use it;
 - `collect(self, epoch) -> (batch, metrics)`: sampling and reward queries, no gradients;
 - `micro_steps(self, batch) -> iterable of Micro`: each Micro computes one loss; the loop
-  runs backward on it and takes an optimizer step after a Micro with `step=True`;
-- `state_dict()` / `load_state_dict(d)` (optional): state kept in checkpoints; values may
+  runs backward on it and takes an optimizer step after every `accumulate` of them;
+- `on_optimizer_step(self)` (default: nothing): state that changes once per optimizer step
+  (constrained's dual variables), never inside a loss that a benchmark may replay;
+- `state_dict()` / `load_state_dict(d)` (default: no state): state kept in checkpoints; values may
   be tensors (saved with safetensors) or JSON-able.
 
 A method's file reads top to bottom: the loss math lives in `diffalign.losses`, shared
-pieces (pair building, step rewards) are functions; no class hierarchies.
+pieces (pair building, step rewards) are functions; no class hierarchies beyond `Method`.
+A method never sees ranks or process counts: `run.slots`, `run.own`, `run.minibatches` and
+`Micro(share=, accumulate=)` carry the multi-process bookkeeping (`diffalign.processes`).
 """
 
 from __future__ import annotations
@@ -39,18 +44,22 @@ from torch import nn
 from ..registry import did_you_mean, import_all
 
 METHODS: dict[str, type] = {}
+_MIXED: dict[type, type] = {}  # a user's class without `Method` -> the class with its defaults
 
 
 @dataclass
 class Micro:
     """One micro-batch loss: `compute()` -> (loss tensor or None, metrics dict of floats).
 
-    None (or a loss without gradient) means this process holds nothing of the minibatch:
-    the loop skips its backward, and its gradient counts as zero in the average over processes."""
+    `share`: this process's part of the global minibatch; when it holds none, the loop does not
+    call `compute` (the process adds a zero gradient to the average over processes).
+    `accumulate`: the gradients of this many consecutive micro-batches make one optimizer step; the
+    loop divides each loss by it and steps after the last. None from `compute` (or a loss without
+    gradient) means nothing to backpropagate."""
 
     compute: Callable
-    step: bool = True  # take an optimizer step after this micro-batch's backward
-
+    share: object = None  # a `processes.Share`, or None: every process computes
+    accumulate: int = 1
 
 @dataclass
 class Trainable:
@@ -60,6 +69,36 @@ class Trainable:
     lr: float | None = None  # None: optim.lr
     weight_decay: float | None = None  # None: optim.weight_decay
     grad_clip: float | None = None  # max gradient norm of this module; None: optim.grad_clip (0 = off)
+
+
+class Method:
+    """The protocol every method follows, with its defaults: a method subclasses it and sets only what
+    differs (a user's class named as 'module:Class' gets these defaults mixed in)."""
+
+    name: str = ""
+    description: str = ""
+    requires_logprob = False  # every trained step needs a log-probability (eta > 0)
+    requires_reference = False  # the frozen base is used (full fine-tuning then keeps a copy)
+    requires_differentiable_reward = False
+    offline_data = False  # learns from a file (args.data) and queries no reward
+    defaults: dict = {}  # config values the method prefers, under the user's config (dotted keys)
+    sampler = None  # the aligned model's `Sampler`; None: the run's plain sampler
+
+    def start(self) -> None:
+        """Called once before training (heavy work, e.g. loading a data set)."""
+
+    def modules(self) -> dict[str, Trainable] | None:
+        """The trainable modules by name; None: the run's denoiser (or its LoRA) alone."""
+        return None
+
+    def on_optimizer_step(self) -> None:
+        """Called after every optimizer step (state that changes once per step, e.g. dual variables)."""
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore what `state_dict` returned."""
 
 
 def register(cls: type) -> type:
@@ -93,6 +132,8 @@ def get_method(name: str) -> type:
         missing = [a for a in ("Config", "collect", "micro_steps") if not hasattr(cls, a)]
         if missing:
             raise ValueError(f"method {name!r} lacks {', '.join(missing)}: see the protocol in diffalign.methods")
+        if not issubclass(cls, Method):  # the protocol's defaults mixed in, once per class
+            cls = _MIXED.setdefault(cls, type(cls.__name__, (cls, Method), {"__module__": cls.__module__}))
         return cls
     _discover()
     if name not in METHODS:
@@ -112,14 +153,14 @@ def resolve_config(path=None, overrides=None, base: dict | None = None):
 
     raw = load_raw(path, overrides, base)
     method_cls = get_method(from_dict(RunConfig, raw).method)  # validates keys and types first
-    cfg = from_dict(RunConfig, merge_under(getattr(method_cls, "defaults", {}), raw))
+    cfg = from_dict(RunConfig, merge_under(method_cls.defaults, raw))
     args = from_dict(method_cls.Config, cfg.args, "args")
-    if getattr(method_cls, "requires_logprob", False) and cfg.sampling.eta <= 0:
+    if method_cls.requires_logprob and cfg.sampling.eta <= 0:
         raise ConfigError(
             f"method '{cfg.method}' needs step log-probabilities, but sampling.eta = {cfg.sampling.eta} makes "
             "every step deterministic: set sampling.eta > 0 (1.0 = DDPM variance)"
         )
-    if getattr(method_cls, "requires_logprob", False):
+    if method_cls.requires_logprob:
         check_stochastic_steps(cfg)
     return cfg, args
 
@@ -160,8 +201,8 @@ def build(run, args):
 
 def modules_of(method, run) -> dict[str, Trainable]:
     """The method's trainable modules by name (default: the denoiser / its LoRA)."""
-    if hasattr(method, "modules"):
-        mods = method.modules()
+    mods = method.modules()
+    if mods is not None:
         if "denoiser" in mods and mods["denoiser"].module is not run.model.denoiser:
             raise ValueError("a method's 'denoiser' module must be the run's denoiser (run.model.denoiser)")
         return mods
@@ -170,11 +211,10 @@ def modules_of(method, run) -> dict[str, Trainable]:
 
 def sampler_of(method, run):
     """The sampler of the aligned model: the method's own, or the run's plain one."""
-    return getattr(method, "sampler", None) or run.sampler
+    return method.sampler or run.sampler
 
 
 def run_needs(name: str) -> dict:
     """What the method asks of its run context (`Run` keyword arguments)."""
     cls = get_method(name)
-    return {"keep_reference": bool(getattr(cls, "requires_reference", False)),
-            "differentiable_reward": bool(getattr(cls, "requires_differentiable_reward", False))}
+    return {"keep_reference": cls.requires_reference, "differentiable_reward": cls.requires_differentiable_reward}

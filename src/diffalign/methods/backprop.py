@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from . import Micro
+from . import Method, Micro
 
 
 @dataclass
@@ -30,12 +30,10 @@ class BackpropConfig:
     inner_epochs: int = 1  # passes over each epoch's prompts (new noise each pass)
 
 
-class RewardBackprop:
+class RewardBackprop(Method):
     """Base of the reward-backprop methods: prompts in `collect`, sampling and scoring inside the
     update; a subclass writes `loss(prompts, keys, epoch, inner, j) -> (per-sample loss, metrics)`."""
 
-    requires_logprob = False
-    requires_reference = False
     requires_differentiable_reward = True
     defaults = {"optim.lr": 1e-3}
 
@@ -67,12 +65,8 @@ class PromptBatches:
 
 
 def draw(run, epoch: int) -> PromptBatches:
-    n, B = run.cfg.train.batch_size, run.local_batch
-    prompts, keys = [], []
-    for b in range(run.cfg.train.batches_per_epoch):
-        prompts.append(run.draw_prompts(epoch, b, n=n)[run.local_slice(n)])
-        keys.append(b * n + run.rank * B + torch.arange(B))
-    return PromptBatches(prompts, torch.cat(keys), epoch)
+    slots = run.slots(epoch, "prompts")
+    return PromptBatches([slot.local for slot in slots], torch.cat([slot.keys for slot in slots]), epoch)
 
 
 def generators_for(run, name: str, epoch: int, inner: int, keys: torch.Tensor) -> list[torch.Generator]:
@@ -91,13 +85,11 @@ def micro_steps(run, batch: PromptBatches, minibatches: int, inner_epochs: int, 
     for inner in range(inner_epochs):
         shares = run.minibatches(batch.keys, minibatches, run.generator(f"{name}-perm", batch.epoch, inner))
         for j, share in enumerate(shares):
-            yield Micro(_compute(flat, batch.keys, share, (inner, j), loss_fn))
+            yield Micro(_compute(flat, batch.keys, share, (inner, j), loss_fn), share)
 
 
 def _compute(flat_prompts, keys, share, where, loss_fn):
     def compute():
-        if len(share) == 0:
-            return None, {}
         per, metrics = loss_fn([flat_prompts[i] for i in share.rows.tolist()], keys[share.rows], *where)
         loss = share.mean(per)
         return loss, {"loss": loss.detach(), **metrics}

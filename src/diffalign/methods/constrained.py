@@ -45,7 +45,7 @@ from ..data import datasets, latents
 from ..losses import denoising_error
 from ..losses.constrained import dual_step, lagrangian
 from ..seeding import generators, seed_for
-from . import Micro, register
+from . import Method, Micro, register
 from .offline import draw_noise, noised
 
 KINDS = ("denoising", "distill")
@@ -88,13 +88,11 @@ class Set:
 
 
 @register
-class Constrained:
+class Constrained(Method):
     name = "constrained"
     description = ("Constrained diffusion: denoising loss on the data subject to losses on constraint sets ≤ b_i, "
                    "by primal-dual training (Khalafi, Ding & Ribeiro 2024)")
-    requires_logprob = False
     requires_reference = False  # `distill` keeps its own frozen copy of the starting model
-    requires_differentiable_reward = False
     defaults = {"lora.enabled": False, "optim.lr": 1e-4, "optim.grad_clip": 1.0, "optim.weight_decay": 0.0}
 
     @dataclass
@@ -131,9 +129,7 @@ class Constrained:
     def __init__(self, run, args: Config):
         self.run, self.args = run, args
         self.names = [c.name or f"c{i}" for i, c in enumerate(args.constraints)]
-        if args.constraint_batch % run.processes:
-            raise ConfigError(f"config key 'args.constraint_batch' = {args.constraint_batch} is not divisible by the "
-                              f"{run.processes} processes")
+        run.dist.check_divisible(args.constraint_batch, "args.constraint_batch")
         if args.init == "scratch":
             if run.lora_config is not None:
                 raise ConfigError("args.init = scratch trains every weight: set lora.enabled: false")
@@ -146,6 +142,7 @@ class Constrained:
         self.window = torch.zeros(len(self.names))  # sum of constraint losses since the last dual step
         self.window_steps = 0
         self.steps = 0
+        self.last_losses: list[torch.Tensor] = []  # the constraint losses of the step in progress
         self.rising = [0] * len(self.names)
         self.warned = [False] * len(self.names)
         self.history: list = []  # per dual step: [primal step, μ..., L̂...]
@@ -179,7 +176,7 @@ class Constrained:
 
     def _own_data(self) -> str:
         name = self.run.cfg.model
-        if name not in ("digits", "toy2d"):
+        if name not in datasets.BUILTIN:
             raise ConfigError(f"model '{name}' has no built-in data set: name the training data in args.data "
                               "(a PNG folder, an .npz file or a digits subset)")
         return name
@@ -274,8 +271,7 @@ class Constrained:
         T = run.model.scheduler.config.num_train_timesteps
         ts, eps = draw_noise(run, s.x.shape[1:], (0, T), g, n)
         drop = torch.rand(n, generator=g) < self.args.label_dropout if self.args.label_dropout > 0 else None
-        sl = run.local_slice(n)
-        return self._errors(s, idx[sl].to(run.device), ts, eps, None if drop is None else drop[sl]).mean()
+        return self._errors(s, run.own(idx).to(run.device), ts, eps, None if drop is None else run.own(drop)).mean()
 
     # ---- training --------------------------------------------------------------------
     def collect(self, epoch: int):
@@ -298,23 +294,28 @@ class Constrained:
             metrics = {"loss": loss.detach(), "loss_main": main.detach()}
             for name, l_i, m, b in zip(self.names, losses, mu_used.tolist(), self.bounds.tolist()):
                 metrics.update({f"loss_{name}": l_i.detach(), f"mu_{name}": m, f"bound_{name}": b})
-            if losses:
-                self.window += torch.stack([l_i.detach().float().cpu() for l_i in losses])
-            self.window_steps += 1
-            self.steps += 1
-            if losses and self.steps % self.args.dual_every == 0:
-                if self.steps > self.args.dual_start:  # before: warm-up, μ stays
-                    self._dual_update()
-                self.window, self.window_steps = torch.zeros_like(self.window), 0
+            self.last_losses = [l_i.detach().float().cpu() for l_i in losses]
             return loss, metrics
 
         return compute
 
+    def on_optimizer_step(self) -> None:
+        """After each primal step: add its constraint losses to the window and, every `dual_every`
+        steps past `dual_start`, take a dual step (once per optimizer step, whatever replays the loss)."""
+        losses, self.last_losses = self.last_losses, []
+        if losses:
+            self.window += torch.stack(losses)
+        self.window_steps += 1
+        self.steps += 1
+        if losses and self.steps % self.args.dual_every == 0:
+            if self.steps > self.args.dual_start:  # before: warm-up, μ stays
+                self._dual_update()
+            self.window, self.window_steps = torch.zeros_like(self.window), 0
+
     def _dual_update(self) -> None:
         run, a = self.run, self.args
         estimate = self.window / self.window_steps
-        if run.processes > 1:  # every process's mean over its share: their mean is the global one
-            estimate = run.acc.reduce(estimate.to(run.device), reduction="mean").cpu()
+        estimate = run.dist.mean(estimate)  # every process's mean over its share: their mean is the global one
         new = dual_step(self.mu, estimate, self.bounds, a.dual_lr, a.resilient_alpha)
         for i, name in enumerate(self.names):
             self.rising[i] = self.rising[i] + 1 if new[i] > self.mu[i] else 0

@@ -27,17 +27,16 @@ from dataclasses import dataclass
 import torch
 
 from ..data import human
-from . import register
+from . import Method, register
 from .preference import PairsBatch, PreferenceConfig, StepPairs, make_pairs, pair_keys, pair_metrics, pair_micro_steps, with_reference
 
 
 @register
-class D3PO:
+class D3PO(Method):
     name = "d3po"
     description = "D3PO: two trajectories from one x_T ranked by the reward, clipped DPO loss at every step (Yang et al. 2024)"
     requires_logprob = True
     requires_reference = True
-    requires_differentiable_reward = False
     defaults = {"sampling.logprob": "mean", "optim.lr": 3e-5}
 
     @dataclass
@@ -59,16 +58,15 @@ class D3PO:
         run, cfg, s = self.run, self.run.cfg, self.sampler
         n = cfg.train.batch_size
         pairs, rewards, unlabelled = [], [], []
-        for b in range(cfg.train.batches_per_epoch):
-            prompts = run.draw_prompts(epoch, b, n=n)
-            local = prompts[run.local_slice(n)]
-            x_T = s.noise(run.model, len(local), run.sample_generators("d3po-xT", epoch, b, n_global=n))
+        for slot in run.slots(epoch, "d3po-xT"):
+            b, local = slot.index, slot.local
+            x_T = s.noise(run.model, len(local), slot.generators)
             a = s.sample(run.model, local, generator=run.sample_generators("d3po-a", epoch, b, n_global=n),
                          latents=x_T.clone())
             c = s.sample(run.model, local, generator=run.sample_generators("d3po-b", epoch, b, n_global=n),
                          latents=x_T.clone())
             if self.args.labels:
-                rows = self.label_rows(epoch, b, local)
+                rows = self.label_rows(epoch, slot)
                 labels = self.labels_file(epoch)
                 if not labels.exists():  # the round covers every batch of the epoch: gather, write once below
                     unlabelled.append((rows, run.model.decode(a.final), run.model.decode(c.final)))
@@ -84,12 +82,12 @@ class D3PO:
             sel = lambda u, v: torch.where(a_wins.view(-1, *[1] * (u.ndim - 1)), u, v)  # noqa: E731
             rows = torch.arange(len(local), device=run.device)
             for steps in self.trained_steps(epoch, b, T):
-                i = steps[run.local_slice(n)].to(run.device)
+                i = run.own(steps).to(run.device)
                 pairs.append(make_pairs(sel(a.latents[rows, i], c.latents[rows, i]),
                                         sel(c.latents[rows, i], a.latents[rows, i]),
                                         sel(a.latents[rows, i + 1], c.latents[rows, i + 1]),
                                         sel(c.latents[rows, i + 1], a.latents[rows, i + 1]),
-                                        a.timesteps.to(run.device)[i], a.cond, pair_keys(run, b, i, T), keep))
+                                        a.timesteps.to(run.device)[i], a.cond, pair_keys(slot, i, T), keep))
         if unlabelled:
             self.ask_for_labels(epoch, unlabelled)
         pairs = with_reference(run, s, StepPairs.cat(pairs))
@@ -112,11 +110,10 @@ class D3PO:
     def labels_file(self, epoch: int):
         return human.round_dir(self.args.labels, epoch) / "labels.json"
 
-    def label_rows(self, epoch, batch, prompts) -> list[dict]:
+    def label_rows(self, epoch, slot) -> list[dict]:
         """This process's pairs of one batch: prompt and the two image ids."""
-        sl = self.run.local_slice(self.run.cfg.train.batch_size)
         return [{"prompt": p, "a": ia, "b": ib}
-                for p, (ia, ib) in zip(prompts, human.image_ids(epoch, batch, range(sl.start, sl.stop)))]
+                for p, (ia, ib) in zip(slot.local, human.image_ids(epoch, slot.index, slot.positions.tolist()))]
 
     def ask_for_labels(self, epoch, unlabelled):
         """Write the epoch's round (all batches) and stop the run until labels.json exists."""
@@ -124,9 +121,9 @@ class D3PO:
         labels = self.labels_file(epoch)
         rows = [r for rs, _, _ in unlabelled for r in rs]
         total = run.cfg.train.batch_size * run.cfg.train.batches_per_epoch
-        human.write_round(labels.parent, run.rank, run.processes, rows,
-                          torch.cat([x for _, x, _ in unlabelled]), torch.cat([x for _, _, x in unlabelled]))
-        if run.rank == 0:
+        human.write_round(labels.parent, rows, torch.cat([x for _, x, _ in unlabelled]),
+                          torch.cat([x for _, _, x in unlabelled]), part=run.dist.part)
+        if run.dist.is_main:
             human.write_round_info(labels.parent, run.out, epoch, total)
         done = human.answered(labels.parent)
         raise human.LabelsNeeded(

@@ -46,7 +46,7 @@ from ..flow import is_flow
 from ..doob import ESTIMATORS, DoobCorrection, learned_correction_loss
 from ..losses import ddo as da
 from ..seeding import seed_for
-from . import Micro, Trainable, register, register_variant
+from . import Method, Micro, Trainable, register, register_variant
 
 OBJECTIVES = ("reward", "dpo", "kto")
 
@@ -75,13 +75,10 @@ class Fit:
 
 
 @register
-class DDO:
+class DDO(Method):
     name = "ddo"
     description = ("DDO: dual averaging over distributions q ∝ exp(-f)·p_ref (reward, DPO or KTO objective), "
                    "sampled by a Doob h-transform of the frozen model (Kawata et al. 2025)")
-    requires_logprob = False
-    requires_reference = False
-    requires_differentiable_reward = False
     defaults = {"optim.lr": 1e-4, "optim.grad_clip": 1.0}
 
     @dataclass
@@ -212,7 +209,7 @@ class DDO:
         """n samples (gathered from every process's share) of q_k, or of p_ref with `plain`."""
         run = self.run
         prompts = run.draw_prompts(purpose, epoch, n=n)
-        local = prompts[run.local_slice(n)]
+        local = run.own(prompts)
         sampler = run.sampler if plain else self.sampler
         traj = sampler.sample(run.model, local, generator=run.sample_generators(purpose, epoch, n_global=n),
                               with_logprob=False)

@@ -23,7 +23,7 @@ import torch
 from ..losses import ppo_clip_loss
 from ..stats import PerPromptStatTracker
 from ..trajectory import Trajectory
-from . import Micro, register
+from . import Method, Micro, register
 
 
 @dataclass
@@ -37,12 +37,10 @@ class Rollouts:
 
 
 @register
-class DDPO:
+class DDPO(Method):
     name = "ddpo"
     description = "DDPO: PPO-clipped policy gradient on every denoising step, per-prompt advantages (Black et al. 2023)"
     requires_logprob = True
-    requires_reference = False
-    requires_differentiable_reward = False
     defaults = {"sampling.logprob": "mean", "optim.lr": 3e-4}
 
     @dataclass
@@ -69,30 +67,24 @@ class DDPO:
         self.tracker = PerPromptStatTracker(args.stat_buffer, args.stat_min_count)
 
     def collect(self, epoch: int):
-        run, cfg = self.run, self.run.cfg
-        n, nb, B = cfg.train.batch_size, cfg.train.batches_per_epoch, run.local_batch
-        trajs, rewards, prompts_all, keys = [], [], [], []
-        for b in range(nb):
-            prompts = run.draw_prompts(epoch, b, n=n)
-            local = prompts[run.local_slice(n)]
-            traj = self.sampler.sample(run.model, local, generator=run.sample_generators("sample", epoch, b, n_global=n))
+        run = self.run
+        trajs, rewards, prompts_all = [], [], []
+        slots = run.slots(epoch, "sample")
+        for slot in slots:
+            traj = self.sampler.sample(run.model, slot.local, generator=slot.generators)
             trajs.append(traj)
-            rewards.append(run.score(run.model.decode(traj.final), local))
-            prompts_all += prompts
-            keys.append(b * n + run.rank * B + torch.arange(B))
-        local_r = torch.cat(rewards)
-        # gather concatenates by process, and process r holds samples [r*B, (r+1)*B) of each
-        # batch, so this is already the global order of prompts_all (batch-major)
-        global_r = torch.cat([run.gather(r) for r in rewards]).cpu()
+            rewards.append(run.score(run.model.decode(traj.final), slot.local))
+            prompts_all += slot.prompts
+        keys = torch.cat([slot.keys for slot in slots])
+        global_r = run.dist.gather_batches(rewards)  # batch-major: indexed by the keys
         if self.args.per_prompt_stats:
             adv = torch.as_tensor(self.tracker.update(prompts_all, global_r.numpy()), dtype=torch.float32)
         else:
             adv = (global_r - global_r.mean()) / (global_r.std() + 1e-6)
-        adv = adv.view(nb, run.processes, B)[:, run.rank].reshape(-1).to(run.device)
-        batch = Rollouts(Trajectory.cat(trajs), adv.clamp(-self.args.adv_clip, self.args.adv_clip), torch.cat(keys),
-                         epoch)
+        adv = adv[keys].to(run.device)
+        batch = Rollouts(Trajectory.cat(trajs), adv.clamp(-self.args.adv_clip, self.args.adv_clip), keys, epoch)
         metrics = {"reward_mean": float(global_r.mean()), "reward_std": float(global_r.std()),
-                   "local_reward_mean": float(local_r.mean())}
+                   "local_reward_mean": float(torch.cat(rewards).mean())}
         return batch, metrics
 
     def micro_steps(self, batch: Rollouts):
@@ -108,19 +100,17 @@ class DDPO:
                 steps = torch.randperm(T, generator=g)[:n_train].sort().values.expand(len(batch.keys), n_train)
             for share in shares:
                 mb = batch.traj.select(share.rows)
+                adv = batch.advantages[share.rows.to(batch.advantages.device)]
                 for j in range(n_train):
-                    yield Micro(self._loss_fn(mb, batch.advantages[share.rows.to(batch.advantages.device)],
-                                              steps[share.rows, j], share, n_train), step=j == n_train - 1)
+                    yield Micro(self._loss_fn(mb, adv, steps[share.rows, j], share), share, accumulate=n_train)
 
-    def _loss_fn(self, mb: Trajectory, adv, steps, share, n_train):
+    def _loss_fn(self, mb: Trajectory, adv, steps, share):
         def compute():
-            if len(mb) == 0:
-                return None, {}
             lp = self.sampler.rescore(self.run.model, mb, steps)
             old = mb.log_probs.gather(1, steps.to(mb.log_probs.device).view(-1, 1)).squeeze(1)
             per, info = ppo_clip_loss(lp, old, adv, self.args.clip_range)
             loss = share.mean(per)
-            return loss / n_train, {"loss": loss.detach(), **info}
+            return loss, {"loss": loss.detach(), **info}
 
         return compute
 

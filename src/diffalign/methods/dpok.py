@@ -29,7 +29,7 @@ import torch
 from ..config import ConfigError
 from ..seeding import seed_for
 from ..trajectory import Rows
-from . import Micro, Trainable, register
+from . import Method, Micro, Trainable, register
 
 
 @dataclass
@@ -53,12 +53,11 @@ class Round:
 
 
 @register
-class DPOK:
+class DPOK(Method):
     name = "dpok"
     description = "DPOK: policy gradient with a KL penalty to the base and a learned value baseline (Fan et al. 2023)"
     requires_logprob = True
     requires_reference = True
-    requires_differentiable_reward = False
     defaults = {"optim.lr": 1e-4, "optim.grad_clip": 0.1, "sampling.logprob": "mean"}  # ε 1e-4: per-element scale
 
     @dataclass
@@ -99,9 +98,9 @@ class DPOK:
         run, s, m = self.run, self.sampler, self.run.model
         n, T = run.cfg.train.batch_size, s.num_steps
         rewards = []
-        for b in range(run.cfg.train.batches_per_epoch):
-            local = run.draw_prompts(epoch, b, n=n)[run.local_slice(n)]
-            traj = s.sample(m, local, generator=run.sample_generators("dpok", epoch, b, n_global=n))
+        for slot in run.slots(epoch, "dpok"):
+            b, local = slot.index, slot.local
+            traj = s.sample(m, local, generator=slot.generators)
             r = run.score(m.decode(traj.final), local)
             rewards.append(r)
             B = len(local)
@@ -110,8 +109,7 @@ class DPOK:
             cond = None if traj.cond is None else traj.cond.repeat_interleave(T, 0)
             with run.reference():
                 out_ref = s.predict(m, x_t, t, cond)
-            sl = run.local_slice(n)
-            sample_ids = (epoch * run.cfg.train.batches_per_epoch + b) * n + torch.arange(sl.start, sl.stop)
+            sample_ids = (epoch * run.cfg.train.batches_per_epoch + b) * n + slot.positions
             new = Buffer(x_t, x_prev, t, cond, traj.log_probs.flatten(), out_ref, r.repeat_interleave(T),
                          sample_ids.repeat_interleave(T) * T + torch.arange(T).repeat(B))
             self.buffer = new if self.buffer is None else Buffer.cat([self.buffer, new])
@@ -124,17 +122,15 @@ class DPOK:
 
     def micro_steps(self, batch: Round):
         run, a, buf = self.run, self.args, batch.buffer
-        total = int(run.gather(torch.tensor([len(buf)], device=run.device)).sum())
+        total = run.dist.total(len(buf))
         parts = max(1, total // a.minibatch)
         for kind, steps in (("value", a.value_steps), ("policy", a.policy_steps)):
             shares = run.minibatches(buf.keys, parts, run.generator(f"dpok-{kind}", batch.epoch))
             for share in shares[:steps]:
-                yield Micro(self._loss(kind, buf.select(share.rows), share, batch.epoch))
+                yield Micro(self._loss(kind, buf.select(share.rows), share, batch.epoch), share)
 
     def _loss(self, kind, mb: Buffer, share, epoch):
         def compute():
-            if len(mb) == 0:
-                return None, {}
             run, s, a = self.run, self.sampler, self.args
             if kind == "value":
                 err = (self.value(mb.x_t, mb.t, mb.cond) - mb.reward) ** 2

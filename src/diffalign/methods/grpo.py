@@ -32,7 +32,7 @@ import torch
 from ..config import ConfigError
 from ..losses import group_advantages, ppo_clip_loss, step_kl
 from ..trajectory import Trajectory
-from . import Micro, register
+from . import Method, Micro, register
 
 
 @dataclass
@@ -47,13 +47,12 @@ class Groups:
 
 
 @register
-class GRPO:
+class GRPO(Method):
     name = "grpo"
     description = ("GRPO (Flow-GRPO/DanceGRPO/MixGRPO): group-normalised advantages, PPO clip on per-step ratios, "
                    "closed-form KL to the reference; flow models through an SDE")
     requires_logprob = True
     requires_reference = True
-    requires_differentiable_reward = False
     defaults = {"sampling.logprob": "mean", "optim.lr": 3e-4}
 
     @dataclass
@@ -101,22 +100,20 @@ class GRPO:
         return tuple(range(start, start + a.mix_window))
 
     def collect(self, epoch: int):
-        run, cfg, a = self.run, self.run.cfg, self.args
-        n, G, B = cfg.train.batch_size, a.group_size, run.local_batch
+        run, a = self.run, self.args
+        n, G = run.cfg.train.batch_size, a.group_size
         window = self.window(epoch)
         sampler = self.sampler.replace(sde_steps=window)
-        trajs, rewards, keys = [], [], []
-        for b in range(cfg.train.batches_per_epoch):
-            prompts = [p for p in run.draw_prompts(epoch, b, n=n // G) for _ in range(G)]
-            local = prompts[run.local_slice(n)]
-            traj = sampler.sample(run.model, local, generator=run.sample_generators("grpo", epoch, b, n_global=n))
+        trajs, rewards = [], []
+        slots = run.slots(epoch, "grpo", draw=lambda b: [p for p in run.draw_prompts(epoch, b, n=n // G)
+                                                          for _ in range(G)])
+        for slot in slots:
+            traj = sampler.sample(run.model, slot.local, generator=slot.generators)
             trajs.append(traj)
-            rewards.append(run.score(run.model.decode(traj.final), local))
-            keys.append(b * n + run.rank * B + torch.arange(B))
-        # gathered per batch, process-major within it: the global (batch, group, member) order
-        global_r = torch.cat([run.gather(r) for r in rewards]).cpu()
+            rewards.append(run.score(run.model.decode(traj.final), slot.local))
+        global_r = run.dist.gather_batches(rewards)  # the global (batch, group, member) order
         adv, keep = group_advantages(global_r, G, a.global_std)
-        local = torch.cat(keys)
+        local = torch.cat([slot.keys for slot in slots])
         adv, keep = adv[local], keep[local]
         rows = keep.nonzero().flatten()
         sde = list(range(self.sampler.num_steps)) if window is None else list(window)
@@ -137,13 +134,11 @@ class GRPO:
             for share in self.run.minibatches(batch.keys, self.args.minibatches, g):
                 mb = batch.traj.select(share.rows)
                 adv = batch.advantages[share.rows.to(batch.advantages.device)]
-                for j, step in enumerate(batch.steps.tolist()):
-                    yield Micro(self._loss_fn(mb, adv, step, share, n_train), step=j == n_train - 1)
+                for step in batch.steps.tolist():
+                    yield Micro(self._loss_fn(mb, adv, step, share), share, accumulate=n_train)
 
-    def _loss_fn(self, mb: Trajectory, adv, step: int, share, n_train: int):
+    def _loss_fn(self, mb: Trajectory, adv, step: int, share):
         def compute():
-            if len(mb) == 0:
-                return None, {}
             run, s = self.run, self.sampler
             x_t, x_prev = mb.latents[:, step], mb.latents[:, step + 1]
             t = mb.timesteps[step]
@@ -157,6 +152,6 @@ class GRPO:
                 info["kl"] = kl.mean().detach()
             loss = share.mean(per)
             info["ratio"] = torch.exp(out.log_prob - mb.log_probs[:, step]).mean().detach()
-            return loss / n_train, {"loss": loss.detach(), **info}
+            return loss, {"loss": loss.detach(), **info}
 
         return compute

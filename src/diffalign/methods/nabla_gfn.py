@@ -54,7 +54,7 @@ from ..losses.nabla_db import gaussian_scores, residual_db_loss
 from ..sampling import alpha_bar
 from ..seeding import seed_for
 from ..trajectory import Rows, Trajectory
-from . import Micro, Trainable, register
+from . import Method, Micro, Trainable, register
 
 
 def twice_differentiable():
@@ -90,7 +90,7 @@ class Batch:
 
 
 @register
-class NablaGFN:
+class NablaGFN(Method):
     name = "nabla-gfn"
     description = "∇-GFlowNet: residual ∇-DB, fine-tunes towards p_ref·R^β while keeping diversity (Liu et al. 2025)"
     requires_logprob = True
@@ -200,12 +200,10 @@ class NablaGFN:
         run, s = self.run, self.sampler
         n, T = run.cfg.train.batch_size, s.num_steps
         items, rewards = [], []
-        sl = run.local_slice(n)
-        for b in range(run.cfg.train.batches_per_epoch):
-            local = run.draw_prompts(epoch, b, n=n)[sl]
-            traj: Trajectory = s.sample(run.model, local, generator=run.sample_generators("nabla", epoch, b, n_global=n),
-                                        with_logprob=False)
-            steps = self.trained_steps(epoch, b, T)[sl].to(run.device)
+        for slot in run.slots(epoch, "nabla"):
+            b, local = slot.index, slot.local
+            traj: Trajectory = s.sample(run.model, local, generator=slot.generators, with_logprob=False)
+            steps = run.own(self.trained_steps(epoch, b, T)).to(run.device)
             rows = torch.arange(len(local), device=run.device)
             ts = traj.timesteps.to(run.device)
             ts_next = torch.cat([ts[1:], torch.zeros(1, dtype=ts.dtype, device=ts.device)])
@@ -220,7 +218,7 @@ class NablaGFN:
                     rewards.append(reward_prev)
                 items.append(Transitions(
                     x_t, x_prev, t, t_prev, traj.cond, terminal, traj.outputs[rows, i], a_ref, b_ref,
-                    score_prev, score_t, (b * steps.shape[1] + j) * n + torch.arange(sl.start, sl.stop)))
+                    score_prev, score_t, (b * steps.shape[1] + j) * n + slot.positions))
         g = run.gather(torch.cat(rewards)).cpu()
         return Batch(Transitions.cat(items), epoch), {"reward_mean": float(g.mean()), "reward_std": float(g.std())}
 
@@ -236,12 +234,10 @@ class NablaGFN:
         for inner in range(self.args.inner_epochs):
             g = self.run.generator("nabla-perm", batch.epoch, inner)
             for share in self.run.minibatches(batch.transitions.keys, self.args.minibatches, g):
-                yield Micro(self._loss(batch.transitions.select(share.rows), share))
+                yield Micro(self._loss(batch.transitions.select(share.rows), share), share)
 
     def _loss(self, tr: Transitions, share):
         def compute():
-            if len(tr.keys) == 0:
-                return None, {}
             s, m = self.sampler, self.run.model
             x_t = tr.x_t.detach().requires_grad_(True)
             with twice_differentiable():

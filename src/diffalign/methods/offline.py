@@ -39,7 +39,7 @@ from ..config import ConfigError
 from ..data import latents
 from ..losses import denoising_error, dpo_loss, kto_loss, kto_reference_point, logratio_from_errors
 from ..sampling import add_noise, training_target
-from . import Micro, register
+from . import Method, Micro, register
 
 
 # ---- shared pieces ---------------------------------------------------------------------
@@ -56,10 +56,9 @@ def check_args(run, args, name: str) -> tuple[int, int]:
 
 
 def draw_noise(run, shape, t_range, g, n_global):
-    """Global timesteps and noise drawn from `g`, sliced for this process."""
-    sl = run.local_slice(n_global)
-    ts = torch.randint(*t_range, (n_global,), generator=g)[sl].to(run.device)
-    eps = torch.randn((n_global, *shape), generator=g)[sl].to(run.device)
+    """Global timesteps and noise drawn from `g`; this process's rows of them."""
+    ts = run.own(torch.randint(*t_range, (n_global,), generator=g)).to(run.device)
+    eps = run.own(torch.randn((n_global, *shape), generator=g)).to(run.device)
     return ts, eps
 
 
@@ -107,13 +106,11 @@ class KTOItems:
 
 # ---- Diffusion-DPO ---------------------------------------------------------------------
 @register
-class DiffusionDPO:
+class DiffusionDPO(Method):
     name = "diffusion-dpo"
     description = "Diffusion-DPO: offline pairwise preferences vs the frozen base, shared noise per pair (Wallace et al. 2024)"
     offline_data = True
-    requires_logprob = False
     requires_reference = True
-    requires_differentiable_reward = False
     defaults = {"optim.lr": 1e-3}
 
     @dataclass
@@ -142,7 +139,7 @@ class DiffusionDPO:
             g = run.generator(self.name, epoch, b)
             idx = torch.randint(self.n, (n,), generator=g)
             ts, eps = draw_noise(run, self.x_w.shape[1:], self.t_range, g, n)
-            idx = idx[run.local_slice(n)]
+            idx = run.own(idx)
             cond = run.model.encode_prompts([self.prompts[i] for i in idx.tolist()])
             dev = idx.to(run.device)
             (xw, tw), (xl, tl) = noised(run, self.x_w[dev], eps, ts), noised(run, self.x_l[dev], eps, ts)
@@ -170,13 +167,11 @@ class DiffusionDPO:
 
 # ---- Diffusion-KTO ---------------------------------------------------------------------
 @register
-class DiffusionKTO:
+class DiffusionKTO(Method):
     name = "diffusion-kto"
     description = "Diffusion-KTO: offline per-sample desirable/undesirable labels, Kahneman-Tversky utility (Li et al. 2024)"
     offline_data = True
-    requires_logprob = False
     requires_reference = True
-    requires_differentiable_reward = False
     defaults = {"optim.lr": 1e-3}
 
     @dataclass
@@ -224,7 +219,7 @@ class DiffusionKTO:
                 if m.any():
                     idx[m] = pool[(u[m] * len(pool)).long().clamp(max=len(pool) - 1)]
             ts, eps = draw_noise(run, self.x.shape[1:], self.t_range, g, n)
-            idx = idx[run.local_slice(n)]
+            idx = run.own(idx)
             cond = run.model.encode_prompts([self.prompts[i] for i in idx.tolist()])
             x_t, target = noised(run, self.x[idx.to(run.device)], eps, ts)
             items.append(KTOItems(x_t, ts, target, cond, reference_errors(run, x_t, ts, target, cond),

@@ -87,12 +87,11 @@ def make_pairs(x_t_w, x_t_l, x_w, x_l, t, cond, keys, keep=None) -> StepPairs:
     return p
 
 
-def pair_keys(run, batch: int, step, num_steps: int) -> torch.Tensor:
-    """Global ids of this process's pairs of one batch at one step (`step` an int or per sample):
-    (batch · num_steps + step) · global batch + global sample index, so pairs sort batch by
+def pair_keys(slot, step, num_steps: int) -> torch.Tensor:
+    """Global ids of this process's pairs of one rollout batch (a `Slot`) at one step (`step` an int
+    or per sample): (batch · num_steps + step) · global batch + position, so pairs sort batch by
     batch, step by step, sample by sample, whatever the number of processes."""
-    n, sl = run.cfg.train.batch_size, run.local_slice(run.cfg.train.batch_size)
-    return (batch * num_steps + torch.as_tensor(step).cpu()) * n + torch.arange(sl.start, sl.stop)
+    return (slot.index * num_steps + torch.as_tensor(step).cpu()) * len(slot.prompts) + slot.positions
 
 
 def step_reward(run, sampler, x, step: int, timesteps, cond, prompts) -> torch.Tensor:
@@ -120,14 +119,12 @@ def pair_micro_steps(run, sampler, pairs: StepPairs | None, args: PreferenceConf
     keys = torch.empty(0, dtype=torch.long) if pairs is None else pairs.keys
     for inner in range(args.inner_epochs):
         for share in run.minibatches(keys, args.minibatches, run.generator(f"{name}-perm", epoch, inner)):
-            mb = pairs.select(share.rows) if len(share) else None
-            yield Micro(_pair_loss(run, sampler, mb, share, args))
+            yield Micro(_pair_loss(run, sampler, pairs, share, args), share)
 
 
-def _pair_loss(run, sampler, mb: StepPairs | None, share, args: PreferenceConfig):
+def _pair_loss(run, sampler, pairs: StepPairs, share, args: PreferenceConfig):
     def compute():
-        if mb is None:
-            return None, {}
+        mb = pairs.select(share.rows)
         lp_w = sampler.logprob(run.model, mb.x_t_w, mb.t, mb.cond, mb.x_w)
         lp_l = sampler.logprob(run.model, mb.x_t_l, mb.t, mb.cond, mb.x_l)
         per, info = dpo_loss(lp_w - mb.ref_w, lp_l - mb.ref_l, args.beta, args.clip)

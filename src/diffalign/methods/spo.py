@@ -24,18 +24,17 @@ from dataclasses import dataclass
 import torch
 
 from ..trajectory import Trajectory
-from . import register
+from . import Method, register
 from .preference import (Branch, PairsBatch, PreferenceConfig, StepPairs, make_pairs, pair_keys, pair_metrics,
                          pair_micro_steps, step_reward, with_reference)
 
 
 @register
-class SPO:
+class SPO(Method):
     name = "spo"
     description = "SPO: k candidates per step from a shared x_t, best/worst pair if the softmax gap is large, random continuation"
     requires_logprob = True
     requires_reference = True
-    requires_differentiable_reward = False
     defaults = {"sampling.logprob": "mean", "optim.lr": 3e-5}
 
     @dataclass
@@ -55,15 +54,16 @@ class SPO:
         self.run, self.args = run, args
         self.sampler = run.sampler
 
-    def rollout(self, prompts, generators, batch: int, epoch: int):
-        """One branching path per prompt -> (the trajectory that continued, kept pairs, branches)."""
+    def rollout(self, slot, epoch: int):
+        """One branching path per prompt of a rollout batch (a `Slot`) -> (the trajectory that continued,
+        kept pairs, branches)."""
         run, s, m, a = self.run, self.sampler, self.run.model, self.args
-        n, sl = run.cfg.train.batch_size, run.local_slice(run.cfg.train.batch_size)
+        prompts, generators, n = slot.local, slot.generators, len(slot.prompts)
         ts = s.timesteps(m)
         cond = m.encode_prompts(list(prompts))
         x = s.noise(m, len(prompts), generators)
         rows = torch.arange(len(prompts), device=x.device)
-        continue_gen = run.generator("spo-continue", epoch, batch)
+        continue_gen = run.generator("spo-continue", epoch, slot.index)
         xs, lps, outs, x0s, pairs, branches = [x], [], [], [], [], []
         for i, t in enumerate(ts):
             out = s.predict(m, x, t, cond)
@@ -76,8 +76,8 @@ class SPO:
                 p = torch.softmax(scores / a.temperature, dim=1)
                 keep = (p.max(1).values - p.min(1).values) > a.threshold
                 pairs.append(make_pairs(x, x, ch.samples[rows, scores.argmax(1)], ch.samples[rows, scores.argmin(1)], t,
-                                        cond, pair_keys(run, batch, i, len(ts)), keep))
-                pick = torch.randint(a.k, (n,), generator=continue_gen)[sl].to(x.device)
+                                        cond, pair_keys(slot, i, len(ts)), keep))
+                pick = run.own(torch.randint(a.k, (n,), generator=continue_gen)).to(x.device)
                 branches.append(Branch(i, x, ch.samples, scores, pick))
                 x, lp, x0 = ch.samples[rows, pick], ch.log_probs[rows, pick], ch.x0_pred
             xs.append(x), lps.append(lp), outs.append(out), x0s.append(x0)
@@ -85,13 +85,11 @@ class SPO:
 
     def collect(self, epoch: int):
         run = self.run
-        n = run.cfg.train.batch_size
         pairs, rewards = [], []
-        for b in range(run.cfg.train.batches_per_epoch):
-            local = run.draw_prompts(epoch, b, n=n)[run.local_slice(n)]
-            traj, kept, _ = self.rollout(local, run.sample_generators("spo", epoch, b, n_global=n), b, epoch)
+        for slot in run.slots(epoch, "spo"):
+            traj, kept, _ = self.rollout(slot, epoch)
             pairs += kept
-            rewards.append(run.score(run.model.decode(traj.final), local))
+            rewards.append(run.score(run.model.decode(traj.final), slot.local))
         pairs = with_reference(run, self.sampler, StepPairs.cat(pairs))
         return PairsBatch(pairs, epoch), pair_metrics(run, pairs, torch.cat(rewards))
 

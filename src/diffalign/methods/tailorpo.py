@@ -40,7 +40,7 @@ import torch
 from ..config import ConfigError
 from ..sampling import gaussian_log_prob
 from ..trajectory import Trajectory
-from . import register, register_variant
+from . import Method, register, register_variant
 from .preference import (Branch, PairsBatch, PreferenceConfig, StepPairs, make_pairs, pair_keys, pair_metrics,
                          pair_micro_steps, step_reward, with_reference)
 
@@ -67,12 +67,11 @@ class TailorGConfig(TailorConfig):
 
 
 @register
-class TailorPO:
+class TailorPO(Method):
     name = "tailorpo"
     description = "TailorPO: two children from the same x_t ranked by step reward r(x0_hat), clipped DPO, winner continues"
     requires_logprob = True
     requires_reference = True
-    requires_differentiable_reward = False
     defaults = {"sampling.logprob": "mean", "optim.lr": 3e-5}
     Config = TailorConfig
 
@@ -111,10 +110,12 @@ class TailorPO:
         return torch.where(better.view(shape), x_plus, x_w), torch.where(better, r_plus, r_w), better
 
     # ---- sampling ---------------------------------------------------------------
-    def rollout(self, prompts, generators, batch: int, log: dict):
-        """One path per prompt that branches in two at the trained steps; the winner (guided with
-        TailorPO-G) continues. Returns (the trajectory that continued, the pairs, the branches)."""
+    def rollout(self, slot, log: dict):
+        """One path per prompt of a rollout batch (a `Slot`) that branches in two at the trained steps; the
+        winner (guided with TailorPO-G) continues. Returns (the trajectory that continued, the pairs, the
+        branches)."""
         run, s, m = self.run, self.sampler, self.run.model
+        prompts, generators = slot.local, slot.generators
         ts = s.timesteps(m)
         cond = m.encode_prompts(list(prompts))
         x = s.noise(m, len(prompts), generators)
@@ -135,18 +136,19 @@ class TailorPO:
                     x_w, _, moved = self.guide(x_w, i, cond, prompts, ts, scores[rows, win])
                     log.setdefault("guided", []).append(moved.float().mean())
                 pairs.append(make_pairs(x, x, x_w, ch.samples[rows, 1 - win], t, cond,
-                                        pair_keys(run, batch, i, len(ts)), scores.max(1).values != scores.min(1).values))
+                                        pair_keys(slot, i, len(ts)), scores.max(1).values != scores.min(1).values))
                 x, x0 = x_w, ch.x0_pred
                 lp = gaussian_log_prob(x_w, ch.mean, ch.std, s.reduction)  # the guided winner's own log-prob
             xs.append(x), lps.append(lp), outs.append(out), x0s.append(x0)
         return Trajectory.from_steps(prompts, cond, ts, xs, lps, outs, x0s), pairs, branches
 
-    def ranked_paths(self, prompts, batch: int, epoch: int) -> tuple[list[torch.Tensor], list[StepPairs]]:
+    def ranked_paths(self, slot, epoch: int) -> tuple[list[torch.Tensor], list[StepPairs]]:
         """Ablation (1): two independent paths; at each trained step their next states are ranked by
         step reward and paired with their own, different x_t."""
-        run, s, n = self.run, self.sampler, self.run.cfg.train.batch_size
-        a = s.sample(run.model, prompts, generator=run.sample_generators("tailorpo", epoch, batch, n_global=n))
-        c = s.sample(run.model, prompts, generator=run.sample_generators("tailorpo-2", epoch, batch, n_global=n))
+        run, s, prompts = self.run, self.sampler, slot.local
+        a = s.sample(run.model, prompts, generator=slot.generators)
+        c = s.sample(run.model, prompts, generator=run.sample_generators("tailorpo-2", epoch, slot.index,
+                                                                         n_global=len(slot.prompts)))
         pairs = []
         for i in self.steps:
             ra = step_reward(run, s, a.latents[:, i + 1], i, a.timesteps, a.cond, prompts)
@@ -156,22 +158,20 @@ class TailorPO:
             pairs.append(make_pairs(sel(a.latents[:, i], c.latents[:, i]), sel(c.latents[:, i], a.latents[:, i]),
                                     sel(a.latents[:, i + 1], c.latents[:, i + 1]),
                                     sel(c.latents[:, i + 1], a.latents[:, i + 1]),
-                                    a.timesteps[i], a.cond, pair_keys(run, batch, i, a.num_steps), ra != rc))
+                                    a.timesteps[i], a.cond, pair_keys(slot, i, a.num_steps), ra != rc))
         return [a.final, c.final], pairs
 
     def collect(self, epoch: int):
         run = self.run
-        n = run.cfg.train.batch_size
         pairs, rewards, log = [], [], {}
-        for b in range(run.cfg.train.batches_per_epoch):
-            local = run.draw_prompts(epoch, b, n=n)[run.local_slice(n)]
+        for slot in run.slots(epoch, "tailorpo"):
             if self.args.same_condition:
-                traj, kept, _ = self.rollout(local, run.sample_generators("tailorpo", epoch, b, n_global=n), b, log)
+                traj, kept, _ = self.rollout(slot, log)
                 finals = [traj.final]
             else:
-                finals, kept = self.ranked_paths(local, b, epoch)
+                finals, kept = self.ranked_paths(slot, epoch)
             pairs += kept
-            rewards += [run.score(run.model.decode(x), local) for x in finals]
+            rewards += [run.score(run.model.decode(x), slot.local) for x in finals]
         pairs = with_reference(run, self.sampler, StepPairs.cat(pairs))
         metrics = pair_metrics(run, pairs, torch.cat(rewards))
         if "guided" in log:
