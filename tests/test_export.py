@@ -21,13 +21,6 @@ BASE = {"method": "ddpo", "reward": "brightness", "prompts": PROMPTS, "sampling"
 
 
 @pytest.fixture(scope="module")
-def sd(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tiny") / "sd"
-    assert main(["models", "make-tiny-sd", str(out)]) == 0
-    return str(out)
-
-
-@pytest.fixture(scope="module")
 def lora_run(sd, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "lora"
     cfg, args = resolve_config(base=dict(BASE, model=sd, lora={"rank": 4, "alpha": 16.0}))
@@ -37,9 +30,9 @@ def lora_run(sd, tmp_path_factory):
 
 def ours(run_dir, latents):
     """diffalign's aligned model of the run, DDIM eta 0, guidance 3, on `latents`."""
-    lr = load_run(run_dir)
+    loaded = load_run(run_dir)
     with torch.no_grad():
-        return Sampler(num_steps=5, eta=0.0, guidance_scale=3.0).sample(lr.run.model, PROMPTS, latents=latents.clone(),
+        return Sampler(num_steps=5, eta=0.0, guidance_scale=3.0).sample(loaded.run.model, PROMPTS, latents=latents.clone(),
                                                                         with_logprob=False).final
 
 

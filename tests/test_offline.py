@@ -179,7 +179,10 @@ def test_end_to_end_raises_heldout_reward_and_writes_win_rate(tmp_path, digits_p
     assert s["reward_queries"] == 0 == summary["reward_queries"]
     assert summary["final_eval_reward_mean"] > summary["base_eval_reward_mean"]
     assert summary["final_reward_mean"] > summary["base_reward_mean"]  # the reward that labelled the pairs, too
-    assert 0 <= summary["eval_win_rate_vs_base"] <= 1
+    base, aligned = summary["base"]["eval_sample_rewards"], summary["final"]["eval_sample_rewards"]
+    assert len(base) == len(aligned) == 100  # same noise, same prompt: sample i against sample i
+    wins = sum(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(aligned, base))
+    assert summary["eval_win_rate_vs_base"] == wins / 100 and wins > 0
     if method == "diffusion-dpo":
         assert summary["win_rate_vs_base"] > 0.5  # on the reward that labelled the pairs, same noise as the base
     # Diffusion-KTO raises both means here (held-out +0.017, training +0.009 on the version-2 base) but wins

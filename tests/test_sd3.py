@@ -174,7 +174,6 @@ def test_sampler_matches_the_diffusers_pipeline(which, request):
         from diffalign.bench.sampler import pipeline_loop
 
         s = Sampler(num_steps=4, eta=0.0, guidance_scale=3.0)
-        x = s.noise(m, 2, torch.Generator().manual_seed(0))
         assert (pipeline_loop(m, s, PROMPTS, torch.Generator().manual_seed(0)) - theirs).abs().max() < 1e-4
     noisy = Sampler(num_steps=4, eta=0.7, guidance_scale=3.0).sample(m, PROMPTS, latents=latents,
                                                                      generator=torch.Generator().manual_seed(1))

@@ -236,8 +236,7 @@ def setup(cfg: RunConfig, args, out: Path, resume: bool, accelerator=None) -> Tr
     from .run_folder import open_run
 
     trainer = Trainer(cfg, args, out, accelerator)  # validates everything before writing
-    if hasattr(trainer.method, "start"):
-        trainer.method.start()  # e.g. loads and validates a data set: still nothing written
+    trainer.method.start()  # e.g. loads and validates a data set: still nothing written
     acc, run = trainer.acc, trainer.run
     if acc.is_main_process:
         start_run(cfg, out, resume)

@@ -41,8 +41,7 @@ def load_run(run_dir: str | Path, finished: bool = False) -> LoadedRun:
     method = build(run, args)
     modules = {n: tr.module.to(run.device) for n, tr in modules_of(method, run).items()}
     state, method_state = checkpoint.load(folder.checkpoint, modules, None)
-    if hasattr(method, "load_state_dict"):
-        method.load_state_dict(method_state)
+    method.load_state_dict(method_state)
     for m in modules.values():
         m.eval()
     return LoadedRun(folder.folder, cfg, run, method, sampler_of(method, run), folder.checkpoint, state)
