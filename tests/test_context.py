@@ -69,18 +69,15 @@ def test_each_process_owns_its_consecutive_rows():
         parts[0].check_divisible(7, "train.batch_size")
 
 
-def test_slots_hold_the_same_samples_for_any_number_of_processes(tmp_path):
+def test_slots_hold_the_same_samples_for_any_number_of_processes():
     """Batch b's slot on process r: prompts drawn by (epoch, b), rows r·B.., keys b·n + position, and each
     sample's generator seeded by its global position, so two processes' slots together are one process's."""
-    cfg, _ = resolve_config(base={"method": "ddpo", "model": "toy2d", "reward": "quadratic", "prompts": ["a", "b", "c"],
-                                  "train": {"batch_size": 4, "batches_per_epoch": 2}, "eval": {"reward": None}})
-    run = Run(cfg)
-    one = run.slots(3, "sample")
-    halves = []
-    for rank in range(2):
-        run.dist = Simulated(rank, 2, None)
-        run.own = run.dist.own
-        halves.append(run.slots(3, "sample"))
+    from diffalign.seeding import Seeds
+
+    prompts = ["a", "b", "c"]
+    one = Seeds(5, Processes.single(), prompts).slots(3, "sample", n=4, batches=2)
+    halves = [Seeds(5, Simulated(rank, 2, None), prompts).slots(3, "sample", n=4, batches=2) for rank in range(2)]
+    assert one[0].prompts != one[1].prompts  # drawn by (epoch, batch)
     for b, whole in enumerate(one):
         assert whole.index == b and whole.keys.tolist() == [4 * b + i for i in range(4)]
         assert halves[0][b].prompts == halves[1][b].prompts == whole.prompts
@@ -88,6 +85,14 @@ def test_slots_hold_the_same_samples_for_any_number_of_processes(tmp_path):
         assert torch.cat([h[b].keys for h in halves]).tolist() == whole.keys.tolist()
         draws = [torch.randn(1, generator=g) for h in halves for g in h[b].generators]
         assert torch.equal(torch.cat(draws), torch.cat([torch.randn(1, generator=g) for g in whole.generators]))
+
+
+def test_the_reward_meter_counts_every_processes_queries():
+    from diffalign.context import RewardMeter
+
+    meter = RewardMeter(lambda images, prompts, metadata: (images.sum(1).double(), {}), processes=2)
+    r = meter.score(torch.ones(3, 2), ["a", "b", "c"])
+    assert r.dtype == torch.float32 and r.tolist() == [2.0, 2.0, 2.0] and meter.queries == 6
 
 
 def test_a_model_registered_outside_the_package_runs_by_name(tmp_path):

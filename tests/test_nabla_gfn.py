@@ -180,10 +180,11 @@ def test_refuses_a_non_differentiable_reward_and_a_non_positive_log(tmp_path):
 
 
 def test_subsampled_transitions_always_include_the_last():
-    run = SimpleNamespace(cfg=SimpleNamespace(seed=0, train=SimpleNamespace(batch_size=5)))
-    from diffalign.context import Run
+    from diffalign.processes import Processes
+    from diffalign.seeding import Seeds
 
-    run.generator = lambda *parts: Run.generator(run, *parts)
+    run = SimpleNamespace(cfg=SimpleNamespace(seed=0, train=SimpleNamespace(batch_size=5)),
+                          generator=Seeds(0, Processes.single(), [""]).generator)
     meth = object.__new__(NablaGFN)
     meth.run, meth.args = run, NablaGFN.Config(train_fraction=0.2)
     steps = meth.trained_steps(0, 0, 20)  # 4 per trajectory: 3 blocks of the first 19 steps + the last

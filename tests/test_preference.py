@@ -145,7 +145,7 @@ def _fake(reward_fn, cls=TailorPO, **args):
 
 def _slot(prompts, generators):
     """One rollout batch held whole by one process."""
-    from diffalign.context import Slot
+    from diffalign.seeding import Slot
 
     return Slot(0, prompts, prompts, torch.arange(len(prompts)), generators)
 
@@ -282,12 +282,14 @@ def test_unset_guidance_on_a_guided_model_is_the_models_default(tmp_path, method
 
 
 def test_d3po_step_subsets_follow_the_run_seed_and_can_be_per_sample():
-    from diffalign.context import Run
     from diffalign.methods.d3po import D3PO
+    from diffalign.processes import Processes
+    from diffalign.seeding import Seeds
 
     def steps(seed, per_sample):
-        run = SimpleNamespace(cfg=SimpleNamespace(seed=seed, train=SimpleNamespace(batch_size=6)))
-        run.generator = lambda *parts: Run.generator(run, *parts)  # the real seeding, on a stand-in run
+        seeds = Seeds(seed, Processes.single(), [""])  # the real seeding, on a stand-in run
+        run = SimpleNamespace(cfg=SimpleNamespace(seed=seed, train=SimpleNamespace(batch_size=6)),
+                              generator=seeds.generator)
         meth = object.__new__(D3PO)
         meth.run, meth.args = run, D3PO.Config(timestep_fraction=0.5, per_sample_timesteps=per_sample)
         return torch.stack(meth.trained_steps(epoch=3, batch=0, T=20), 1)  # (batch, steps)

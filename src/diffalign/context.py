@@ -2,9 +2,11 @@
 
 `Run(cfg)` builds, from a validated config: the accelerator (devices, processes, mixed
 precision), the rewards, the base model with its LoRA adapters (or a frozen copy for
-full fine-tuning), the training prompts and the plain `Sampler`. It also holds the
-helpers every method uses: seeded generators, prompt draws, `score` (counts reward
-queries), `gather`, `reference()` and `minibatches` (global minibatches over processes).
+full fine-tuning), the training prompts and the plain `Sampler`. Its parts can be built
+alone (tests do): `dist` (`processes.Processes`: gather, this process's rows, global
+minibatches), `seeds` (`seeding.Seeds`: seeded generators, prompt draws, rollout slots) and
+`meter` (`RewardMeter`: the training reward and its query counter); the run offers their
+calls directly, with `reference()` (the frozen base) beside them.
 
 Evaluation imports this module and never the training loop.
 
@@ -17,7 +19,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -30,7 +31,7 @@ from .models import load_model
 from .processes import Processes
 from .rewards import build_reward
 from .sampler import Sampler
-from .seeding import generators, seed_for
+from .seeding import Seeds, Slot, seed_for
 
 
 def use_cpu(device: str | None) -> bool:
@@ -41,20 +42,17 @@ def use_cpu(device: str | None) -> bool:
     return not (torch.cuda.is_available() or has_xpu or torch.backends.mps.is_available())
 
 
-@dataclass
-class Slot:
-    """One rollout batch of an epoch, as this process holds it."""
+class RewardMeter:
+    """The training reward and its query counter (the queries of every process)."""
 
-    index: int  # the batch's index in the epoch
-    prompts: list[str]  # the global batch's prompts (the same on every process)
-    local: list[str]  # this process's prompts
-    positions: torch.Tensor  # (B,) positions of this process's rows in the global batch (CPU)
-    generators: list[torch.Generator]  # one per local sample, seeded by (run seed, purpose, epoch, index, position)
+    def __init__(self, reward, processes: int = 1):
+        self.reward, self.processes, self.queries = reward, processes, 0
 
-    @property
-    def keys(self) -> torch.Tensor:
-        """Global sample ids of this process's rows over the epoch, batch-major: index · n + position."""
-        return self.index * len(self.prompts) + self.positions
+    def score(self, images, prompts, metadata=None) -> torch.Tensor:
+        """Training reward on this process's samples; counts reward queries (all processes)."""
+        rewards, _ = self.reward(images, prompts, metadata)
+        self.queries += len(prompts) * self.processes
+        return rewards.float()
 
 
 class Run:
@@ -77,6 +75,7 @@ class Run:
 
         # rewards first: a bad reward spec fails before any model is pretrained
         self.reward = build_reward(cfg.reward, device=str(self.device))
+        self.meter = RewardMeter(self.reward, self.processes)
         if differentiable_reward and not self.reward.differentiable:
             raise ConfigError(f"method '{cfg.method}' needs a differentiable reward, but '{self.reward.name}' is not "
                               "(choose one marked differentiable in `diffalign rewards`)")
@@ -96,6 +95,7 @@ class Run:
             self.prompts = resolve_prompts(cfg.prompts, self.model.prompts)
         except ValueError as e:
             raise ConfigError(f"config key 'prompts': {e}") from e
+        self.seeds = Seeds(cfg.seed, self.dist, self.prompts, self.device)
         for p in self.prompts:
             self.model.encode_prompts([p])  # a bad prompt fails now, with the model's message
         self.sampler = Sampler.from_config(cfg.sampling, self.model)
@@ -115,7 +115,6 @@ class Run:
                 raise ConfigError(f"config key 'train.gradient_checkpointing': the denoiser of '{cfg.model}' "
                                   f"({type(den).__name__}) does not support it; set it to false")
             den.enable_gradient_checkpointing()
-        self.reward_queries = 0
 
     def _frozen_parts_dtype(self) -> None:
         """With fp16/bf16 mixed precision on an accelerator, the frozen parts (VAE, text encoder)
@@ -125,36 +124,31 @@ class Run:
             for part in self.model.parts.values():
                 part.to(dtype=dtype)
 
-    # ---- seeding and data ----------------------------------------------------------------
+    # ---- seeding, data and the reward meter: delegated to `seeds` and `meter` -------------
     def generator(self, *parts) -> torch.Generator:
-        """A CPU generator seeded by (run seed, *parts): the same on every process."""
-        return torch.Generator().manual_seed(seed_for(self.cfg.seed, *parts))
+        return self.seeds.generator(*parts)
 
     def draw_prompts(self, *parts, n: int) -> list[str]:
-        """n prompts drawn uniformly (with replacement) from the training prompts."""
-        idx = torch.randint(len(self.prompts), (n,), generator=self.generator("prompts", *parts)).tolist()
-        return [self.prompts[i] for i in idx]
+        return self.seeds.draw_prompts(*parts, n=n)
 
     def sample_generators(self, *parts, n_global: int) -> list[torch.Generator]:
-        """One generator per sample of this process's rows, seeded by (run seed, *parts, global position)."""
-        return generators(self.device, self.cfg.seed, *parts, indices=self.dist.positions(n_global).tolist())
+        return self.seeds.sample_generators(*parts, n_global=n_global)
 
     def slots(self, epoch: int, purpose: str, draw=None) -> list[Slot]:
-        """The epoch's rollout batches: `draw(b)` gives batch b's global prompts (default: train.batch_size
-        prompts drawn by (epoch, b)); each sample's generator is seeded by (purpose, epoch, b, position)."""
-        n = self.cfg.train.batch_size
-        out = []
-        for b in range(self.cfg.train.batches_per_epoch):
-            prompts = draw(b) if draw else self.draw_prompts(epoch, b, n=n)
-            out.append(Slot(b, prompts, self.own(prompts), self.dist.positions(len(prompts)),
-                            self.sample_generators(purpose, epoch, b, n_global=len(prompts))))
-        return out
+        """The epoch's rollout batches (`Seeds.slots`) of train.batch_size samples each."""
+        return self.seeds.slots(epoch, purpose, self.cfg.train.batch_size, self.cfg.train.batches_per_epoch, draw)
 
     def score(self, images, prompts, metadata=None) -> torch.Tensor:
         """Training reward on this process's samples; counts reward queries (all processes)."""
-        rewards, _ = self.reward(images, prompts, metadata)
-        self.reward_queries += len(prompts) * self.processes
-        return rewards.float()
+        return self.meter.score(images, prompts, metadata)
+
+    @property
+    def reward_queries(self) -> int:
+        return self.meter.queries
+
+    @reward_queries.setter
+    def reward_queries(self, n: int) -> None:
+        self.meter.queries = n
 
     # ---- the reference model -------------------------------------------------------------
     @property

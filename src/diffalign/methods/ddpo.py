@@ -23,7 +23,8 @@ import torch
 from ..losses import ppo_clip_loss
 from ..stats import PerPromptStatTracker
 from ..trajectory import Trajectory
-from . import Method, Micro, register
+from . import Method, register
+from .policy_gradient import ppo_micro_steps, sample_and_score
 
 
 @dataclass
@@ -67,42 +68,31 @@ class DDPO(Method):
         self.tracker = PerPromptStatTracker(args.stat_buffer, args.stat_min_count)
 
     def collect(self, epoch: int):
-        run = self.run
-        trajs, rewards, prompts_all = [], [], []
-        slots = run.slots(epoch, "sample")
-        for slot in slots:
-            traj = self.sampler.sample(run.model, slot.local, generator=slot.generators)
-            trajs.append(traj)
-            rewards.append(run.score(run.model.decode(traj.final), slot.local))
-            prompts_all += slot.prompts
-        keys = torch.cat([slot.keys for slot in slots])
-        global_r = run.dist.gather_batches(rewards)  # batch-major: indexed by the keys
-        if self.args.per_prompt_stats:
-            adv = torch.as_tensor(self.tracker.update(prompts_all, global_r.numpy()), dtype=torch.float32)
+        run, a = self.run, self.args
+        scored = sample_and_score(run, self.sampler, epoch, "sample")
+        global_r = scored.rewards  # batch-major: indexed by the keys
+        if a.per_prompt_stats:
+            adv = torch.as_tensor(self.tracker.update(scored.prompts, global_r.numpy()), dtype=torch.float32)
         else:
             adv = (global_r - global_r.mean()) / (global_r.std() + 1e-6)
-        adv = adv[keys].to(run.device)
-        batch = Rollouts(Trajectory.cat(trajs), adv.clamp(-self.args.adv_clip, self.args.adv_clip), keys, epoch)
+        adv = adv[scored.keys].to(run.device)
+        batch = Rollouts(scored.traj, adv.clamp(-a.adv_clip, a.adv_clip), scored.keys, epoch)
         metrics = {"reward_mean": float(global_r.mean()), "reward_std": float(global_r.std()),
-                   "local_reward_mean": float(torch.cat(rewards).mean())}
+                   "local_reward_mean": float(scored.local_rewards.mean())}
         return batch, metrics
 
     def micro_steps(self, batch: Rollouts):
         T = batch.traj.num_steps
         n_train = max(1, int(round(T * self.args.timestep_fraction)))
-        for inner in range(self.args.inner_epochs):
-            g = self.run.generator("ddpo-perm", batch.epoch, inner)
-            shares = self.run.minibatches(batch.keys, self.args.minibatches, g)
+
+        def steps(g):
             if self.args.per_sample_timesteps:  # drawn for every global sample, in key order
                 n_all = self.run.cfg.train.batch_size * self.run.cfg.train.batches_per_epoch
-                steps = torch.stack([torch.randperm(T, generator=g)[:n_train] for _ in range(n_all)])[batch.keys]
-            else:
-                steps = torch.randperm(T, generator=g)[:n_train].sort().values.expand(len(batch.keys), n_train)
-            for share in shares:
-                mb = batch.traj.select(share.rows)
-                adv = batch.advantages[share.rows.to(batch.advantages.device)]
-                for j in range(n_train):
-                    yield Micro(self._loss_fn(mb, adv, steps[share.rows, j], share), share, accumulate=n_train)
+                return torch.stack([torch.randperm(T, generator=g)[:n_train] for _ in range(n_all)])[batch.keys]
+            return torch.randperm(T, generator=g)[:n_train].sort().values.expand(len(batch.keys), n_train)
+
+        return ppo_micro_steps(self.run, "ddpo", batch.epoch, self.args, batch.traj, batch.advantages, batch.keys,
+                               steps, self._loss_fn)
 
     def _loss_fn(self, mb: Trajectory, adv, steps, share):
         def compute():

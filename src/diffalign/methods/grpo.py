@@ -32,7 +32,8 @@ import torch
 from ..config import ConfigError
 from ..losses import group_advantages, ppo_clip_loss, step_kl
 from ..trajectory import Trajectory
-from . import Method, Micro, register
+from . import Method, register
+from .policy_gradient import ppo_micro_steps, sample_and_score
 
 
 @dataclass
@@ -103,23 +104,17 @@ class GRPO(Method):
         run, a = self.run, self.args
         n, G = run.cfg.train.batch_size, a.group_size
         window = self.window(epoch)
-        sampler = self.sampler.replace(sde_steps=window)
-        trajs, rewards = [], []
-        slots = run.slots(epoch, "grpo", draw=lambda b: [p for p in run.draw_prompts(epoch, b, n=n // G)
-                                                          for _ in range(G)])
-        for slot in slots:
-            traj = sampler.sample(run.model, slot.local, generator=slot.generators)
-            trajs.append(traj)
-            rewards.append(run.score(run.model.decode(traj.final), slot.local))
-        global_r = run.dist.gather_batches(rewards)  # the global (batch, group, member) order
+        scored = sample_and_score(run, self.sampler.replace(sde_steps=window), epoch, "grpo",
+                                  draw=lambda b: [p for p in run.draw_prompts(epoch, b, n=n // G) for _ in range(G)])
+        global_r = scored.rewards  # the global (batch, group, member) order
         adv, keep = group_advantages(global_r, G, a.global_std)
-        local = torch.cat([slot.keys for slot in slots])
+        local = scored.keys
         adv, keep = adv[local], keep[local]
         rows = keep.nonzero().flatten()
         sde = list(range(self.sampler.num_steps)) if window is None else list(window)
         n_train = max(1, int(round(len(sde) * a.timestep_fraction)))
         pick = torch.randperm(len(sde), generator=run.generator("grpo-steps", epoch))[:n_train].sort().values
-        batch = Groups(Trajectory.cat(trajs).select(rows.to(run.device)),
+        batch = Groups(scored.traj.select(rows.to(run.device)),
                        adv[rows].clamp(-a.adv_clip, a.adv_clip).to(run.device), local[rows],
                        torch.tensor(sde)[pick], epoch)
         metrics = {"reward_mean": float(global_r.mean()), "reward_std": float(global_r.std()),
@@ -128,18 +123,13 @@ class GRPO(Method):
         return batch, metrics
 
     def micro_steps(self, batch: Groups):
-        n_train = len(batch.steps)
-        for inner in range(self.args.inner_epochs):
-            g = self.run.generator("grpo-perm", batch.epoch, inner)
-            for share in self.run.minibatches(batch.keys, self.args.minibatches, g):
-                mb = batch.traj.select(share.rows)
-                adv = batch.advantages[share.rows.to(batch.advantages.device)]
-                for step in batch.steps.tolist():
-                    yield Micro(self._loss_fn(mb, adv, step, share), share, accumulate=n_train)
+        every = batch.steps.expand(len(batch.keys), len(batch.steps))  # the same steps for every sample
+        return ppo_micro_steps(self.run, "grpo", batch.epoch, self.args, batch.traj, batch.advantages, batch.keys,
+                               lambda g: every, self._loss_fn)
 
-    def _loss_fn(self, mb: Trajectory, adv, step: int, share):
+    def _loss_fn(self, mb: Trajectory, adv, steps: torch.Tensor, share):
         def compute():
-            run, s = self.run, self.sampler
+            run, s, step = self.run, self.sampler, int(steps[0])  # one step for the whole minibatch
             x_t, x_prev = mb.latents[:, step], mb.latents[:, step + 1]
             t = mb.timesteps[step]
             out = s.step(run.model, x_t, t, mb.cond, prev_sample=x_prev)
