@@ -21,7 +21,7 @@ from diffalign.train import resolve_config, train
 
 def test_loads_as_latent_text_model(sd):
     m = load_model(sd)
-    assert m.sample_shape == (4, 8, 8) and m.info["resolution"] == 32
+    assert m.sample_shape == (4, 8, 8) and m.pipeline.resolution == 32
     cond = m.encode_prompts(["a cat", "a dog", "a cat"])
     assert cond.shape == (3, 77, 32)
     assert torch.equal(cond[0], cond[2]) and not torch.equal(cond[0], cond[1])

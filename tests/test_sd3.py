@@ -36,7 +36,7 @@ def unpack(m, cond):
 
 def test_loads_as_latent_text_model(sd3):
     m = load_model(sd3)
-    assert m.sample_shape == (16, 8, 8) and m.info["resolution"] == 32 and m.info["t5"]
+    assert m.sample_shape == (16, 8, 8) and m.pipeline.resolution == 32 and m.pipeline.t5
     assert sorted(m.parts) == ["text_encoder", "text_encoder_2", "text_encoder_3", "vae"]
     cond = m.encode_prompts(["a cat", "a dog", "a cat"])
     assert torch.equal(cond[0], cond[2]) and not torch.equal(cond[0], cond[1])
@@ -56,7 +56,7 @@ def test_folder_without_t5(sd3_no_t5):
     """model_index.json lists text_encoder_3 as null: zeros in place of the T5 tokens, as the SD3
     pipeline gives with text_encoder_3=None."""
     m = load_model(sd3_no_t5)
-    assert not m.info["t5"] and "text_encoder_3" not in m.parts
+    assert not m.pipeline.t5 and "text_encoder_3" not in m.parts
     embeds, pooled = unpack(m, m.encode_prompts(PROMPTS))
     assert embeds[:, 77:].abs().max() == 0 and embeds[:, :77].abs().max() > 0
     with torch.no_grad():
@@ -166,7 +166,7 @@ def test_sampler_matches_the_diffusers_pipeline(which, request):
     latents = torch.randn(2, *m.sample_shape, generator=torch.Generator().manual_seed(0))
     ours = Sampler(num_steps=4, eta=0.0, guidance_scale=3.0).sample(m, PROMPTS, latents=latents,
                                                                      with_logprob=False).final
-    pipe = diffusers_pipeline(folder, **({} if m.info["t5"] else {"text_encoder_3": None, "tokenizer_3": None}))
+    pipe = diffusers_pipeline(folder, **({} if m.pipeline.t5 else {"text_encoder_3": None, "tokenizer_3": None}))
     theirs = pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.0, latents=latents.clone(),
                   sigmas=inference_sigmas(4), output_type="latent").images
     assert (ours - theirs).abs().max() < 1e-4 and (ours - latents).abs().max() > 1e-2

@@ -46,7 +46,7 @@ def write_pipeline(base: str | Path, dest: Path, denoiser, component: str = "une
 
 def component(model) -> str:
     """The denoiser's subfolder in its pipeline, also its LoRA key prefix: 'unet', or 'transformer' (SD3)."""
-    return model.info.get("component", "unet")
+    return model.pipeline.component if model.pipeline else "unet"
 
 
 def pipeline_folder(model) -> Path | None:

@@ -31,22 +31,23 @@ def pipeline_loop(model, sampler, prompts, generator):
     """The reference for a pipeline folder: the diffusers pipeline's own loop, same components."""
     from ..export import pipeline_class
 
-    pipe = model.info.get("_pipe")
+    info = model.pipeline
+    pipe = info.pipe
     if pipe is None:
         parts = model.parts
         pipe = pipeline_class(model.path)(vae=parts["vae"], text_encoder=parts["text_encoder"],
-                                          tokenizer=model.info["tokenizer"], unet=model.denoiser,
+                                          tokenizer=info.tokenizer, unet=model.denoiser,
                                           scheduler=model.scheduler, safety_checker=None, feature_extractor=None,
                                           requires_safety_checker=False)
         pipe.set_progress_bar_config(disable=True)
-        model.info["_pipe"] = pipe
-    size = model.info["resolution"]
+        info.pipe = pipe
+    size = info.resolution
     latents = sampler.noise(model, len(prompts), generator)
     # a flow pipeline runs its ODE (no eta) on our grid (diffalign.flow.inference_sigmas: no last micro-step)
     kw = {"sigmas": inference_sigmas(sampler.num_steps)} if is_flow(model.scheduler) else {"eta": sampler.eta}
     return pipe(list(prompts), height=size, width=size, num_inference_steps=sampler.num_steps,
                 guidance_scale=sampler.guidance_scale, latents=latents, generator=generator, **kw,
-                negative_prompt=[model.info.get("negative_prompt", "")] * len(prompts), output_type="latent").images
+                negative_prompt=[info.negative_prompt] * len(prompts), output_type="latent").images
 
 
 def is_pipeline(model) -> bool:

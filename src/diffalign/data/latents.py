@@ -35,7 +35,7 @@ def encode(model, images: torch.Tensor, batch_size: int = BATCH) -> torch.Tensor
 
 def resolution(model) -> int | None:
     """The square image size a latent model encodes (None: a pixel model, images as they are)."""
-    return model.info.get("resolution") if "vae" in model.parts else None
+    return model.pipeline.resolution if model.pipeline and "vae" in model.parts else None
 
 
 def fit(image: torch.Tensor, size: int | None) -> torch.Tensor:

@@ -55,6 +55,20 @@ class EvalSpace:
 
 
 @dataclass
+class PipelineInfo:
+    """What a model loaded from a diffusers pipeline folder carries beyond its parts: for `diffalign export`
+    and for the reference loops that run the pipeline itself on the same components."""
+
+    name: str  # the diffusers pipeline class, e.g. 'StableDiffusionPipeline'
+    resolution: int  # image side in pixels
+    component: str = "unet"  # the denoiser's folder in the pipeline ('transformer': SD3)
+    negative_prompt: str = ""
+    tokenizer: object = None  # SD 1.x/2.x: the CLIP tokenizer (the pipeline is rebuilt from the parts)
+    t5: bool = False  # SD3: the folder has its T5 encoder
+    pipe: object = None  # the diffusers pipeline on the same components, once built
+
+
+@dataclass
 class DiffusionModel:
     name: str
     denoiser: nn.Module
@@ -73,7 +87,8 @@ class DiffusionModel:
     eval_space: Callable[[], EvalSpace | None] = lambda: None
     make_field_net: Callable[[], nn.Module] | None = None  # fresh small net: denoiser's inputs, zero output
     parts: dict[str, nn.Module] = field(default_factory=dict)  # other modules (VAE, text encoder, ...)
-    info: dict = field(default_factory=dict)
+    pipeline: PipelineInfo | None = None  # set for a model loaded from a diffusers pipeline folder
+    info: dict = field(default_factory=dict)  # anything else a model keeps (toy2d: its mixture)
 
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """Raw denoiser output for a batch; `t` is a scalar or (B,) tensor of timesteps."""

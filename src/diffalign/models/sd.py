@@ -29,7 +29,7 @@ from typing import Callable, Sequence
 import torch
 
 from . import register_pipeline
-from .base import DiffusionModel, ModelFolderError, zero_output
+from .base import DiffusionModel, ModelFolderError, PipelineInfo, zero_output
 
 PARTS = {  # subfolder -> files it must hold (any one of each tuple)
     "unet": (("config.json",), ("diffusion_pytorch_model.safetensors",)),
@@ -148,12 +148,12 @@ def read_parts(folder: Path, networks: dict[str, type], tokenizers: tuple[str, .
 
 def latent_model(folder: Path, denoiser, vae, scheduler, encode: Callable[[list[str]], torch.Tensor],
                  device: Callable[[], torch.device], resolution: int | None, negative_prompt: str,
-                 field_net: Callable[[int], torch.nn.Module], shift: float = 0.0, info: dict | None = None,
+                 field_net: Callable[[int], torch.nn.Module], shift: float = 0.0, pipeline: dict | None = None,
                  **fields) -> DiffusionModel:
     """A pipeline folder's `DiffusionModel` in `vae`'s latent space, at `resolution` (None = the denoiser's
     default): prompts through `encode(prompts)` (cached per prompt), the negative prompt as the null condition,
     `field_net(latent side)` for a second field. `fields` are the rest (forward, LoRA targets, defaults,
-    parts); `info` gets the resolution and the negative prompt."""
+    parts); `pipeline` holds the `PipelineInfo` fields besides the resolution and the negative prompt."""
     size, factor = image_size(denoiser, vae, resolution)
     side = size // factor
     decode, encode_images = vae_codec(vae, size, vae.config.scaling_factor, shift)
@@ -170,7 +170,7 @@ def latent_model(folder: Path, denoiser, vae, scheduler, encode: Callable[[list[
         path=str(folder),
         image_encoder=encode_images,
         make_field_net=lambda: field_net(side),
-        info={**(info or {}), "resolution": size, "negative_prompt": negative_prompt},
+        pipeline=PipelineInfo(resolution=size, negative_prompt=negative_prompt, **(pipeline or {})),
         **fields,
     )
 
@@ -222,5 +222,5 @@ def build(folder: Path, unet, vae, text_encoder, tokenizer, scheduler, resolutio
         guidance_scale=GUIDANCE_SCALE,
         num_inference_steps=NUM_INFERENCE_STEPS,
         parts={"vae": vae, "text_encoder": text_encoder},
-        info={"pipeline": index.get("_class_name", "StableDiffusionPipeline"), "tokenizer": tokenizer},
+        pipeline={"name": index.get("_class_name", "StableDiffusionPipeline"), "tokenizer": tokenizer},
     )

@@ -119,6 +119,6 @@ def build(folder: Path, parts: dict, scheduler, resolution: int | None = None,
         guidance_scale=GUIDANCE_SCALE,
         num_inference_steps=NUM_INFERENCE_STEPS,
         parts={k: v for k, v in parts.items() if isinstance(v, torch.nn.Module) and k != "transformer"},
-        info={"pipeline": "StableDiffusion3Pipeline", "component": "transformer",
-              "t5": parts["text_encoder_3"] is not None, "_pipe": pipe},
+        pipeline={"name": "StableDiffusion3Pipeline", "component": "transformer",
+                  "t5": parts["text_encoder_3"] is not None, "pipe": pipe},
     )
