@@ -110,7 +110,7 @@ class Trainer:
         if loss is not None and loss.requires_grad:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} in method '{self.cfg.method}'; lower optim.lr")
-            self.acc.backward(loss / micro.accumulate if micro.accumulate > 1 else loss)
+            self.acc.backward(loss / micro.accumulate)
         return {k: float(v) for k, v in metrics.items()}
 
     def optimizer_step(self) -> None:

@@ -41,6 +41,7 @@ from typing import Callable
 
 from torch import nn
 
+from ..processes import Share
 from ..registry import did_you_mean, import_all
 
 METHODS: dict[str, type] = {}
@@ -58,8 +59,9 @@ class Micro:
     gradient) means nothing to backpropagate."""
 
     compute: Callable
-    share: object = None  # a `processes.Share`, or None: every process computes
+    share: Share | None = None  # None: every process computes
     accumulate: int = 1
+
 
 @dataclass
 class Trainable:

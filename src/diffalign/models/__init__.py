@@ -155,6 +155,6 @@ def load_model(name: str, device: str | None = None, progress: bool = True, **op
     return model
 
 
-__all__ = ["DiffusionModel", "EvalSpace", "PipelineInfo", "MODELS", "model_entry", "list_models", "load_model", "model_defaults",
-           "model_names", "register_model",
-           "register_pipeline", "is_path", "load_folder", "ModelFolderError"]
+__all__ = ["DiffusionModel", "EvalSpace", "PipelineInfo", "MODELS", "model_entry", "list_models", "load_model",
+           "model_defaults", "model_names", "register_model", "register_pipeline", "is_path", "load_folder",
+           "ModelFolderError"]
