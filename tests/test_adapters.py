@@ -20,6 +20,8 @@ def test_lora_starts_at_base_trains_only_adapters_and_reference_is_base(tiny, tm
     assert not torch.allclose(den(x, t, c), base)
     with adapters.adapters_disabled(den):
         torch.testing.assert_close(den(x, t, c), base)
+        # the switch leaves requires_grad alone (FSDP swaps parameter objects inside a forward)
+        assert [n for n, p in den.named_parameters() if p.requires_grad] == trainable
     assert [n for n, p in den.named_parameters() if p.requires_grad] == trainable  # restored
     # save in the diffusers layout and load into a fresh model
     adapters.save_lora(den, tmp_path / "lora")

@@ -57,20 +57,23 @@ def has_lora(denoiser: torch.nn.Module) -> bool:
 
 @contextlib.contextmanager
 def adapters_disabled(denoiser: torch.nn.Module):
-    """Within the block the denoiser computes the frozen base model (the reference)."""
+    """Within the block the denoiser computes the frozen base model (the reference).
+
+    It sets peft's per-layer switch (`_disable_adapters`, what every LoRA forward reads) rather than
+    calling `enable_adapters`, which also flips requires_grad: under FSDP the parameter objects a
+    module holds change between its sharded and gathered forms during a forward, so flags flipped on
+    one form and restored on the other would leave trained parameters frozen."""
     layers = [m for m in unwrap(denoiser).modules() if isinstance(m, BaseTunerLayer)]
     if not layers:
         raise RuntimeError("the denoiser has no LoRA adapters, so there is no adapter-free reference")
-    grads = {id(p): p.requires_grad for m in layers for p in m.parameters()}
+    before = [m._disable_adapters for m in layers]
     for m in layers:
-        m.enable_adapters(False)
+        m._disable_adapters = True
     try:
         yield
     finally:
-        for m in layers:
-            m.enable_adapters(True)
-            for p in m.parameters():  # restore exactly what was trainable before
-                p.requires_grad_(grads[id(p)])
+        for m, flag in zip(layers, before):
+            m._disable_adapters = flag
 
 
 def config_dict(config: LoraConfig) -> dict:
@@ -79,10 +82,12 @@ def config_dict(config: LoraConfig) -> dict:
 
 
 def write_lora(denoiser: torch.nn.Module, folder: str | Path, config: LoraConfig | None = None,
-               prefix: str = PREFIX) -> None:
+               prefix: str = PREFIX, state: dict | None = None) -> None:
     """Write the adapters (diffusers layout, alpha / rank in the metadata) into the existing `folder`;
-    `prefix`: the denoiser's component in the pipeline ('unet.', or 'transformer.' for SD3)."""
-    state = get_peft_model_state_dict(unwrap(denoiser))
+    `prefix`: the denoiser's component in the pipeline ('unet.', or 'transformer.' for SD3);
+    `state`: the denoiser's state dict to take them from (default: its own; a sharded run
+    passes the whole tensors gathered from its shards)."""
+    state = get_peft_model_state_dict(unwrap(denoiser), state_dict=state)
     metadata = {"format": "pt"}
     if config is not None:
         cfg = config_dict(config)

@@ -9,6 +9,9 @@ after epoch 12 exactly as an uninterrupted run would:
 - `method.safetensors`: the tensors of the method's state, if any;
 - `state.json`: next epoch, counters, the LR schedule's state, and the method's state
   (tensors replaced by references into method.safetensors).
+A sharded run (`train.sharding: fsdp`) writes `shards/` instead of `modules/` and
+`optimizer.pt`: `torch.distributed.checkpoint`'s files, each process its shards of the
+modules and of the optimizer state; they load into any number of processes.
 Folders are written under a temporary name and renamed into place, so a crash mid-write
 leaves the previous checkpoint intact and no half-written one. Randomness needs no saved
 state: every epoch reseeds from (run seed, epoch).
@@ -41,16 +44,21 @@ def atomic_dir(final: str | Path):
     tmp.mkdir()
     try:
         yield tmp
-        old = None
-        if final.exists():
-            old = final.parent / f".old-{final.name}-{os.getpid()}"
-            os.replace(final, old)
-        os.replace(tmp, final)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
+        replace_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` in place of `final` (renames only)."""
+    old = None
+    if final.exists():
+        old = final.parent / f".old-{final.name}-{os.getpid()}"
+        os.replace(final, old)
+    os.replace(tmp, final)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:
@@ -99,14 +107,75 @@ def save(folder: Path, modules: dict[str, torch.nn.Module], optimizer, state: di
         for name, module in modules.items():
             save_file(module_state(module), str(tmp / "modules" / f"{name}.safetensors"))
         torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-        tensors: dict = {}
-        method_json = split_tensors(method_state or {}, tensors)
-        if tensors:
-            save_file(tensors, str(tmp / "method.safetensors"))
-        (tmp / "state.json").write_text(json.dumps({**state, "method": method_json}, indent=1))
+        write_state(tmp, state, method_state)
+    prune(folder, keep)
+    return final
+
+
+def write_state(tmp: Path, state: dict, method_state: dict | None) -> None:
+    """state.json, and method.safetensors for the method state's tensors."""
+    tensors: dict = {}
+    method_json = split_tensors(method_state or {}, tensors)
+    if tensors:
+        save_file(tensors, str(tmp / "method.safetensors"))
+    (tmp / "state.json").write_text(json.dumps({**state, "method": method_json}, indent=1))
+
+
+def prune(folder: Path, keep: int) -> None:
     for old in list_checkpoints(folder)[:-keep] if keep > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# ---- sharded checkpoints (train.sharding: fsdp) -------------------------------------------
+SHARDS = "shards"
+
+
+def sharded_state(container: torch.nn.Module, optimizer) -> dict:
+    """The trained modules' state (trainable parameters and buffers) and the optimizer's, as
+    `torch.distributed.checkpoint` saves and loads them: each process its own shards."""
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    keep = {n for n, p in container.named_parameters() if p.requires_grad} | {n for n, _ in container.named_buffers()}
+    modules = {k: v for k, v in get_model_state_dict(container).items() if k in keep}
+    return {"modules": modules, "optimizer": get_optimizer_state_dict(container, optimizer)}
+
+
+def save_sharded(folder: Path, container: torch.nn.Module, optimizer, state: dict, method_state: dict | None,
+                 keep: int, dist) -> Path:
+    """`save` for sharded runs; every process calls it. Each process writes its shards of the
+    modules (`container`: a ModuleDict of them by name) and of the optimizer state into
+    `shards/`, the main process state.json; the folder is renamed into place by the main
+    process only after every process has finished writing, so a crash leaves no half checkpoint."""
+    import torch.distributed.checkpoint as dcp
+
+    final = Path(folder) / f"epoch-{state['epoch']:06d}"
+    tmp = final.parent / f".tmp-{final.name}"  # the same name on every process
+    if dist.is_main:
+        final.parent.mkdir(parents=True, exist_ok=True)
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+    dist.barrier()
+    dcp.save(sharded_state(container, optimizer), checkpoint_id=str(tmp / SHARDS))
+    dist.barrier()
+    if dist.is_main:
+        write_state(tmp, state, method_state)
+        replace_dir(tmp, final)
+        prune(folder, keep)
+    dist.barrier()
     return final
+
+
+def load_sharded(path: Path, container: torch.nn.Module, optimizer) -> None:
+    """Restore modules and optimizer from `path/shards` (any process count, sharded or not)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = sharded_state(container, optimizer)
+    dcp.load(state, checkpoint_id=str(path / SHARDS))
+    set_model_state_dict(container, state["modules"], options=StateDictOptions(strict=False))
+    set_optimizer_state_dict(container, optimizer, state["optimizer"])
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
@@ -123,25 +192,39 @@ def latest(folder: str | Path) -> Path | None:
 
 
 def load(path: Path, modules: dict[str, torch.nn.Module], optimizer=None) -> tuple[dict, dict]:
-    """Restore every module (and the optimizer, if given) from a checkpoint folder;
-    return (state, method_state)."""
+    """Restore every module (and the optimizer, if given) from a checkpoint folder, plain or
+    sharded (`shards/`, any process count); return (state, method_state)."""
     path = Path(path)
     if (path / "trainable.safetensors").exists():
         raise ValueError(f"checkpoint {path} was written by diffalign < 0.2 (trainable.safetensors): "
                          "this version cannot resume it; start the run again")
-    needed = [f"modules/{n}.safetensors" for n in modules] + ["optimizer.pt", "state.json"]
+    sharded = (path / SHARDS).is_dir()
+    needed = ["state.json"] + ([f"{SHARDS}/.metadata"] if sharded else
+                               [f"modules/{n}.safetensors" for n in modules] + ["optimizer.pt"])
     missing = [n for n in needed if not (path / n).exists()]
     if missing:
         raise FileNotFoundError(f"checkpoint {path} is incomplete (missing {', '.join(missing)}); delete it to "
                                 "resume from the previous one")
     try:
-        saved = {n: load_file(str(path / "modules" / f"{n}.safetensors")) for n in modules}
-        opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
         state = json.loads((path / "state.json").read_text())
         tensors = load_file(str(path / "method.safetensors")) if (path / "method.safetensors").exists() else {}
+        if sharded:
+            load_sharded(path, torch.nn.ModuleDict(modules), getattr(optimizer, "optimizer", optimizer))
+        else:
+            saved = {n: load_file(str(path / "modules" / f"{n}.safetensors")) for n in modules}
+            opt_state = torch.load(path / "optimizer.pt", weights_only=True, map_location="cpu")
     except Exception as e:  # corrupt file: say which checkpoint and what to do
-        raise ValueError(f"checkpoint {path} is corrupt ({type(e).__name__}: {e}); delete it to resume from the "
-                         "previous one") from e
+        raise ValueError(f"checkpoint {path} is corrupt or was written by another config ({type(e).__name__}: {e}); "
+                         "delete it to resume from the previous one") from e
+    if not sharded:
+        _copy_into(path, modules, saved)
+        if optimizer is not None:
+            optimizer.load_state_dict(opt_state)
+    method_state = join_tensors(state.pop("method", {}), tensors)
+    return state, method_state
+
+
+def _copy_into(path: Path, modules: dict[str, torch.nn.Module], saved: dict) -> None:
     for name, module in modules.items():
         own = dict(module.named_parameters()) | dict(module.named_buffers())
         unknown = [k for k in saved[name] if k not in own or own[k].shape != saved[name][k].shape]
@@ -151,7 +234,3 @@ def load(path: Path, modules: dict[str, torch.nn.Module], optimizer=None) -> tup
         with torch.no_grad():
             for k, t in saved[name].items():
                 own[k].copy_(t.to(own[k].device))
-    if optimizer is not None:
-        optimizer.load_state_dict(opt_state)
-    method_state = join_tensors(state.pop("method", {}), tensors)
-    return state, method_state

@@ -92,6 +92,8 @@ class TrainConfig:
     sample_grid_every: int = 0  # epochs between sample grids (0 = start and end only)
     reward_budget: int = 0  # stop before an epoch would take the training reward queries past this (0 = off)
     gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory, slower)
+    sharding: str = "none"  # 'fsdp': shard trained networks over processes with PyTorch FSDP2 (diffalign.sharding)
+    cpu_offload: bool = False  # with sharding fsdp: keep sharded parameters, gradients and optimizer state on the CPU
 
     def validate(self, where: str):
         _check(self.epochs >= 1, f"{where}.epochs", "must be >= 1")
@@ -100,6 +102,9 @@ class TrainConfig:
         _check(self.batches_per_epoch >= 1, f"{where}.batches_per_epoch", "must be >= 1")
         _check(self.mixed_precision in ("no", "fp16", "bf16"), f"{where}.mixed_precision", "must be no, fp16 or bf16")
         _check(self.checkpoint_every >= 1, f"{where}.checkpoint_every", "must be >= 1")
+        _check(self.sharding in ("none", "fsdp"), f"{where}.sharding", "must be 'none' or 'fsdp'")
+        _check(not self.cpu_offload or self.sharding == "fsdp", f"{where}.cpu_offload",
+               "offloads sharded state: set train.sharding: fsdp as well")
 
 
 @dataclass

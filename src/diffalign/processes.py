@@ -21,13 +21,17 @@ class Share:
     rows: torch.Tensor  # (n_local,) indices into this process's items (CPU), in the minibatch's order
     size: int  # items in the global minibatch, over all processes
     processes: int
+    pad: bool = False  # this process holds none of the minibatch: `rows` is a padding item whose loss counts zero
 
     def __len__(self) -> int:
         return len(self.rows)
 
     def mean(self, per_item: torch.Tensor) -> torch.Tensor:
         """The local part of the global minibatch mean: with gradients averaged over processes
-        (the training loop does that), the update is the mean over the whole minibatch."""
+        (the training loop does that), the update is the mean over the whole minibatch.
+        A padding share gives zero, still connected to the graph (its backward runs)."""
+        if self.pad:
+            return per_item.sum() * 0.0
         return per_item.mean() * (len(self.rows) * self.processes / self.size)
 
 
@@ -36,6 +40,9 @@ class Processes:
 
     def __init__(self, accelerator=None, device: str | torch.device = "cpu"):
         self.acc = accelerator
+        # sharded training: every process must run every forward, so a process holding nothing of a
+        # minibatch gets a padding share instead of an empty one (`Share.pad`)
+        self.lockstep = False
         self.count = accelerator.num_processes if accelerator else 1
         self.index = accelerator.process_index if accelerator else 0
         self.device = accelerator.device if accelerator else torch.device(device)
@@ -60,6 +67,10 @@ class Processes:
 
             raise ConfigError(f"config key '{key}' = {n} is not divisible by the {self.count} processes: use a "
                               f"multiple of {self.count}")
+
+    def barrier(self) -> None:
+        if self.acc is not None:
+            self.acc.wait_for_everyone()
 
     def positions(self, n: int) -> torch.Tensor:
         """Positions (CPU, long) of this process's rows in a global batch of n."""
@@ -125,5 +136,8 @@ class Processes:
                 rows = order[pos[hit]]
             else:
                 rows = keys
-            shares.append(Share(rows, len(part), self.count))
+            if self.lockstep and len(rows) == 0:
+                shares.append(Share(order[:1], len(part), self.count, pad=True))
+            else:
+                shares.append(Share(rows, len(part), self.count))
         return shares

@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from . import adapters, checkpoint
+from . import adapters, checkpoint, sharding
 from .config import ConfigError, RunConfig, dump_config
 from .context import Run
 from .export import component, pipeline_folder, write_pipeline
@@ -48,9 +48,11 @@ class Trainer:
         self.acc = self.run.acc
         self.method = build(self.run, args)
         self.modules = modules_of(self.method, self.run)
+        for tr in self.modules.values():
+            tr.module.to(self.run.device)
+        self.sharded = shard_modules(self)  # {name: True when sharded}; {} without train.sharding: fsdp
         self.params, groups = {}, []
         for name, tr in self.modules.items():
-            tr.module.to(self.run.device)
             self.params[name] = [p for p in tr.module.parameters() if p.requires_grad]
             if not self.params[name]:
                 raise ValueError(f"method '{cfg.method}': module '{name}' has no trainable parameters")
@@ -102,8 +104,10 @@ class Trainer:
         return {k: sum(v) / len(v) for k, v in sums.items()}
 
     def backward(self, micro: Micro) -> dict:
-        """Backward of one micro-batch's loss (divided by its accumulation count); its metrics."""
-        if micro.share is not None and len(micro.share) == 0:
+        """Backward of one micro-batch's loss (divided by its accumulation count); its metrics
+        (none for a padding share, which computes only to keep sharded processes in step)."""
+        share = micro.share
+        if share is not None and len(share) == 0 and not share.pad:
             return {}
         with self.acc.autocast():
             loss, metrics = micro.compute()
@@ -111,7 +115,12 @@ class Trainer:
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} in method '{self.cfg.method}'; lower optim.lr")
             self.acc.backward(loss / micro.accumulate)
-        return {k: float(v) for k, v in metrics.items()}
+        return {} if share is not None and share.pad else {k: float(v) for k, v in metrics.items()}
+
+    @property
+    def lockstep(self) -> bool:
+        """Sharded: every process runs every forward (evaluation included)."""
+        return self.run.dist.lockstep
 
     def optimizer_step(self) -> None:
         if self.run.processes > 1:
@@ -130,7 +139,9 @@ class Trainer:
     def _average_gradients(self) -> None:
         """Mean of every module's gradient over processes; a module no process touched keeps none
         (AdamW then leaves it alone: no momentum or weight-decay step)."""
-        names = list(self.params)
+        names = [n for n in self.params if not self.sharded.get(n)]  # FSDP's reduce-scatter averaged the rest
+        if not names:
+            return
         touched = torch.tensor([float(any(p.grad is not None for p in self.params[n])) for n in names],
                                device=self.run.device)
         touched = self.acc.reduce(touched, reduction="sum")
@@ -155,7 +166,12 @@ class Trainer:
 
     def save_checkpoint(self) -> None:
         self.acc.wait_for_everyone()
-        if self.acc.is_main_process:
+        if self.sharded:
+            checkpoint.save_sharded(self.out / "checkpoints", torch.nn.ModuleDict({n: tr.module for n, tr in
+                                                                                   self.modules.items()}),
+                                    self.optimizer.optimizer, self.state(), self.method_state(),
+                                    self.cfg.train.keep_checkpoints, self.run.dist)
+        elif self.acc.is_main_process:
             checkpoint.save(self.out / "checkpoints", {n: tr.module for n, tr in self.modules.items()}, self.optimizer,
                             self.state(), self.method_state(), keep=self.cfg.train.keep_checkpoints)
         self.acc.wait_for_everyone()
@@ -167,15 +183,26 @@ class Trainer:
         self.lr_schedule.load_state_dict(state["lr_schedule"])
         self.method.load_state_dict(method_state)
 
-    def save_weights(self, folder: Path) -> None:
+    def full_weights(self) -> dict | None:
+        """Sharded runs: every module's trainable state, whole, gathered on the main process (every
+        process must call this: it is a collective). None for unsharded runs."""
+        if not self.sharded:
+            return None
+        return {n: sharding.full_state(tr.module, trainable_only=True) for n, tr in self.modules.items()}
+
+    def save_weights(self, folder: Path, full: dict | None = None) -> None:
         """final/: the denoiser as diffusers loads it (LoRA file, or a `unet/` folder) when the
-        method trains it, and every other module as `<name>.safetensors`."""
+        method trains it, and every other module as `<name>.safetensors`. `full`: what
+        `full_weights` gathered (sharded runs)."""
         den = adapters.unwrap(self.run.model.denoiser)
+        if full is not None and "denoiser" in full and self.run.lora_config is None:
+            den = sharding.plain_copy(den, full["denoiser"])  # an unsharded copy, for save_pretrained
         with checkpoint.atomic_dir(folder) as tmp:
             if "denoiser" not in self.modules:
                 pass  # e.g. DDO: the pretrained weights are the aligned model's, unchanged
             elif self.run.lora_config is not None:
-                adapters.write_lora(den, tmp, self.run.lora_config, component(self.run.model) + ".")
+                adapters.write_lora(den, tmp, self.run.lora_config, component(self.run.model) + ".",
+                                    state=None if full is None else full["denoiser"])
             elif pipeline_folder(self.run.model) is not None:  # full fine-tune of a pipeline: the whole folder
                 write_pipeline(pipeline_folder(self.run.model), tmp, den, component(self.run.model))
             elif hasattr(den, "save_pretrained"):  # full fine-tune: a diffusers `unet/` folder
@@ -184,7 +211,41 @@ class Trainer:
                 raise TypeError(f"cannot save a {type(den).__name__}: it has no save_pretrained")
             for name, tr in self.modules.items():
                 if name != "denoiser":
-                    save_file(checkpoint.module_state(tr.module), str(tmp / f"{name}.safetensors"))
+                    state = checkpoint.module_state(tr.module) if full is None else full[name]
+                    save_file(state, str(tmp / f"{name}.safetensors"))
+
+
+def shard_modules(trainer: Trainer) -> dict[str, bool]:
+    """With `train.sharding: fsdp` and several processes: FSDP2 on every trained network and on the
+    frozen reference copy (`diffalign.sharding`); {name: sharded?}. {} otherwise."""
+    cfg, run = trainer.cfg, trainer.run
+    if cfg.train.sharding != "fsdp":
+        return {}
+    if run.processes == 1:
+        run.say("train.sharding: fsdp needs several processes (launch with `torchrun --nproc_per_node N` or "
+                "`accelerate launch --num_processes N`); this run has one, so it trains unsharded")
+        return {}
+    policy = sharding.Policy(cfg.train.mixed_precision, cfg.train.cpu_offload)
+    done = {name: sharding.shard(tr.module, policy) for name, tr in trainer.modules.items()}
+    if run.ref_denoiser is not None:
+        sharding.shard(run.ref_denoiser, policy)
+    run.dist.lockstep = True
+    return done
+
+
+def sharding_line(trainer: Trainer) -> str:
+    """What `train.sharding: fsdp` shards in this run, and what every process keeps whole."""
+    if not trainer.sharded:
+        return ""
+    on = [n for n, s in trainer.sharded.items() if s] + (["reference copy"] if trainer.run.ref_denoiser is not None
+                                                         else [])
+    whole = [f"{n} (has a 0-d parameter)" for n, s in trainer.sharded.items() if not s]
+    whole += ["frozen parts (VAE, text encoders) and rewards"]
+    state = sorted(trainer.method.state_dict())
+    if state:
+        whole.append(f"the method's own state ({', '.join(state)}: not a network)")
+    return (f"\nsharding fsdp over {trainer.run.processes} processes: sharded {', '.join(on)}; "
+            f"whole on every process: {'; '.join(whole)}")
 
 
 def start_run(cfg: RunConfig, out: Path, resume: bool) -> None:
@@ -260,7 +321,8 @@ def describe(trainer: Trainer) -> str:
     return (f"method {cfg.method} | model {cfg.model} | reward {run.reward.name} | processes {run.processes} | "
             f"modules {modules}\n"
             f"batch size {cfg.train.batch_size} ({run.local_batch} per process) x {cfg.train.batches_per_epoch} "
-            f"batches = {cfg.train.batch_size * cfg.train.batches_per_epoch} samples per epoch, " + length)
+            f"batches = {cfg.train.batch_size * cfg.train.batches_per_epoch} samples per epoch, " + length
+            + sharding_line(trainer))
 
 
 def base_evaluation(trainer: Trainer) -> dict:
@@ -268,10 +330,14 @@ def base_evaluation(trainer: Trainer) -> dict:
     from .eval import base_context, evaluate
 
     acc, run, path = trainer.acc, trainer.run, trainer.out / "eval_base.json"
-    if acc.is_main_process and not path.exists():
+    main = acc.is_main_process
+    acc.wait_for_everyone()
+    if (main or trainer.lockstep) and not path.exists():  # sharded: every process samples (main writes)
         with base_context(run):
-            base = evaluate(run, run.sampler, grid_path=trainer.out / "samples" / "base.png", label="base")
-        checkpoint.atomic_write_text(path, json.dumps(base, indent=1))
+            base = evaluate(run, run.sampler, grid_path=trainer.out / "samples" / "base.png" if main else None,
+                            label="base")
+        if main:
+            checkpoint.atomic_write_text(path, json.dumps(base, indent=1))
     acc.wait_for_everyone()
     return json.loads(path.read_text())
 
@@ -300,13 +366,15 @@ def periodic_evaluation(trainer: Trainer, metrics: dict) -> None:
     from .eval import evaluate
 
     cfg, acc, run, epoch = trainer.cfg, trainer.acc, trainer.run, trainer.epoch
+    main = acc.is_main_process
     if cfg.eval.every and epoch % cfg.eval.every == 0 and epoch < cfg.train.epochs:
-        if acc.is_main_process:
+        if main or trainer.lockstep:
             ev = evaluate(run, trainer.sampler)
             metrics.update({f"eval_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
         acc.wait_for_everyone()
-    if cfg.train.sample_grid_every and epoch % cfg.train.sample_grid_every == 0 and acc.is_main_process:
-        evaluate(run, trainer.sampler, grid_path=trainer.out / "samples" / f"epoch-{epoch:04d}.png", label="")
+    if cfg.train.sample_grid_every and epoch % cfg.train.sample_grid_every == 0 and (main or trainer.lockstep):
+        evaluate(run, trainer.sampler, grid_path=trainer.out / "samples" / f"epoch-{epoch:04d}.png" if main else None,
+                 label="")
 
 
 class EpochLog:
@@ -358,13 +426,15 @@ def finish(trainer: Trainer, base: dict):
     from .eval import Summary, compare, evaluate, write_report_images, write_result
 
     acc, run, out = trainer.acc, trainer.run, trainer.out
-    summary = None
+    summary, main = None, acc.is_main_process
     trainer.set_training(False)
-    if acc.is_main_process:
-        aligned = evaluate(run, trainer.sampler, grid_path=out / "samples" / "final.png", label="final",
-                           kl=run.has_reference)
+    full = trainer.full_weights()  # sharded: gathered on the main process (a collective)
+    if main or trainer.lockstep:  # sharded: every process samples, the main one writes
+        aligned = evaluate(run, trainer.sampler, grid_path=out / "samples" / "final.png" if main else None,
+                           label="final", kl=run.has_reference)
+    if main:
         aligned.update(compare(base, aligned))
-        trainer.save_weights(out / "final")
+        trainer.save_weights(out / "final", full)
         summary = Summary(method=trainer.cfg.method, model=trainer.cfg.model, reward=run.reward.name,
                           eval_reward=run.eval_reward.name if run.eval_reward else None, base=base, aligned=aligned,
                           reward_queries=run.reward_queries, wall_s=round(trainer.wall_prev, 2), epochs=trainer.epoch,

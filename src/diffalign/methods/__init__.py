@@ -9,6 +9,7 @@ provides (`ddpo.py` is a complete example):
 - `name`, `description` (one line), `Config` (dataclass of its `args:`, one comment per field);
 - `requires_logprob` (eta > 0 needed), `requires_reference` (the frozen base is used),
   `requires_differentiable_reward`; `offline_data` (learns from a file, queries no reward);
+  `second_order` (its loss holds a gradient of a trained network, so it cannot be sharded);
 - `defaults`: config values it prefers, applied under the user's config (dotted keys);
 - `__init__(self, run, args)`: cheap — checks and module construction only. Evaluation
   builds the method too (for its modules and sampler), so heavy work goes in `start`;
@@ -83,6 +84,7 @@ class Method:
     requires_reference = False  # the frozen base is used (full fine-tuning then keeps a copy)
     requires_differentiable_reward = False
     offline_data = False  # learns from a file (args.data) and queries no reward
+    second_order = False  # its loss differentiates through a trained network twice (no FSDP sharding then)
     defaults: dict = {}  # config values the method prefers, under the user's config (dotted keys)
     sampler = None  # the aligned model's `Sampler`; None: the run's plain sampler
 
@@ -164,6 +166,11 @@ def resolve_config(path=None, overrides=None, base: dict | None = None):
         )
     if method_cls.requires_logprob:
         check_stochastic_steps(cfg)
+    if method_cls.second_order and cfg.train.sharding == "fsdp":
+        raise ConfigError(
+            f"method '{cfg.method}' differentiates through the denoiser twice (its loss holds a gradient of the "
+            "network's output), and FSDP's sharding hooks do not support double backward: set "
+            "train.sharding: none (data parallel: every process holds the whole model)")
     return cfg, args
 
 

@@ -93,6 +93,7 @@ class Batch:
 class NablaGFN(Method):
     name = "nabla-gfn"
     description = "∇-GFlowNet: residual ∇-DB, fine-tunes towards p_ref·R^β while keeping diversity (Liu et al. 2025)"
+    second_order = True  # the loss holds ∇ₓ log p_θ (create_graph): no FSDP
     requires_logprob = True
     requires_reference = True
     requires_differentiable_reward = True
