@@ -206,3 +206,30 @@ def test_fsdp_on_a_tiny_stable_diffusion_folder(sd, tmp_path):
     assert any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k), "training moved the adapters"
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     pipe.load_lora_weights(tmp_path / "lora" / "final")  # diffusers reads the sharded run's file
+
+
+def test_fsdp_bf16_policy_and_cpu_offload_run(tmp_path):
+    """bf16 mixed precision (weights gathered in bf16, gradients reduced in fp32) with CPU offload:
+    the run finishes, and the trained weights it writes are fp32 and moved."""
+    spec = dict(DIGITS, train=dict(DIGITS["train"], epochs=1))
+    _torchrun("train", str(_yaml(tmp_path, spec, sharding="fsdp", mixed_precision="bf16", cpu_offload=True)),
+              "--out", str(tmp_path / "bf16"), port=29574)
+    w = _unet(tmp_path / "bf16")
+    base = load_file(str(next((Path(os.environ["DIFFALIGN_CACHE"])).glob("digits-*/unet/*.safetensors"))))
+    assert all(v.dtype == torch.float32 for v in w.values())
+    assert max((w[k] - base[k]).abs().max() for k in w) > 1e-5
+
+
+def test_bench_memory_sharding_halves_the_state_per_process():
+    """`diffalign bench memory --sharding`'s measurement: the digits UNet's parameters, gradients and
+    AdamW state per process, 2 FSDP processes against one (goal <= 0.55x; padding makes it >= 0.5x)."""
+    from diffalign.bench.memory import bench_sharding
+
+    config = str(Path(__file__).parents[1] / "configs" / "ddpo_digits.yaml")
+    rows = bench_sharding({"digits": (config, ["lora.enabled=false", "train.batches_per_epoch=1", "args.minibatches=1",
+                                               "sampling.num_steps=4", "eval.reward=null"])})["rows"]
+    one, dp, fsdp = rows
+    assert (one["processes"], dp["sharding"], fsdp["sharding"]) == (1, "none", "fsdp")
+    assert one["total"] == dp["total"] and one["parameters"] > 2e6  # the UNet's 652k fp32 weights, whole
+    assert one["gradients"] == one["parameters"] and one["optimizer"] >= 2 * one["parameters"]
+    assert 0.5 <= fsdp["vs_one_process"] <= 0.55

@@ -10,7 +10,7 @@
     diffalign export RUN_DIR --out DIR [--merge]
     diffalign bench sampler [--model NAME|PATH] [--batch N] [--steps S]
     diffalign bench step [--methods a,b] [--repeats R]
-    diffalign bench memory [--config alignprop.yaml] [--steps K]
+    diffalign bench memory [--config alignprop.yaml] [--steps K]   or   bench memory --sharding [--processes 1,2]
     diffalign bench suite --suite digits|toy2d|digits-flow|toy2d-flow|digits-minority [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
     diffalign demo [--out DIR]
     diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
@@ -128,8 +128,30 @@ def _models(a) -> int:
     return 0
 
 
+def _bench_sharding(a) -> int:
+    """Per-process trained state, unsharded vs FSDP, on a digits UNet and a tiny SD UNet (full fine-tunes)."""
+    import tempfile
+
+    from .bench.memory import bench_sharding, format_sharding
+    from .models import tiny
+
+    config = str(Path(a.configs) / "ddpo_digits.yaml")
+    common = ["lora.enabled=false", "train.batches_per_epoch=1", "args.minibatches=1", "sampling.num_steps=4",
+              "eval.reward=null"]
+    folder = a.model if a.model != "digits" else str(tiny.make_tiny_sd(Path(tempfile.mkdtemp()) / "sd", seed=0))
+    name = "tiny SD 1.x UNet" if a.model == "digits" else a.model
+    configs = {"digits UNet": (config, common),
+               name: (config, common + [f"model={folder}", "reward=ink", "prompts=[a cat, a dog]"])}
+    r = bench_sharding(configs, tuple(int(n) for n in a.processes.split(",")))
+    print(json.dumps(r, indent=1))
+    print(format_sharding(r))
+    return 0
+
+
 def _bench(a) -> int:
     what = a.what or ("suite" if a.suite else None)
+    if what == "memory" and a.sharding:
+        return _bench_sharding(a)
     if what == "memory":
         from .bench.memory import bench_memory, format_memory
 
@@ -309,6 +331,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampler, step (one update vs bare forward+backward), memory (one AlignProp update with and "
                         "without gradient checkpointing), or suite (implied by --suite)")
     b.add_argument("--config", help="(memory) the config to measure (default configs/alignprop_digits.yaml)")
+    b.add_argument("--sharding", action="store_true",
+                   help="(memory) per-process parameters + gradients + AdamW state, unsharded vs train.sharding: fsdp, "
+                        "on the digits UNet and a tiny SD UNet (or --model PATH)")
+    b.add_argument("--processes", default="1,2", help="(memory --sharding) process counts, e.g. 1,2,4")
     b.add_argument("--suite", help="digits, toy2d, digits-flow, toy2d-flow or digits-minority")
     b.add_argument("--methods", help="comma-separated methods/config names (default: the suite's)")
     b.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")

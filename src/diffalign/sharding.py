@@ -74,7 +74,7 @@ class Policy:
         if dtype is not None:
             out["mp_policy"] = MixedPrecisionPolicy(param_dtype=dtype, reduce_dtype=torch.float32)
         if self.cpu_offload:
-            out["offload_policy"] = CPUOffloadPolicy()
+            out["offload_policy"] = CPUOffloadPolicy(pin_memory=torch.cuda.is_available())  # pinning needs a GPU
         return out
 
 

@@ -1,5 +1,7 @@
 """`diffalign bench memory`: peak memory of one training update, with and without gradient
-checkpointing (issue: AlignProp through the whole sampling chain on digits).
+checkpointing (issue: AlignProp through the whole sampling chain on digits); with `--sharding`,
+the bytes each process holds of the trained parameters, their gradients and the AdamW state,
+for 1 and more processes, unsharded and with `train.sharding: fsdp` (`bench_sharding`).
 
 Each variant runs in its own process (`python -m diffalign.bench.memory ...`), so one
 does not inherit the other's allocator state. There, after the run is built and one
@@ -58,6 +60,85 @@ def measure(config: str, overrides: list[str]) -> dict:
     return out
 
 
+def measure_state(config: str, overrides: list[str]) -> dict | None:
+    """Per-process bytes of trained parameters, gradients (after the first optimizer step's
+    backward passes) and optimizer state (after that step), for a full fine-tune; every process of a
+    torchrun launch calls this, the main one returns {"processes": [...per process...]}."""
+    from ..methods import resolve_config
+    from ..sharding import local_bytes, state_bytes
+    from ..train import Trainer
+
+    cfg, args = resolve_config(config, overrides)
+    tr = Trainer(cfg, args, tempfile.mkdtemp())
+    with torch.no_grad():
+        batch, _ = tr.method.collect(0)
+    tr.set_training(True)
+    params = [p for ps in tr.params.values() for p in ps]
+    micros = iter(tr.method.micro_steps(batch))
+    first = next(micros)
+    for micro in [first] + [next(micros) for _ in range(first.accumulate - 1)]:
+        tr.backward(micro)
+    grads = local_bytes([p.grad for p in params])
+    tr.optimizer_step()
+    mine = dict(state_bytes(params, tr.optimizer.optimizer), gradients=grads)
+    every = tr.run.dist.gather(torch.tensor([[mine["parameters"], mine["gradients"], mine["optimizer"]]],
+                                            dtype=torch.float64)).tolist()
+    tr.acc.wait_for_everyone()
+    if tr.run.processes > 1:
+        torch.distributed.destroy_process_group()
+    return {"processes": [dict(zip(("parameters", "gradients", "optimizer"), map(int, row))) for row in every],
+            "sharded": bool(tr.sharded)} if tr.run.dist.is_main else None
+
+
+def bench_sharding(configs: dict[str, tuple[str, list[str]]], processes: tuple[int, ...] = (1, 2)) -> dict:
+    """For each named (config, overrides): one process unsharded, then each count in `processes`
+    (> 1) unsharded and with `train.sharding: fsdp`, each launched apart (torchrun)."""
+    rows = []
+    for name, (config, overrides) in configs.items():
+        for n in processes:
+            for mode in (("none",) if n == 1 else ("none", "fsdp")):
+                args = [config, *overrides, f"train.sharding={mode}", f"train.batch_size={2 * max(processes)}"]
+                cmd = ([sys.executable] if n == 1 else
+                       [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_addr",
+                        "127.0.0.1", "--master_port", str(_free_port())])
+                r = subprocess.run([*cmd, "-m", "diffalign.bench.memory", "--state", *args], capture_output=True,
+                                   text=True)
+                if r.returncode:
+                    raise RuntimeError(f"bench memory --sharding ({name}, {n} processes, {mode}) failed:\n"
+                                       f"{r.stderr[-3000:]}")
+                result = json.loads(r.stdout.strip().splitlines()[-1])
+                rows.append({"model": name, "processes": n, "sharding": mode, **_worst(result["processes"])})
+    for row in rows:
+        one = next(r for r in rows if r["model"] == row["model"] and r["processes"] == 1)
+        row["vs_one_process"] = row["total"] / one["total"]
+    return {"rows": rows}
+
+
+def _worst(per_process: list[dict]) -> dict:
+    """The process holding the most (shards can differ by padding)."""
+    worst = max(per_process, key=lambda d: sum(d.values()))
+    return {**worst, "total": sum(worst.values())}
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def format_sharding(result: dict) -> str:
+    lines = ["| model | processes | sharding | parameters (MB) | gradients (MB) | AdamW state (MB) | total per process (MB) "
+             "| vs 1 process |", "|---|---:|---|---:|---:|---:|---:|---:|"]
+    mb = 2 ** 20
+    for r in result["rows"]:
+        lines.append(f"| {r['model']} | {r['processes']} | {r['sharding']} | {r['parameters'] / mb:.2f} | "
+                     f"{r['gradients'] / mb:.2f} | {r['optimizer'] / mb:.2f} | {r['total'] / mb:.2f} | "
+                     f"{r['vs_one_process']:.2f}x |")
+    return "\n".join(lines)
+
+
 def bench_memory(config: str = "configs/alignprop_digits.yaml", grad_steps: int = 20, extra: list[str] = (),
                  toggle: str = "args.checkpoint") -> dict:
     """One update with and without checkpointing, each in a fresh process; gradients through the
@@ -83,4 +164,9 @@ def format_memory(result: dict) -> str:
 
 
 if __name__ == "__main__":
-    print(json.dumps(measure(sys.argv[1], sys.argv[2:])))
+    if sys.argv[1] == "--state":
+        out = measure_state(sys.argv[2], sys.argv[3:])
+        if out is not None:
+            print(json.dumps(out))
+    else:
+        print(json.dumps(measure(sys.argv[1], sys.argv[2:])))
