@@ -102,6 +102,27 @@ def test_fsdp_settings_are_checked(tmp_path, capsys):
     assert (tmp_path / "one" / "checkpoints" / "epoch-000001" / "optimizer.pt").exists()  # unsharded
 
 
+def test_the_run_says_what_is_sharded_and_what_stays_whole():
+    from types import SimpleNamespace
+
+    from diffalign.train import sharding_line
+
+    class M:
+        def __init__(self):
+            self.teacher = torch.nn.Linear(2, 2)  # a network the method keeps for itself
+
+        def state_dict(self):
+            return {"mu": torch.zeros(1)}
+
+    den = torch.nn.Linear(2, 2)
+    tr = SimpleNamespace(sharded={"denoiser": True, "value": False}, method=M(),
+                         modules={"denoiser": SimpleNamespace(module=den), "value": SimpleNamespace(module=None)},
+                         run=SimpleNamespace(processes=2, ref_denoiser=None, model=SimpleNamespace(denoiser=den)))
+    line = sharding_line(tr)
+    assert "sharded denoiser;" in line and "value (has a 0-d parameter)" in line
+    assert "networks the method holds itself (teacher)" in line and "own state (mu: not a network)" in line
+
+
 # ---- two processes ---------------------------------------------------------------------------
 def test_fsdp_two_processes_match_one_process_and_data_parallel(tmp_path):
     """Full fine-tune of the digits UNet (DDPO, 2 minibatches x 2 epochs = 4 optimizer steps):
@@ -233,3 +254,53 @@ def test_bench_memory_sharding_halves_the_state_per_process():
     assert one["total"] == dp["total"] and one["parameters"] > 2e6  # the UNet's 652k fp32 weights, whole
     assert one["gradients"] == one["parameters"] and one["optimizer"] >= 2 * one["parameters"]
     assert 0.5 <= fsdp["vs_one_process"] <= 0.55
+
+
+def test_sharded_checkpoint_resumes_in_one_process(tmp_path):
+    """A sharded checkpoint loads into another process count: a 2-process FSDP run cut back to its
+    first checkpoint (later files deleted, as a crash would leave it) resumes with one process,
+    unsharded, and ends with the uninterrupted run's weights up to rounding."""
+    import shutil
+
+    cfg = _yaml(tmp_path, DIGITS, sharding="fsdp", keep_checkpoints=10)
+    _torchrun("train", str(cfg), "--out", str(tmp_path / "full"), port=29575)
+    shutil.copytree(tmp_path / "full", tmp_path / "cut")
+    for late in ("final", "summary.json", "checkpoints/epoch-000002"):
+        shutil.rmtree(tmp_path / "cut" / late) if (tmp_path / "cut" / late).is_dir() else (tmp_path / "cut" / late).unlink()
+    from diffalign.run_folder import open_run
+
+    run = open_run(tmp_path / "cut")
+    cfg_one, args = resolve_config(tmp_path / "cut" / "config.yaml")
+    s = train(cfg_one, args, tmp_path / "cut", resume=True)
+    assert s["processes"] == 1 and run.checkpoint.name == "epoch-000001"
+    assert_same_up_to_rounding(_unet(tmp_path / "full"), _unet(tmp_path / "cut"), lr=1e-4, steps=2)
+
+
+def test_fsdp_on_sd3_and_with_a_network_the_method_holds(sd3, tmp_path):
+    """GRPO fully fine-tuning a tiny SD3 transformer (per transformer block) with its frozen reference
+    copy sharded, and constrained training with a distillation constraint (its starting model is the
+    run's reference copy, sharded too; μ stays whole): both match two data-parallel processes, and
+    the SD3 run's final/ loads with from_pretrained."""
+    from diffusers import StableDiffusion3Pipeline
+
+    grpo = {"method": "grpo", "model": sd3, "reward": "ink", "prompts": ["a cat", "a dog"], "sampling": {"num_steps": 4},
+            "lora": {"enabled": False}, "optim": {"lr": 1e-4}, "args": {"group_size": 2},
+            "train": {"batch_size": 4, "batches_per_epoch": 1, "epochs": 1}, "eval": {"reward": None, "per_prompt": 2}}
+    constrained = {"method": "constrained", "model": "digits", "reward": "ink", "prompts": ["3"],
+                   "sampling": {"num_steps": 4, "guidance_scale": 1.0}, "optim": {"lr": 1e-3},
+                   "train": {"epochs": 1, "batch_size": 8, "batches_per_epoch": 2},
+                   "eval": {"reward": None, "per_prompt": 2},
+                   "args": {"data": "digits:classes=3:count=20",
+                            "constraints": [{"data": "samples:8", "kind": "distill", "bound": 0.01}]}}
+    for i, spec in enumerate((grpo, constrained)):
+        _torchrun("train", str(_yaml(tmp_path, spec, f"dp{i}.yaml")), "--out", str(tmp_path / f"dp{i}"), port=29576 + 2 * i)
+        r = _torchrun("train", str(_yaml(tmp_path, spec, f"f{i}.yaml", sharding="fsdp")), "--out",
+                      str(tmp_path / f"fsdp{i}"), port=29577 + 2 * i)
+        sub = "transformer" if i == 0 else "unet"
+        a, b = (load_file(str(tmp_path / run / "final" / sub / "diffusion_pytorch_model.safetensors"))
+                for run in (f"dp{i}", f"fsdp{i}"))
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert "sharded denoiser, reference copy;" in r.stdout and "the method's own state (bounds, counters, mu" in r.stdout
+    pipe = StableDiffusion3Pipeline.from_pretrained(tmp_path / "fsdp0" / "final")
+    b = load_file(str(tmp_path / "fsdp0" / "final" / "transformer" / "diffusion_pytorch_model.safetensors"))
+    assert torch.equal(pipe.transformer.state_dict()["pos_embed.proj.weight"], b["pos_embed.proj.weight"])

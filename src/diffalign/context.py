@@ -157,6 +157,12 @@ class Run:
         needs no reference keeps none (no second copy of the weights)."""
         return self.ref_denoiser is not None or self.lora_config is not None
 
+    def keep_reference(self) -> None:
+        """For a method whose args decide that it needs the frozen base: with full fine-tuning, keep a
+        copy now (call from the method's __init__, before the trainer shards the networks)."""
+        if self.lora_config is None and self.ref_denoiser is None:
+            self.ref_denoiser = copy.deepcopy(self.model.denoiser).requires_grad_(False).eval()
+
     @contextlib.contextmanager
     def reference(self):
         """Inside, `self.model` computes the frozen base model."""

@@ -241,6 +241,12 @@ def sharding_line(trainer: Trainer) -> str:
                                                          else [])
     whole = [f"{n} (has a 0-d parameter)" for n, s in trainer.sharded.items() if not s]
     whole += ["frozen parts (VAE, text encoders) and rewards"]
+    known = {id(tr.module) for tr in trainer.modules.values()} | {id(trainer.run.model.denoiser),
+                                                                  id(trainer.run.ref_denoiser)}
+    held = [n for n, v in vars(trainer.method).items() if isinstance(v, torch.nn.Module) and id(v) not in known
+            and any(True for _ in v.parameters())]
+    if held:
+        whole.append(f"networks the method holds itself ({', '.join(held)})")
     state = sorted(trainer.method.state_dict())
     if state:
         whole.append(f"the method's own state ({', '.join(state)}: not a network)")

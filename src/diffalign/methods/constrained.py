@@ -33,7 +33,6 @@ subject to L_i ≤ b_i on each constraint set (`args.constraints`).
 
 from __future__ import annotations
 
-import copy
 import warnings
 from dataclasses import dataclass, field
 
@@ -92,7 +91,7 @@ class Constrained(Method):
     name = "constrained"
     description = ("Constrained diffusion: denoising loss on the data subject to losses on constraint sets ≤ b_i, "
                    "by primal-dual training (Khalafi, Ding & Ribeiro 2024)")
-    requires_reference = False  # `distill` keeps its own frozen copy of the starting model
+    requires_reference = False  # `distill` asks the run for the frozen base (`run.keep_reference`) in __init__
     defaults = {"lora.enabled": False, "optim.lr": 1e-4, "optim.grad_clip": 1.0, "optim.weight_decay": 0.0}
 
     @dataclass
@@ -137,6 +136,8 @@ class Constrained(Method):
                 raise ConfigError("constraints on the starting model ('distill', 'samples:N') need args.init = "
                                   "pretrained: a freshly initialised model has nothing to stay close to")
             _reinitialise(run.model.denoiser, seed_for(run.cfg.seed, "scratch-init"))
+        if any(c.kind == "distill" for c in args.constraints):
+            run.keep_reference()  # the starting model (init: pretrained) is the run's frozen base
         self.mu = torch.full((len(self.names),), float(args.mu_init))
         self.bounds = torch.zeros(len(self.names))
         self.window = torch.zeros(len(self.names))  # sum of constraint losses since the last dual step
@@ -148,15 +149,12 @@ class Constrained(Method):
         self.history: list = []  # per dual step: [primal step, μ..., L̂...]
         self.main = None
         self.sets: list[Set] = []
-        self.start_denoiser = None
 
     # ---- data ------------------------------------------------------------------------
     def start(self):
         """Load every set and measure relative bounds, with the starting model: errors here write nothing."""
         a, run = self.args, self.run
         self.main = self._load(a.data or self._own_data(), "main")
-        if any(c.kind == "distill" for c in a.constraints):
-            self.start_denoiser = copy.deepcopy(run.model.denoiser).requires_grad_(False).eval()
         self.sets = []
         for i, (c, name) in enumerate(zip(a.constraints, self.names)):
             s = self._samples(c.data, name) if c.data.startswith("samples:") else self._load(c.data, name)
@@ -261,8 +259,8 @@ class Constrained(Method):
         cond = self._cond(s, idx, drop)
         x_t, target = noised(self.run, s.x[idx], eps, ts)
         if s.kind == "distill":
-            with torch.no_grad():
-                target = model.forward(self.start_denoiser, x_t, ts, cond).detach()
+            with torch.no_grad(), self.run.reference():
+                target = model.forward(model.denoiser, x_t, ts, cond).detach()
         return denoising_error(model.predict_noise(x_t, ts, cond), target)
 
     def _minibatch_loss(self, s: Set, n: int, g: torch.Generator) -> torch.Tensor:
