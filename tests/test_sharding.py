@@ -227,6 +227,11 @@ def test_fsdp_on_a_tiny_stable_diffusion_folder(sd, tmp_path):
     assert any(v.abs().max() > 0 for k, v in b.items() if "lora_B" in k), "training moved the adapters"
     torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
     pipe.load_lora_weights(tmp_path / "lora" / "final")  # diffusers reads the sharded run's file
+    from diffalign.cli import main
+
+    assert main(["export", str(tmp_path / "lora"), "--out", str(tmp_path / "merged"), "--merge"]) == 0
+    merged = StableDiffusionPipeline.from_pretrained(tmp_path / "merged", safety_checker=None)
+    assert any(not torch.equal(v, base[k]) for k, v in merged.unet.state_dict().items() if k in base)  # LoRA fused
 
 
 def test_fsdp_bf16_policy_and_cpu_offload_run(tmp_path):

@@ -137,6 +137,8 @@ def sharded_state(container: torch.nn.Module, optimizer) -> dict:
 
     keep = {n for n, p in container.named_parameters() if p.requires_grad} | {n for n, _ in container.named_buffers()}
     modules = {k: v for k, v in get_model_state_dict(container).items() if k in keep}
+    if optimizer is None:  # weights only (diffalign export, eval)
+        return {"modules": modules}
     return {"modules": modules, "optimizer": get_optimizer_state_dict(container, optimizer)}
 
 
@@ -167,7 +169,8 @@ def save_sharded(folder: Path, container: torch.nn.Module, optimizer, state: dic
 
 
 def load_sharded(path: Path, container: torch.nn.Module, optimizer) -> None:
-    """Restore modules and optimizer from `path/shards` (any process count, sharded or not)."""
+    """Restore modules and optimizer (None: modules only) from `path/shards` (any process count,
+    sharded or not)."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import (StateDictOptions, set_model_state_dict,
                                                          set_optimizer_state_dict)
@@ -175,7 +178,8 @@ def load_sharded(path: Path, container: torch.nn.Module, optimizer) -> None:
     state = sharded_state(container, optimizer)
     dcp.load(state, checkpoint_id=str(path / SHARDS))
     set_model_state_dict(container, state["modules"], options=StateDictOptions(strict=False))
-    set_optimizer_state_dict(container, optimizer, state["optimizer"])
+    if optimizer is not None:
+        set_optimizer_state_dict(container, optimizer, state["optimizer"])
 
 
 def list_checkpoints(folder: str | Path) -> list[Path]:
