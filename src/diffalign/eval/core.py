@@ -64,7 +64,7 @@ def evaluate(run, sampler, grid_path: Path | None = None, label: str = "", per_p
     has an evaluation space (`model.eval_space()`): diversity within prompts, Fréchet
     distance to real data, class histogram, and the space's extras (toy2d: the distance to
     the exact optimum). `kl=True` adds the path KL to the reference: `run.reference()`
-    sampled by the run's plain sampler."""
+    sampled by the run's plain sampler (both at eta 1 when `sampler` is deterministic)."""
     cfg = run.cfg
     per_prompt = per_prompt or cfg.eval.per_prompt
     seed = cfg.eval.seed if seed is None else seed
@@ -89,8 +89,11 @@ def evaluate(run, sampler, grid_path: Path | None = None, label: str = "", per_p
         from .kl import path_kl
 
         all_prompts, gens = eval_set(run.model.device, run.prompts, per_prompt, seed, "eval-kl")
+        ref_sampler = run.sampler
+        if sampler.eta == 0:  # deterministic paths have no KL: measure it on the stochastic paths (eta 1)
+            sampler, ref_sampler = sampler.replace(eta=1.0), ref_sampler.replace(eta=1.0)
         with eval_mode(run.model):
-            k = path_kl(run.model, sampler, run.reference, run.sampler, all_prompts, gens)
+            k = path_kl(run.model, sampler, run.reference, ref_sampler, all_prompts, gens)
         result["kl"], result["kl_std"] = float(k.mean()), float(k.std())
     if grid_path is not None:
         save_grid(images, prompts, grid_path, title=f"{label} {run.reward.name} = {result['reward_mean']:.3f}")

@@ -27,12 +27,13 @@ class Scored:
     prompts: list[str]  # the global prompts, batch-major
 
 
-def sample_and_score(run, sampler, epoch: int, purpose: str, draw=None) -> Scored:
-    """Sample and score every rollout batch of the epoch (`run.slots(epoch, purpose, draw)`)."""
+def sample_and_score(run, sampler, epoch: int, purpose: str, draw=None, with_logprob: bool = True) -> Scored:
+    """Sample and score every rollout batch of the epoch (`run.slots(epoch, purpose, draw)`);
+    `with_logprob=False` for deterministic samplers (eta 0: the steps have no likelihood)."""
     slots = run.slots(epoch, purpose, draw)
     trajs, rewards = [], []
     for slot in slots:
-        traj = sampler.sample(run.model, slot.local, generator=slot.generators)
+        traj = sampler.sample(run.model, slot.local, generator=slot.generators, with_logprob=with_logprob)
         trajs.append(traj)
         rewards.append(run.score(run.model.decode(traj.final), slot.local))
     return Scored(Trajectory.cat(trajs), torch.cat([slot.keys for slot in slots]), torch.cat(rewards),
