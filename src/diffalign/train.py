@@ -19,6 +19,7 @@ seeded by (seed, epoch, i), so a run gives the same samples whatever the number 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import time
 from pathlib import Path
@@ -285,7 +286,8 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
     log = EpochLog(trainer)
     while trainer.epoch < stop and not budget_spent(trainer):
         metrics = run_epoch(trainer, log)
-        periodic_evaluation(trainer, metrics)
+        with log.paused():  # evaluation is not training time
+            periodic_evaluation(trainer, metrics)
         log.write(metrics)
         if trainer.epoch % cfg.train.checkpoint_every == 0 or trainer.epoch == stop or budget_spent(trainer):
             log.bank_time()
@@ -401,6 +403,15 @@ class EpochLog:
     def wall_s(self) -> float:
         """Training time so far, over every call that trained this run."""
         return self.trainer.wall_prev + time.time() - self.t0
+
+    @contextlib.contextmanager
+    def paused(self):
+        """The wall clock stops inside (periodic evaluation)."""
+        start = time.time()
+        try:
+            yield
+        finally:
+            self.t0 += time.time() - start
 
     def bank_time(self) -> None:
         """Add the time since the last bank to the trainer's (saved with its checkpoint)."""

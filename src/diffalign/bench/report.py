@@ -8,6 +8,10 @@
   the fixed evaluation set's reward of base and final model against the queries spent;
 - reward_vs_diversity.png: held-out (else training) reward against relative diversity: faint
   points per seed, the mean of each method variant joined into one front per algorithm;
+- reward_vs_wall.png: the evaluation set's reward (held-out where the suite has one) against
+  reward queries and against training wall time, base → periodic evaluations → final;
+- a race table: reward queries and wall time each method needed to reach half of, and all of,
+  the reference method's (GRPO's) gain over the base on the evaluation set;
 - samples.png: the first seed's final evaluation samples for every method.
 """
 
@@ -68,7 +72,8 @@ def write_report(out: str | Path, results: dict) -> Path:
     out = Path(out)
     ok = {**results, "rows": [r for r in results["rows"] if "failed" not in r]}  # diverged runs: in the table only
     rewarded = bool(results.get("budget"))
-    figs = [f for f in (reward_curves(out, ok) if rewarded else None, reward_vs_diversity(out, ok) if rewarded else None,
+    figs = [f for f in (reward_curves(out, ok) if rewarded else None, eval_curves(out, ok) if rewarded else None,
+                        reward_vs_diversity(out, ok) if rewarded else None,
                         sample_grids(out, ok), multiplier_curves(out, ok)) if f] if ok["rows"] else []
     rows = results["rows"]
     n_seeds = len({r["seed"] for r in rows})
@@ -114,10 +119,74 @@ def write_report(out: str | Path, results: dict) -> Path:
     shares = class_shares(results)
     if shares:
         lines += ["", shares]
+    race = race_table(ok) if rewarded else ""
+    if race:
+        lines += ["", race]
     lines += ["", *[f"![{f.stem}]({f.name})" for f in figs], ""]
     path = out / "report.md"
     checkpoint.atomic_write_text(path, "\n".join(lines))
     return path
+
+
+def reached(curve: list, target: float) -> tuple[float, float] | None:
+    """(reward queries, wall s) of the first evaluation at or above `target`, None if none is."""
+    return next(((q, w) for q, v, w in curve if v is not None and v >= target), None)
+
+
+def race_table(results: dict, reference: str = "grpo") -> str:
+    """Queries and wall time each method needed to add half, and all, of the reference method's mean
+    gain over the base to its own base on the evaluation set. Its own: a method evaluated with another
+    sampler (NFT and AWM: the deterministic one) has another base. Mean over the seeds that got there;
+    evaluations are every `eval.every` epochs, so a value is the first evaluation past the target."""
+    rows = [r for r in results["rows"] if r.get("eval_curve")]
+    ref = [r for r in rows if r["method"] == reference]
+    if not ref:
+        return ""
+    gain = statistics.mean(r["eval_curve"][-1][1] - r["eval_curve"][0][1] for r in ref)
+    if gain <= 0:
+        return f"Race: {reference} did not improve on its base ({gain:+.4f}), so there is no target to race to."
+    lines = [f"Race to {reference}'s gain on the evaluation set ({gain:+.4f} over its base): reward queries and "
+             "training wall time to the first evaluation at least half, and all, of that gain above the method's own "
+             "base (mean over the seeds that got there).", "",
+             "| method | own base | final | half the gain: queries | (wall s) | all of it: queries | (wall s) |",
+             "|---|---:|---:|---:|---:|---:|---:|"]
+    for m in dict.fromkeys(r["method"] for r in rows):
+        group = [r for r in rows if r["method"] == m]
+        base = statistics.mean(r["eval_curve"][0][1] for r in group)
+        cells = [f"{base:.4f}", f"{statistics.mean(r['eval_curve'][-1][1] for r in group):.4f}"]
+        for frac in (0.5, 1.0):
+            hits = [h for r in group if (h := reached(r["eval_curve"][1:], r["eval_curve"][0][1] + frac * gain))]
+            if not hits:
+                cells += [f"not reached (0 of {len(group)})", "–"]
+                continue
+            note = "" if len(hits) == len(group) else f" ({len(hits)} of {len(group)})"
+            walls = [w for _, w in hits if w is not None]
+            cells += [f"{statistics.mean(q for q, _ in hits):.0f}{note}",
+                      f"{statistics.mean(walls):.0f}" if len(walls) == len(hits) else "–"]
+        lines.append("| " + " | ".join([m, *cells]) + " |")
+    return "\n".join(lines)
+
+
+def eval_curves(out: Path, results: dict) -> Path | None:
+    """The evaluation set's reward against reward queries (left) and training wall time (right)."""
+    rows = [r for r in results["rows"] if r.get("eval_curve")]
+    if not rows:
+        return None
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    for i, m in enumerate(dict.fromkeys(r["method"] for r in rows)):
+        curves = [r["eval_curve"] for r in rows if r["method"] == m]
+        n = min(len(c) for c in curves)
+        for ax, col in zip(axes, (0, 2)):
+            xs = [statistics.mean(c[k][col] or 0 for c in curves) for k in range(n)]
+            ys = [statistics.mean(c[k][1] for c in curves) for k in range(n)]
+            ax.plot(xs, ys, marker=".", label=m, color=f"C{i % 10}")
+    for ax, label in zip(axes, ("reward queries", "training wall time (s)")):
+        ax.set_xlabel(label)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("evaluation-set reward (held-out where there is one)")
+    axes[1].legend(fontsize=7)
+    return _save(plt, fig, out / "reward_vs_wall.png")
 
 
 def class_shares(results: dict) -> str:

@@ -48,7 +48,8 @@ class Suite:
     base_row: bool = True  # report the base model (False: runs from scratch, whose base is a random init)
     classes: list[int] = field(default_factory=list)  # classes whose sample share the report tabulates
     configs: str | None = None  # config suite for methods without a `<method>_<suite>.yaml` of their own
-    overrides: list[str] = field(default_factory=list)  # applied to every cell (before --set and the variant's)
+    overrides: list[str] = field(default_factory=list)  # applied to cells whose config is borrowed (`configs`)
+    eval_every: int = 0  # epochs between evaluations of every cell (the race table's curves; 0 = start and end)
 
 
 def likelihood_methods() -> list[str]:
@@ -59,12 +60,13 @@ def likelihood_methods() -> list[str]:
     return sorted((n for n, _ in list_methods() if get_method(n).requires_logprob), key=lambda n: n != "grpo")
 
 
-FLOW_METHODS = likelihood_methods()
+FORWARD_METHODS = ["nft", "awm"]  # forward-process RL: no likelihoods, any sampler (configs of their own per suite)
+FLOW_METHODS = likelihood_methods() + FORWARD_METHODS
 
 SUITES = {
     "digits": Suite("digits", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "diffusion-dpo", "diffusion-kto",
-                               "nabla-gfn", "alignprop", "draft", "refl", "dpok"],
-                    budget=2048, seeds=3, per_prompt=20,
+                               "nabla-gfn", "alignprop", "draft", "refl", "dpok", *FORWARD_METHODS],
+                    budget=2048, seeds=3, per_prompt=20, eval_every=2,
                     quick={"seeds": 1, "budget": 512}),
     "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "nabla-gfn", "alignprop", "draft", "refl",
                              "dpok", "ddo", "ddo-dpo", "diffusion-dpo", "diffusion-kto"], budget=4096, seeds=3, per_prompt=1000,
@@ -73,9 +75,11 @@ SUITES = {
     # the SDE's noise level set (Flow-GRPO's a = 0.7); GRPO has configs of its own
     "digits-flow": Suite("digits-flow", FLOW_METHODS,
                          budget=2048, seeds=3, per_prompt=20, quick={"seeds": 1, "budget": 512}, configs="digits",
+                         eval_every=2,
                          overrides=["model=digits-flow", "sampling.eta=0.7"]),
     "toy2d-flow": Suite("toy2d-flow", FLOW_METHODS,
                         budget=4096, seeds=3, per_prompt=1000, quick={"seeds": 1, "budget": 2048}, configs="toy2d",
+                        eval_every=4,
                         overrides=["model=toy2d-flow", "sampling.eta=0.7"]),
     # budget 0: no reward is queried; every row trains its config's steps on the same data (constrained training)
     "digits-minority": Suite("digits", ["unconstrained", "constrained", "constrained-resilient"], budget=0, seeds=3,
@@ -134,7 +138,7 @@ def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None
     if p["budget"] < 1 and SUITES[suite].budget > 0:
         raise ValueError("--budget must be a positive number of reward queries")
     for name in p["methods"]:  # every config is valid before anything runs
-        resolve_config(config_path(configs, name, suite), _overrides(p, 0, offline=False)[:2] + cell_overrides(p, name))
+        resolve_config(config_path(configs, name, suite), _overrides(p, 0, offline=False)[:2] + cell_overrides(p, name, configs))
     settings = out / "bench.json"
     if settings.exists():
         prev = json.loads(settings.read_text())
@@ -161,10 +165,14 @@ def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None
     return results
 
 
-def cell_overrides(p: dict, name: str) -> list[str]:
-    """The suite's own overrides, the bench's `--set` overrides, then the method variant's own."""
+def cell_overrides(p: dict, name: str, configs: str | Path = "configs") -> list[str]:
+    """The suite's own overrides (for a config borrowed from another suite; a method's own config for
+    this suite is taken as written), the bench's `--set` overrides, then the method variant's own."""
     suite = SUITES.get(p.get("suite"))
-    return (list(suite.overrides) if suite else []) + list(p.get("overrides", [])) + variant(name)[1]
+    borrowed = suite is not None and bool(suite.configs) and not config_path(
+        Path(configs), name, p["suite"]).stem.endswith(p["suite"].replace("-", "_"))
+    every = [f"eval.every={suite.eval_every}"] if suite is not None and suite.eval_every else []
+    return every + (list(suite.overrides) if borrowed else []) + list(p.get("overrides", [])) + variant(name)[1]
 
 
 def _overrides(p: dict, seed: int, offline: bool) -> list[str]:
@@ -181,7 +189,7 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
     from ..train import resolve_config, train
 
     run = out / "runs" / name / f"seed-{seed}"
-    cfg, args = resolve_config(config_path(configs, name, p["suite"]), cell_overrides(p, name))
+    cfg, args = resolve_config(config_path(configs, name, p["suite"]), cell_overrides(p, name, configs))
     offline = getattr(get_method(cfg.method), "offline_data", False)
     data = ensure_pairs(p, out, seed, cfg) if offline else None
     if (run / "failed.json").exists():
@@ -195,7 +203,7 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
             else:
                 extra = [f"args.data={data['path']}"] if data else []
                 cfg, args = resolve_config(config_path(configs, name, p["suite"]),
-                                           _overrides(p, seed, offline) + extra + cell_overrides(p, name))
+                                           _overrides(p, seed, offline) + extra + cell_overrides(p, name, configs))
                 train(cfg, args, run)
         except (FloatingPointError, RewardError) as e:  # a setting that diverges is a result, not the end
             if isinstance(e, RewardError) and "images themselves contain NaN/inf" not in str(e):
@@ -250,11 +258,23 @@ def make_row(name: str, seed: int, run: Path, data: dict | None) -> dict:
         for key in METRICS:
             row[f"{prefix}_{key}"] = e.get(key)
     metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    row["curve"] = [[m["reward_queries"], m["reward_mean"]] for m in metrics if "reward_mean" in m]
+    row["curve"] = [[m["reward_queries"], m["reward_mean"], m.get("wall_s")] for m in metrics if "reward_mean" in m]
+    row["eval_curve"] = eval_curve(s, metrics)
     dual = [[m["epoch"] + 1, {k[3:]: v for k, v in m.items() if k.startswith("mu_")}] for m in metrics]
     if any(d for _, d in dual):  # constrained training: the multipliers per epoch
         row["mu_curve"] = dual
     return row
+
+
+def eval_curve(summary, metrics: list[dict]) -> list[list]:
+    """[reward queries, evaluation-set reward, wall s] from the base (0 queries) through the periodic
+    evaluations (`eval.every`) to the final model: the held-out reward where the run has one."""
+    held = summary.aligned.get("eval_reward_mean") is not None
+    key = "eval_reward_mean" if held else "reward_mean"
+    base = as_baseline(summary.base)
+    points = [[0, base.get(key), 0.0]]
+    points += [[m["reward_queries"], m[f"eval_{key}"], m.get("wall_s")] for m in metrics if f"eval_{key}" in m]
+    return points + [[summary.reward_queries, summary.aligned.get(key), summary.wall_s]]
 
 
 def _machine() -> dict:
