@@ -143,19 +143,19 @@ def test_flow_suites_run_the_ddim_configs_on_the_flow_model():
         assert (cfg.model, cfg.sampling.eta, cfg.seed) == (suite, 0.0, 3)
 
 
-def test_race_table_counts_queries_to_the_reference_gain_over_each_own_base():
-    """GRPO gains +0.2 over its base (mean of two seeds). NFT, evaluated with another sampler, starts from
-    its own base 0.5: half the gain (0.6) first at 128 queries, all of it (0.7) at 256 in one seed only."""
+def test_race_table_counts_queries_to_the_reference_reward_levels():
+    """GRPO goes from 0 to 0.2 (mean of two seeds): levels 0.1 (half-way) and 0.2. NFT, evaluated with
+    another sampler, starts at 0.15 (already past half-way) and reaches 0.2 at 256 queries in one seed."""
     from diffalign.bench.report import race_table
 
     rows = [{"method": "grpo", "eval_curve": [[0, 0.0, 0.0], [256, 0.1, 10.0], [512, 0.2, 20.0]]},
             {"method": "grpo", "eval_curve": [[0, 0.0, 0.0], [256, 0.15, 12.0], [512, 0.2, 22.0]]},
-            {"method": "nft", "eval_curve": [[0, 0.5, 0.0], [128, 0.62, 2.0], [256, 0.7, 4.0]]},
-            {"method": "nft", "eval_curve": [[0, 0.5, 0.0], [128, 0.6, 3.0], [256, 0.65, 6.0]]},
-            {"method": "awm", "eval_curve": [[0, 0.5, 0.0], [256, 0.55, 1.0]]}]
+            {"method": "nft", "eval_curve": [[0, 0.15, 0.0], [128, 0.17, 2.0], [256, 0.2, 4.0]]},
+            {"method": "nft", "eval_curve": [[0, 0.15, 0.0], [128, 0.16, 3.0], [256, 0.19, 6.0]]},
+            {"method": "awm", "eval_curve": [[0, -0.1, 0.0], [256, 0.05, 1.0]]}]
     table = race_table({"rows": rows})
-    assert "(+0.2000 over its base)" in table
-    assert "| grpo | 0.0000 | 0.2000 | 256 | 11 | 512 | 21 |" in table  # half (0.1): at 256 in both seeds
-    assert "| nft | 0.5000 | 0.6750 | 128 | 2 | 256 (1 of 2) | 4 |" in table
-    assert "| awm | 0.5000 | 0.5500 | not reached (0 of 1) | – | not reached (0 of 1) | – |" in table
+    assert "half-way (0.1000) and all the way (0.2000)" in table
+    assert "| grpo | 0.0000 | 0.2000 | 256 | 11 | 512 | 21 |" in table  # 0.1 reached at 256 in both seeds
+    assert "| nft | 0.1500 | 0.1950 | 0 (own base) | 0 | 256 (1 of 2) | 4 |" in table
+    assert "| awm | -0.1000 | 0.0500 | not reached (0 of 1) | – | not reached (0 of 1) | – |" in table
     assert race_table({"rows": rows[2:]}) == ""  # no reference method: no race

@@ -113,3 +113,31 @@ def test_forward_methods_raise_the_reward(tmp_path, method, model):
         "train": {"epochs": 3, "batch_size": 32, "batches_per_epoch": 1}, "args": {"group_size": 8, "minibatches": 2}})
     s = train(cfg, args, tmp_path / "run")
     assert s["final_reward_mean"] > s["base_reward_mean"], s
+
+
+@pytest.mark.parametrize("method", ["nft", "awm"])
+def test_two_processes_match_one(tmp_path, method):
+    """Global minibatches, per-sample noise and grid times drawn by global sample index, the anchor
+    updated from the same weights: torchrun with 2 processes ends with one process's weights."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import yaml
+    from safetensors.torch import load_file
+
+    spec = {"method": method, "model": "toy2d", "reward": "quadratic", "prompts": [""], "sampling": {"num_steps": 6},
+            "train": {"epochs": 3, "batch_size": 16, "batches_per_epoch": 1}, "eval": {"reward": None, "per_prompt": 8},
+            "optim": {"lr": 1e-3}, "args": {"minibatches": 2, "decay_rate": 0.2}}
+    p = tmp_path / "c.yaml"
+    p.write_text(yaml.safe_dump(spec))
+    cfg, args = resolve_config(p)
+    train(cfg, args, tmp_path / "one")
+    torchrun = Path(sys.executable).with_name("torchrun")
+    r = subprocess.run([str(torchrun), "--nproc_per_node", "2", "--master_addr", "127.0.0.1", "--master_port",
+                        str({"nft": 29581, "awm": 29582}[method]), "-m", "diffalign.cli", "train", str(p), "--out",
+                        str(tmp_path / "two")], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    a, b = (load_file(str(tmp_path / x / "final" / "pytorch_lora_weights.safetensors")) for x in ("one", "two"))
+    assert any(v.abs().max() > 0 for k, v in a.items() if "lora_B" in k)
+    torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)

@@ -134,34 +134,38 @@ def reached(curve: list, target: float) -> tuple[float, float] | None:
 
 
 def race_table(results: dict, reference: str = "grpo") -> str:
-    """Queries and wall time each method needed to add half, and all, of the reference method's mean
-    gain over the base to its own base on the evaluation set. Its own: a method evaluated with another
-    sampler (NFT and AWM: the deterministic one) has another base. Mean over the seeds that got there;
-    evaluations are every `eval.every` epochs, so a value is the first evaluation past the target."""
+    """Reward queries and training wall time each method needed to reach the evaluation-set reward
+    levels half-way and all the way from the reference method's base to its final reward (mean over the
+    seeds that got there; evaluations come every `eval.every` epochs, so a value is the first evaluation
+    past the level). A method evaluated with another sampler (NFT and AWM: the deterministic one) has
+    another base: "0 (own base)" when that base is already past the level."""
     rows = [r for r in results["rows"] if r.get("eval_curve")]
     ref = [r for r in rows if r["method"] == reference]
     if not ref:
         return ""
-    gain = statistics.mean(r["eval_curve"][-1][1] - r["eval_curve"][0][1] for r in ref)
-    if gain <= 0:
-        return f"Race: {reference} did not improve on its base ({gain:+.4f}), so there is no target to race to."
-    lines = [f"Race to {reference}'s gain on the evaluation set ({gain:+.4f} over its base): reward queries and "
-             "training wall time to the first evaluation at least half, and all, of that gain above the method's own "
-             "base (mean over the seeds that got there).", "",
-             "| method | own base | final | half the gain: queries | (wall s) | all of it: queries | (wall s) |",
+    base = statistics.mean(r["eval_curve"][0][1] for r in ref)
+    final = statistics.mean(r["eval_curve"][-1][1] for r in ref)
+    if final <= base:
+        return f"Race: {reference} did not improve on its base ({base:.4f} → {final:.4f}): no level to race to."
+    levels = (base + 0.5 * (final - base), final)
+    lines = [f"Race to {reference}'s evaluation-set reward: queries and training wall time to the first evaluation "
+             f"at or past half-way ({levels[0]:.4f}) and all the way ({final:.4f}) from {reference}'s base "
+             f"({base:.4f}) to its final reward (mean over the seeds that got there).", "",
+             "| method | own base | final | half-way: queries | (wall s) | all the way: queries | (wall s) |",
              "|---|---:|---:|---:|---:|---:|---:|"]
     for m in dict.fromkeys(r["method"] for r in rows):
         group = [r for r in rows if r["method"] == m]
-        base = statistics.mean(r["eval_curve"][0][1] for r in group)
-        cells = [f"{base:.4f}", f"{statistics.mean(r['eval_curve'][-1][1] for r in group):.4f}"]
-        for frac in (0.5, 1.0):
-            hits = [h for r in group if (h := reached(r["eval_curve"][1:], r["eval_curve"][0][1] + frac * gain))]
+        cells = [f"{statistics.mean(r['eval_curve'][0][1] for r in group):.4f}",
+                 f"{statistics.mean(r['eval_curve'][-1][1] for r in group):.4f}"]
+        for level in levels:
+            hits = [h for r in group if (h := reached(r["eval_curve"], level))]
             if not hits:
                 cells += [f"not reached (0 of {len(group)})", "–"]
                 continue
             note = "" if len(hits) == len(group) else f" ({len(hits)} of {len(group)})"
+            queries = statistics.mean(q for q, _ in hits)
             walls = [w for _, w in hits if w is not None]
-            cells += [f"{statistics.mean(q for q, _ in hits):.0f}{note}",
+            cells += [("0 (own base)" if queries == 0 else f"{queries:.0f}") + note,
                       f"{statistics.mean(walls):.0f}" if len(walls) == len(hits) else "–"]
         lines.append("| " + " | ".join([m, *cells]) + " |")
     return "\n".join(lines)
