@@ -252,15 +252,20 @@ def test_the_command_serves_until_interrupted(tmp_path):
     kto_set(tmp_path, n=2)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(Path(__file__).parents[1] / "src"),
                                                        os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, "-m", "diffalign.cli", "label", str(tmp_path), "--port", "0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen([sys.executable, "-X", "faulthandler", "-m", "diffalign.cli", "label", str(tmp_path),
+                             "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         lines = [proc.stdout.readline(), proc.stdout.readline()]
         url = re.search(r"open (http://127\.0\.0\.1:\d+/) in a browser", lines[1]).group(1)
         with urllib.request.urlopen(url + "api/state", timeout=10) as r:
             assert json.load(r)["total"] == 2
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)  # generous: CI machines can be loaded
+        try:
+            out, err = proc.communicate(timeout=60)  # generous: CI machines can be loaded
+        except subprocess.TimeoutExpired:  # say where it hangs: faulthandler prints every thread's stack
+            proc.send_signal(signal.SIGABRT)
+            out, err = proc.communicate(timeout=30)
+            raise AssertionError(f"label did not stop on SIGINT; its stacks:\n{err[-4000:]}") from None
     finally:
         proc.kill()
     assert proc.returncode == 0 and "stopped: 0 / 2 answered" in out, (lines, out, err)
