@@ -225,8 +225,13 @@ def _demo(a) -> int:
 
 
 def _label(a) -> int:
+    import signal
+
     from .label import make_server
 
+    # Ctrl-C (SIGINT) stops the page even when a script started it in the background, where the shell
+    # leaves SIGINT ignored for the whole process tree
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     server = make_server(a.dir, a.host, a.port)
     fb = server.feedback
     print(f"{fb.kind} set in {fb.folder}: {len(fb.answers)} / {len(fb.items)} answered; writes {fb.output}")
