@@ -266,3 +266,22 @@ def test_grpo_with_a_mix_window_trains_on_an_sd3_folder(sd3, tmp_path):
     assert abs(row["ratio"] - 1) < 1e-5 and row["approx_kl"] < 1e-10  # one update per epoch: all at θ_old
     lora = load_file(str(run / "final" / "pytorch_lora_weights.safetensors"))
     assert any(v.abs().sum() > 0 for k, v in lora.items() if "lora_B" in k)
+
+
+@pytest.mark.parametrize("method", ["nft", "awm"])
+def test_forward_process_methods_train_and_export_on_an_sd3_folder(sd3, tmp_path, method):
+    """DiffusionNFT and AWM (their digits-flow configs: deterministic ODE rollouts, no guidance) for one
+    epoch on the SD3 folder; the LoRA they write loads with diffusers and gives our aligned samples."""
+    sets = [x for s in TRAIN if not s.startswith("args.inner_epochs") for x in ("--set", s.format(sd3))]
+    run = tmp_path / method
+    assert main(["train", f"configs/{method}_digits_flow.yaml", *sets, "--set", "args.group_size=2", "--out",
+                 str(run)]) == 0
+    assert json.loads((run / "summary.json").read_text())["method"] == method
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["x0_norm"] > 0 and "old_deviate" in row
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    mine = aligned(run, x)
+    pipe = diffusers_pipeline(sd3)
+    assert (mine - pipeline_latents(pipe, x)).abs().max() > 1e-4  # the adapters moved the samples
+    pipe.load_lora_weights(str(run / "final"))
+    assert (mine - pipeline_latents(pipe, x)).abs().max() <= 1e-4
