@@ -68,6 +68,11 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def trainable_keys(module: torch.nn.Module) -> set[str]:
+    """Names of a module's trainable parameters and of its buffers: what checkpoints and final/ keep."""
+    return {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
+
+
 def module_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """Trainable parameters and buffers of a module (CPU, contiguous)."""
     out = {n: p for n, p in module.named_parameters() if p.requires_grad}
@@ -135,19 +140,19 @@ def sharded_state(container: torch.nn.Module, optimizer) -> dict:
     `torch.distributed.checkpoint` saves and loads them: each process its own shards."""
     from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
 
-    keep = {n for n, p in container.named_parameters() if p.requires_grad} | {n for n, _ in container.named_buffers()}
+    keep = trainable_keys(container)
     modules = {k: v for k, v in get_model_state_dict(container).items() if k in keep}
     if optimizer is None:  # weights only (diffalign export, eval)
         return {"modules": modules}
     return {"modules": modules, "optimizer": get_optimizer_state_dict(container, optimizer)}
 
 
-def save_sharded(folder: Path, container: torch.nn.Module, optimizer, state: dict, method_state: dict | None,
+def save_sharded(folder: Path, modules: dict[str, torch.nn.Module], optimizer, state: dict, method_state: dict | None,
                  keep: int, dist) -> Path:
     """`save` for sharded runs; every process calls it. Each process writes its shards of the
-    modules (`container`: a ModuleDict of them by name) and of the optimizer state into
-    `shards/`, the main process state.json; the folder is renamed into place by the main
-    process only after every process has finished writing, so a crash leaves no half checkpoint."""
+    modules and of the optimizer state into `shards/`, the main process state.json; the folder
+    is renamed into place by the main process only after every process has finished writing, so
+    a crash leaves no half checkpoint."""
     import torch.distributed.checkpoint as dcp
 
     final = Path(folder) / f"epoch-{state['epoch']:06d}"
@@ -158,7 +163,8 @@ def save_sharded(folder: Path, container: torch.nn.Module, optimizer, state: dic
             shutil.rmtree(tmp)
         tmp.mkdir()
     dist.barrier()
-    dcp.save(sharded_state(container, optimizer), checkpoint_id=str(tmp / SHARDS))
+    dcp.save(sharded_state(torch.nn.ModuleDict(modules), getattr(optimizer, "optimizer", optimizer)),
+             checkpoint_id=str(tmp / SHARDS))
     dist.barrier()
     if dist.is_main:
         write_state(tmp, state, method_state)

@@ -100,16 +100,16 @@ def plain_class(module: nn.Module) -> type:
     return next(c for c in type(module).__mro__ if not issubclass(c, FSDPModule))
 
 
-def full_state(module: nn.Module, trainable_only: bool = False) -> dict[str, torch.Tensor]:
-    """The module's state dict with whole tensors on the CPU, gathered on the main process
-    (a collective: every process calls it; the others get {})."""
+def full_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    """The module's trainable parameters and buffers (`checkpoint.trainable_keys`) as whole CPU
+    tensors, gathered on the main process (a collective: every process calls it; the others get {})."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    from .checkpoint import trainable_keys
+
+    keep = trainable_keys(module)
     state = get_model_state_dict(module, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    if trainable_only:
-        keep = {n for n, p in module.named_parameters() if p.requires_grad} | {n for n, _ in module.named_buffers()}
-        state = {k: v for k, v in state.items() if k in keep}
-    return {k: v.contiguous() for k, v in state.items()}
+    return {k: v.contiguous() for k, v in state.items() if k in keep}
 
 
 def plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
@@ -132,9 +132,3 @@ def local_bytes(tensors) -> int:
         total += local.numel() * local.element_size()
     return total
 
-
-def state_bytes(params: list[torch.Tensor], optimizer) -> dict[str, int]:
-    """This process's bytes of the trained parameters, their gradients and the optimizer state."""
-    opt_tensors = [v for s in optimizer.state.values() for v in s.values() if torch.is_tensor(v)]
-    return {"parameters": local_bytes(params), "gradients": local_bytes([p.grad for p in params]),
-            "optimizer": local_bytes(opt_tensors)}

@@ -119,9 +119,10 @@ class Trainer:
         return {} if share is not None and share.pad else {k: float(v) for k, v in metrics.items()}
 
     @property
-    def lockstep(self) -> bool:
-        """Sharded: every process runs every forward (evaluation included)."""
-        return self.run.dist.lockstep
+    def evaluates(self) -> bool:
+        """This process runs the evaluations: the main one, or every one when sharded (a sharded
+        network's forward is a collective); only the main one writes."""
+        return self.run.dist.is_main or self.run.dist.lockstep
 
     def optimizer_step(self) -> None:
         if self.run.processes > 1:
@@ -168,9 +169,8 @@ class Trainer:
     def save_checkpoint(self) -> None:
         self.acc.wait_for_everyone()
         if self.sharded:
-            checkpoint.save_sharded(self.out / "checkpoints", torch.nn.ModuleDict({n: tr.module for n, tr in
-                                                                                   self.modules.items()}),
-                                    self.optimizer.optimizer, self.state(), self.method_state(),
+            checkpoint.save_sharded(self.out / "checkpoints", {n: tr.module for n, tr in self.modules.items()},
+                                    self.optimizer, self.state(), self.method_state(),
                                     self.cfg.train.keep_checkpoints, self.run.dist)
         elif self.acc.is_main_process:
             checkpoint.save(self.out / "checkpoints", {n: tr.module for n, tr in self.modules.items()}, self.optimizer,
@@ -189,7 +189,7 @@ class Trainer:
         process must call this: it is a collective). None for unsharded runs."""
         if not self.sharded:
             return None
-        return {n: sharding.full_state(tr.module, trainable_only=True) for n, tr in self.modules.items()}
+        return {n: sharding.full_state(tr.module) for n, tr in self.modules.items()}
 
     def save_weights(self, folder: Path, full: dict | None = None) -> None:
         """final/: the denoiser as diffusers loads it (LoRA file, or a `unet/` folder) when the
@@ -340,7 +340,7 @@ def base_evaluation(trainer: Trainer) -> dict:
     acc, run, path = trainer.acc, trainer.run, trainer.out / "eval_base.json"
     main = acc.is_main_process
     acc.wait_for_everyone()
-    if (main or trainer.lockstep) and not path.exists():  # sharded: every process samples (main writes)
+    if trainer.evaluates and not path.exists():
         with base_context(run):
             base = evaluate(run, run.sampler, grid_path=trainer.out / "samples" / "base.png" if main else None,
                             label="base")
@@ -376,11 +376,11 @@ def periodic_evaluation(trainer: Trainer, metrics: dict) -> None:
     cfg, acc, run, epoch = trainer.cfg, trainer.acc, trainer.run, trainer.epoch
     main = acc.is_main_process
     if cfg.eval.every and epoch % cfg.eval.every == 0 and epoch < cfg.train.epochs:
-        if main or trainer.lockstep:
+        if trainer.evaluates:
             ev = evaluate(run, trainer.sampler)
             metrics.update({f"eval_{k}": v for k, v in ev.items() if isinstance(v, (int, float))})
         acc.wait_for_everyone()
-    if cfg.train.sample_grid_every and epoch % cfg.train.sample_grid_every == 0 and (main or trainer.lockstep):
+    if cfg.train.sample_grid_every and epoch % cfg.train.sample_grid_every == 0 and trainer.evaluates:
         evaluate(run, trainer.sampler, grid_path=trainer.out / "samples" / f"epoch-{epoch:04d}.png" if main else None,
                  label="")
 
@@ -446,7 +446,7 @@ def finish(trainer: Trainer, base: dict):
     summary, main = None, acc.is_main_process
     trainer.set_training(False)
     full = trainer.full_weights()  # sharded: gathered on the main process (a collective)
-    if main or trainer.lockstep:  # sharded: every process samples, the main one writes
+    if trainer.evaluates:
         aligned = evaluate(run, trainer.sampler, grid_path=out / "samples" / "final.png" if main else None,
                            label="final", kl=run.has_reference)
     if main:

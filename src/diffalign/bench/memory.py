@@ -65,7 +65,7 @@ def measure_state(config: str, overrides: list[str]) -> dict | None:
     backward passes) and optimizer state (after that step), for a full fine-tune; every process of a
     torchrun launch calls this, the main one returns {"processes": [...per process...]}."""
     from ..methods import resolve_config
-    from ..sharding import local_bytes, state_bytes
+    from ..sharding import local_bytes
     from ..train import Trainer
 
     cfg, args = resolve_config(config, overrides)
@@ -80,9 +80,9 @@ def measure_state(config: str, overrides: list[str]) -> dict | None:
         tr.backward(micro)
     grads = local_bytes([p.grad for p in params])
     tr.optimizer_step()
-    mine = dict(state_bytes(params, tr.optimizer.optimizer), gradients=grads)
+    adam = local_bytes([v for s in tr.optimizer.state.values() for v in s.values() if torch.is_tensor(v)])
     whole = local_bytes([p for part in tr.run.model.parts.values() for p in part.parameters()])
-    every = tr.run.dist.gather(torch.tensor([[mine["parameters"], mine["gradients"], mine["optimizer"], whole]],
+    every = tr.run.dist.gather(torch.tensor([[local_bytes(params), grads, adam, whole]],
                                             dtype=torch.float64)).tolist()
     tr.acc.wait_for_everyone()
     if tr.run.processes > 1:

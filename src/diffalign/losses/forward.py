@@ -25,11 +25,9 @@ from __future__ import annotations
 
 import torch
 
+from .denoising import denoising_error
+
 WEIGHTINGS = ("ghuber", "uniform", "t")
-
-
-def per_sample_mse(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return (a.float() - b.float()).pow(2).flatten(1).mean(1)
 
 
 def implicit_policies(pred: torch.Tensor, pred_old: torch.Tensor, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -73,7 +71,7 @@ def awm_surrogate(mse: torch.Tensor, t: torch.Tensor, weighting: str = "ghuber",
 
 def proximal(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """‖a − b‖² per sample (mean over elements), `b` detached."""
-    return per_sample_mse(a, b.detach())
+    return denoising_error(a, b.detach())
 
 
 def decay(step: int, rate: float, maximum: float, start: int = 0) -> float:

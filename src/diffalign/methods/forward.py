@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 
 from ..config import ConfigError
-from ..losses import ppo_clip_loss
+from ..losses import denoising_error, ppo_clip_loss
 from ..losses.forward import (WEIGHTINGS, awm_surrogate, decay, implicit_policies, nft_loss, optimality_probability,
                               proximal)
 from ..losses.grpo import group_advantages
@@ -180,8 +180,7 @@ class DiffusionNFT(Method):
                 per, info = self._nft(pred, old, x_t, t, x0, target, adv)
             else:
                 level = t.float() / s.config.num_train_timesteps
-                surrogate = awm_surrogate((pred.float() - target.float()).pow(2).flatten(1).mean(1), level,
-                                          a.weighting, a.p)
+                surrogate = awm_surrogate(denoising_error(pred, target), level, a.weighting, a.p)
                 per, info = ppo_clip_loss(surrogate, surrogate.detach(), adv.clamp(-a.adv_clip, a.adv_clip) / a.adv_clip,
                                           a.clip_range)
                 per = per.float() + a.anchor_weight * proximal(pred, old)
