@@ -159,3 +159,5 @@ def test_race_table_counts_queries_to_the_reference_reward_levels():
     assert "| nft | 0.1500 | 0.1950 | 0 (own base) | 0 | 256 (1 of 2) | 4 |" in table
     assert "| awm | -0.1000 | 0.0500 | not reached (0 of 1) | – | not reached (0 of 1) | – |" in table
     assert race_table({"rows": rows[2:]}) == ""  # no reference method: no race
+    ddpo = [{**r, "method": "ddpo"} for r in rows[:2]]  # without GRPO, DDPO is the reference
+    assert "from ddpo's base" in race_table({"rows": ddpo + rows[2:]})

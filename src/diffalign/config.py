@@ -24,6 +24,9 @@ import yaml
 
 from .registry import closest
 
+SOLVERS = ("ddim", "euler", "dpmsolver++", "unipc")  # sampling.scheduler: `diffalign.solvers`
+EVAL_SAMPLING = ("num_steps", "eta", "guidance_scale", "scheduler", "order")  # what eval.sampling may override
+
 
 class ConfigError(ValueError):
     """A config key or value is wrong; the message names the key."""
@@ -39,12 +42,17 @@ class SamplingConfig:
     guidance_scale: float | None = None  # classifier-free guidance; None = the model's default
     logprob: str = "sum"  # 'sum' = exact log-likelihood, 'mean' = per-element average (reference-code scale)
     sde: str = "flow-grpo"  # flow models only: noise schedule 'flow-grpo' (eta·sqrt(σ/(1-σ))) or 'dance' (eta)
+    scheduler: str | None = None  # a deterministic diffusers solver (ddim, euler, dpmsolver++, unipc); None = the own step
+    order: int = 2  # the solver's order (dpmsolver++, unipc: 1-3)
 
     def validate(self, where: str):
         _check(self.num_steps >= 1, f"{where}.num_steps", "must be >= 1")
         _check(self.eta >= 0, f"{where}.eta", "must be >= 0")
         _check(self.logprob in ("sum", "mean"), f"{where}.logprob", "must be 'sum' or 'mean'")
         _check(self.sde in ("flow-grpo", "dance"), f"{where}.sde", "must be 'flow-grpo' or 'dance'")
+        _check(self.scheduler in (None, *SOLVERS), f"{where}.scheduler",
+               f"must be null (the model's own step) or one of {', '.join(SOLVERS)}")
+        _check(self.order in (1, 2, 3), f"{where}.order", "must be 1, 2 or 3")
 
 
 @dataclass
@@ -116,10 +124,15 @@ class EvalConfig:
     beta: float = 1.0  # toy2d: beta of the exact optimum p* ∝ p_ref exp(r / beta) that samples are compared with
     features: str | None = None  # CLIP folder: diversity and Fréchet distance in its image-embedding space (None = the model's own space)
     real: str | None = None  # real images for the Fréchet distance: a data spec (see diffalign.data.datasets), None = the model's own (if any)
+    sampling: dict = field(default_factory=dict)  # sampler overrides for every evaluation, base and aligned, e.g. {eta: 0} or {scheduler: dpmsolver++, num_steps: 10}; empty = each method's own
 
     def validate(self, where: str):
         _check(self.per_prompt >= 2, f"{where}.per_prompt", "must be >= 2 (diversity needs two samples per prompt)")
         _check(self.beta > 0, f"{where}.beta", "must be > 0")
+        bad = sorted(set(self.sampling) - set(EVAL_SAMPLING))
+        _check(not bad, f"{where}.sampling", f"has unknown keys {bad}: it takes {', '.join(EVAL_SAMPLING)}")
+        if self.sampling:
+            SamplingConfig(**self.sampling).validate(f"{where}.sampling")
 
 
 @dataclass

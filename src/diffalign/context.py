@@ -50,9 +50,20 @@ class RewardMeter:
 
     def score(self, images, prompts, metadata=None) -> torch.Tensor:
         """Training reward on this process's samples; counts reward queries (all processes)."""
-        rewards, _ = self.reward(images, prompts, metadata)
+        return self.score_parts(images, prompts, metadata)[0]
+
+    def score_parts(self, images, prompts, metadata=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward (N,), its parts (N, k)): a weighted sum's k raw parts (weights: `part_weights`), or
+        the reward itself as one part."""
+        rewards, info = self.reward(images, prompts, metadata)
         self.queries += len(prompts) * self.processes
-        return rewards.float()
+        names = [name for name, _ in self.reward.parts]
+        parts = torch.stack([info[n].float() for n in names], dim=1) if names else rewards.float()[:, None]
+        return rewards.float(), parts
+
+    @property
+    def part_weights(self) -> torch.Tensor:
+        return torch.tensor([w for _, w in self.reward.parts] or [1.0], dtype=torch.float64)
 
 
 class Run:

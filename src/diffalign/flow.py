@@ -179,3 +179,9 @@ class FlowSDE(Family):
         """(1 − σ)·x0 + σ·noise, any σ = timestep / num_train_timesteps."""
         s = sigma(self.scheduler, timestep, x0).to(x0.dtype)
         return (1 - s) * x0 + s * noise
+
+    def random_timesteps(self, n, generator=None):
+        """σ = shift·u / (1 + (shift − 1)·u) for u ~ U(0, 1) (the inference grid's warp, made continuous),
+        as timesteps σ·T."""
+        u, shift = torch.rand(n, generator=generator, dtype=torch.float64), float(self.scheduler.shift)
+        return (shift * u / (1 + (shift - 1) * u) * self.scheduler.config.num_train_timesteps).float()

@@ -58,13 +58,15 @@ class Sampler:
     transition: Callable | None = None  # replaces the Gaussian step; None = DDIM/DDPM/flow SDE with log-prob
     sde: str = "flow-grpo"  # flow models: the SDE's noise schedule ('flow-grpo' or 'dance'; `diffalign.flow`)
     sde_steps: tuple[int, ...] | None = None  # flow models: step indices run as the SDE, the ODE elsewhere; None = all
+    solver: str | None = None  # a deterministic diffusers solver instead of the own step (`diffalign.solvers`)
+    order: int = 2  # the solver's order (dpmsolver++, unipc)
 
     @classmethod
     def from_config(cls, sampling, model) -> "Sampler":
         """From a `SamplingConfig`; an unset guidance scale is the model's default (resolved once, here)."""
         g = model.guidance_scale if sampling.guidance_scale is None else sampling.guidance_scale
         return cls(num_steps=sampling.num_steps, eta=sampling.eta, guidance_scale=float(g), reduction=sampling.logprob,
-                   sde=sampling.sde)
+                   sde=sampling.sde, solver=sampling.scheduler, order=sampling.order)
 
     def replace(self, **changes) -> "Sampler":
         return dataclasses.replace(self, **changes)
@@ -166,6 +168,8 @@ class Sampler:
             latents = self.noise(model, n, generator)
         elif latents.shape != (n, *model.sample_shape):
             raise ValueError(f"latents shape {tuple(latents.shape)} != {(n, *model.sample_shape)}")
+        if self.solver is not None:
+            return self._solve(model, list(prompts), cond, latents, with_logprob, grad_steps, checkpoint)
         x = latents
         xs, logps, outs, x0s = [x], [], [], []
         for i, t in enumerate(timesteps):
@@ -186,3 +190,26 @@ class Sampler:
         return Trajectory(prompts=list(prompts), cond=cond, timesteps=timesteps.detach().cpu(),
                           latents=torch.stack(xs, dim=1), log_probs=torch.stack(logps, dim=1) if with_logprob else None,
                           outputs=torch.stack(outs, dim=1), x0_preds=torch.stack(x0s, dim=1))
+
+    def _solve(self, model, prompts, cond, latents, with_logprob, grad_steps, checkpoint) -> Trajectory:
+        """`sample` through the diffusers solver `self.solver` (`diffalign.solvers`): no log-probs, no x0s."""
+        from . import solvers
+
+        if with_logprob:
+            raise ValueError(f"sampling.scheduler = {self.solver!r} is a deterministic solver, whose steps have no "
+                             "log-probability: likelihood methods sample with the model's own step "
+                             "(sampling.scheduler: null, eta > 0)")
+        if self.correction is not None or self.transition is not None:
+            raise ValueError(f"sampling.scheduler = {self.solver!r} integrates the model's own ODE: it cannot apply "
+                             "this method's score correction or transition; use sampling.scheduler: null")
+
+        def predict(x, t, i):
+            with torch.set_grad_enabled(i in grad_steps):
+                if i in grad_steps and checkpoint:
+                    return grad_checkpoint(lambda x_, t_=t: self.predict(model, x_, t_, cond), x, use_reentrant=False)
+                return self.predict(model, x, t, cond)
+
+        solver = solvers.build(model.scheduler, self.solver, self.order)
+        timesteps, xs, outs = solvers.solve(solver, self.num_steps, latents, predict, device=model.device)
+        return Trajectory(prompts=prompts, cond=cond, timesteps=timesteps.detach().cpu(), latents=torch.stack(xs, dim=1),
+                          log_probs=None, outputs=torch.stack(outs, dim=1), x0_preds=None)

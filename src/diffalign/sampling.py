@@ -186,3 +186,9 @@ def add_noise(scheduler, x0: torch.Tensor, noise: torch.Tensor, timestep) -> tor
     """x_t from x0 and noise at `timestep` (a scalar or (B,)): the scheduler's `add_noise`, or
     (1 − σ)·x0 + σ·noise for a flow model (any σ = timestep / num_train_timesteps)."""
     return family_of(scheduler).add_noise(x0, noise, timestep)
+
+
+def random_timesteps(scheduler, n: int, generator=None) -> torch.Tensor:
+    """(n,) timesteps over the whole training range (CPU), as `add_noise` takes them: uniform integers for
+    DDIM/DDPM; for a flow model σ·T with σ = the shift's warp of U(0, 1)."""
+    return family_of(scheduler).random_timesteps(n, generator)

@@ -102,6 +102,10 @@ class Family:
         """x_t from x0 and noise at `timestep` (a scalar or (B,))."""
         raise NotImplementedError
 
+    def random_timesteps(self, n: int, generator=None) -> torch.Tensor:
+        """(n,) timesteps drawn over the whole training range, as `add_noise` takes them."""
+        raise NotImplementedError
+
 
 # ---- variance-preserving schedulers: x_t = sqrt(ā_t)·x0 + sqrt(1 − ā_t)·ε ------------------------------
 
@@ -199,6 +203,10 @@ class VariancePreserving(Family):
 
     def add_noise(self, x0, noise, timestep):
         return self.scheduler.add_noise(x0, noise, per_sample(timestep, x0, torch.long, "cpu").to(x0.device))
+
+    def random_timesteps(self, n, generator=None):
+        """Uniform over the integer timesteps 0 … T − 1 (DDPM training)."""
+        return torch.randint(0, self.scheduler.config.num_train_timesteps, (n,), generator=generator)
 
     def _alphas(self, t, prev_t, sample):
         """(ā_t, ā_prev), (B,): ā of the previous timestep, the scheduler's final ā where it is < 0."""

@@ -49,7 +49,7 @@ class Trajectory:
     latents: torch.Tensor  # (B, T + 1, *shape): x_T ... x_0
     log_probs: torch.Tensor | None  # (B, T), None when sampled without log-probs
     outputs: torch.Tensor  # (B, T, *shape) guided (and corrected) model outputs (noise for ε-prediction)
-    x0_preds: torch.Tensor  # (B, T, *shape) the scheduler's x0 prediction at each step
+    x0_preds: torch.Tensor | None  # (B, T, *shape) the scheduler's x0 prediction at each step (None: a solver's)
 
     @property
     def final(self) -> torch.Tensor:
@@ -71,7 +71,7 @@ class Trajectory:
             prompts = [self.prompts[i] for i in rows.tolist()]
         pick = lambda v: None if v is None else v[rows]  # noqa: E731
         return Trajectory(prompts=prompts, cond=pick(self.cond), timesteps=self.timesteps, latents=self.latents[rows],
-                          log_probs=pick(self.log_probs), outputs=self.outputs[rows], x0_preds=self.x0_preds[rows])
+                          log_probs=pick(self.log_probs), outputs=self.outputs[rows], x0_preds=pick(self.x0_preds))
 
     @staticmethod
     def cat(trajs: list["Trajectory"]) -> "Trajectory":

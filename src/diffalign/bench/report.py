@@ -133,13 +133,18 @@ def reached(curve: list, target: float) -> tuple[float, float] | None:
     return next(((q, w) for q, v, w in curve if v is not None and v >= target), None)
 
 
-def race_table(results: dict, reference: str = "grpo") -> str:
+RACE_REFERENCES = ("grpo", "ddpo")  # the method the race is run against: the first one the bench has
+
+
+def race_table(results: dict, reference: str | None = None) -> str:
     """Reward queries and training wall time each method needed to reach the evaluation-set reward
     levels half-way and all the way from the reference method's base to its final reward (mean over the
     seeds that got there; evaluations come every `eval.every` epochs, so a value is the first evaluation
     past the level). A method evaluated with another sampler (NFT and AWM: the deterministic one) has
     another base: "0 (own base)" when that base is already past the level."""
     rows = [r for r in results["rows"] if r.get("eval_curve")]
+    if reference is None:
+        reference = next((m for m in RACE_REFERENCES if any(r["method"] == m for r in rows)), None)
     ref = [r for r in rows if r["method"] == reference]
     if not ref:
         return ""

@@ -55,6 +55,16 @@ def sample_eval(model, sampler, prompts: list[str], per_prompt: int, seed: int, 
     return torch.cat(images), torch.cat(finals), all_prompts
 
 
+def eval_sampler(sampler, overrides: dict):
+    """`sampler` with the `eval.sampling` overrides (config names: `scheduler` is the sampler's `solver`)."""
+    if not overrides:
+        return sampler
+    changes = {("solver" if k == "scheduler" else k): v for k, v in overrides.items()}
+    if changes.get("guidance_scale") is not None:
+        changes["guidance_scale"] = float(changes["guidance_scale"])
+    return sampler.replace(**{k: v for k, v in changes.items() if v is not None or k == "solver"})
+
+
 def evaluate(run, sampler, grid_path: Path | None = None, label: str = "", per_prompt: int | None = None,
              seed: int | None = None, kl: bool = False) -> dict:
     """Rewards and sample metrics of the model `run.model` sampled by `sampler`, on the run's
@@ -64,8 +74,10 @@ def evaluate(run, sampler, grid_path: Path | None = None, label: str = "", per_p
     has an evaluation space (`model.eval_space()`): diversity within prompts, Fréchet
     distance to real data, class histogram, and the space's extras (toy2d: the distance to
     the exact optimum). `kl=True` adds the path KL to the reference: `run.reference()`
-    sampled by the run's plain sampler (both at eta 1 when `sampler` is deterministic)."""
+    sampled by the run's plain sampler (both at eta 1 when `sampler` is deterministic). Both samplers
+    take the `eval.sampling` overrides, so every method can be evaluated with one sampler."""
     cfg = run.cfg
+    sampler = eval_sampler(sampler, cfg.eval.sampling)
     per_prompt = per_prompt or cfg.eval.per_prompt
     seed = cfg.eval.seed if seed is None else seed
     images, _, prompts = sample_eval(run.model, sampler, run.prompts, per_prompt, seed)
@@ -89,9 +101,9 @@ def evaluate(run, sampler, grid_path: Path | None = None, label: str = "", per_p
         from .kl import path_kl
 
         all_prompts, gens = eval_set(run.model.device, run.prompts, per_prompt, seed, "eval-kl")
-        ref_sampler = run.sampler
-        if sampler.eta == 0:  # deterministic paths have no KL: measure it on the stochastic paths (eta 1)
-            sampler, ref_sampler = sampler.replace(eta=1.0), ref_sampler.replace(eta=1.0)
+        ref_sampler = eval_sampler(run.sampler, cfg.eval.sampling)
+        if sampler.eta == 0 or sampler.solver is not None:  # deterministic paths have no KL: measure it on the stochastic paths (eta 1)
+            sampler, ref_sampler = sampler.replace(eta=1.0, solver=None), ref_sampler.replace(eta=1.0, solver=None)
         with eval_mode(run.model):
             k = path_kl(run.model, sampler, run.reference, ref_sampler, all_prompts, gens)
         result["kl"], result["kl_std"] = float(k.mean()), float(k.std())

@@ -9,13 +9,24 @@ import torch
 STD_EPS = 1e-4  # Flow-GRPO's: (r - mean) / (std + 1e-4)
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, global_std: bool = False):
+def group_advantages(rewards: torch.Tensor, group_size: int, global_std: bool = False, weights=None):
     """(advantages, keep) for rewards (N,) ordered in consecutive groups of `group_size`.
 
     A = (r − mean of its group) / (std + 1e-4), std (population) of the group, or of the whole
     batch with `global_std` (Flow-GRPO's option: groups with nearly equal rewards are not blown
     up). `keep` is False for every member of a group whose rewards are all equal: its
-    advantages are all 0, so it would spend compute on no signal (dropped, as DanceGRPO does)."""
+    advantages are all 0, so it would spend compute on no signal (dropped, as DanceGRPO does).
+
+    Rewards (N, k), the parts of a weighted sum, with their `weights` (k,): each part is normalised on
+    its own and A = Σ_k w_k·A_k, so the part of largest variance does not dominate; a group is kept
+    when any part varies in it."""
+    if rewards.ndim == 2:
+        weights = torch.ones(rewards.shape[1]) if weights is None else torch.as_tensor(weights, dtype=torch.float64)
+        if len(weights) != rewards.shape[1]:
+            raise ValueError(f"{rewards.shape[1]} reward parts but {len(weights)} weights")
+        cols = [group_advantages(rewards[:, k], group_size, global_std) for k in range(rewards.shape[1])]
+        adv = sum(float(w) * a.double() for w, (a, _) in zip(weights, cols))
+        return adv.to(rewards.dtype), torch.stack([keep for _, keep in cols]).any(dim=0)
     if rewards.ndim != 1 or len(rewards) % group_size:
         raise ValueError(f"rewards of shape {tuple(rewards.shape)} do not split into groups of {group_size}")
     r = rewards.double().view(-1, group_size)

@@ -164,6 +164,11 @@ def resolve_config(path=None, overrides=None, base: dict | None = None):
             f"method '{cfg.method}' needs step log-probabilities, but sampling.eta = {cfg.sampling.eta} makes "
             "every step deterministic: set sampling.eta > 0 (1.0 = DDPM variance)"
         )
+    if method_cls.requires_logprob and cfg.sampling.scheduler is not None:
+        raise ConfigError(
+            f"method '{cfg.method}' needs step log-probabilities, but sampling.scheduler = "
+            f"{cfg.sampling.scheduler!r} is a deterministic solver: set sampling.scheduler: null (the model's own "
+            "step; the solvers are for methods without likelihoods, e.g. nft, awm, and for eval.sampling)")
     if method_cls.requires_logprob:
         check_stochastic_steps(cfg)
     if method_cls.second_order and cfg.train.sharding == "fsdp":

@@ -1,13 +1,16 @@
 """Forward-process online RL: DiffusionNFT (`nft`; Zheng et al., arXiv 2509.16117) and Advantage
 Weighted Matching (`awm`; Xue et al., arXiv 2509.25050). METHODS-after-grpo.md §1–2.
 
-Collect: deterministic rollouts (`sampling.eta: 0`: the ODE of a flow model, DDIM's eta-0 step;
+Collect: deterministic rollouts (`sampling.eta: 0`: the ODE of a flow model, DDIM's eta-0 step; or
+any diffusers solver, `sampling.scheduler: dpmsolver++ | unipc | euler | ddim` with `sampling.order`;
 no log-probabilities, guidance 1 by default) of `group_size` samples per prompt, from the anchor
 policy (NFT's "old" policy) or the current one; only the clean samples x0, their conditions and
-the advantages are kept: A = (r − mean of the prompt's group) / (std of the whole batch + 1e-4).
+the advantages are kept: A = (r − mean of the prompt's group) / (std of the whole batch + 1e-4), for a
+weighted sum of rewards Σ w_k·A_k over its parts, each normalised on its own (`reward_norm: per-reward`).
 
-Update: each sample is re-noised at a random subset of the sampler's grid times (a fraction
-`timestep_fraction`, fresh noise per sample and time) and the denoising loss is weighted:
+Update: each sample is re-noised at a random subset of the model's own `num_steps` grid (a fraction
+`timestep_fraction`; `timesteps: continuous`: as many times drawn over the whole training range),
+fresh noise per sample and time, and the denoising loss is weighted:
 - `nft`: NFT's implicit positive/negative policies of guidance strength `guidance_strength`
   around the anchor, weighted by the optimality probability r = ½ + clip(A)/(2·A_max), in x0 space
   with the public code's adaptive per-sample normalisation (`adaptive: true`) or as the plain
@@ -39,7 +42,7 @@ from ..losses import denoising_error, ppo_clip_loss
 from ..losses.forward import (WEIGHTINGS, awm_surrogate, decay, implicit_policies, nft_loss, optimality_probability,
                               proximal)
 from ..losses.grpo import group_advantages
-from ..sampling import add_noise, training_target, x0_from_output
+from ..sampling import add_noise, random_timesteps, training_target, x0_from_output
 from . import Method, Micro, register, register_variant
 from .policy_gradient import sample_and_score
 
@@ -78,7 +81,9 @@ class DiffusionNFT(Method):
         decay_start: int = 0
         sample_with: str = "anchor"  # rollouts from 'anchor' (NFT's old policy) or 'current'
         timestep_fraction: float = 0.9  # fraction of the sampler's grid times trained per sample
+        timesteps: str = "grid"  # 'grid': the model's own num_steps grid (the papers); 'continuous': any t (`sampling.random_timesteps`)
         minibatches: int = 1  # optimizer steps per epoch
+        reward_norm: str = "per-reward"  # weighted-sum rewards: 'per-reward' (each part normalised, then summed) or 'total'
 
         def validate(self, where):
             checks = [(self.loss in ("nft", "awm"), "loss", "must be 'nft' or 'awm'"),
@@ -90,7 +95,9 @@ class DiffusionNFT(Method):
                       (0 <= self.decay_max < 1 and self.decay_rate >= 0, "decay_max", "must be in [0, 1)"),
                       (self.sample_with in ("anchor", "current"), "sample_with", "must be 'anchor' or 'current'"),
                       (0 < self.timestep_fraction <= 1, "timestep_fraction", "must be in (0, 1]"),
-                      (self.minibatches >= 1, "minibatches", "must be >= 1")]
+                      (self.timesteps in ("grid", "continuous"), "timesteps", "must be 'grid' or 'continuous'"),
+                      (self.minibatches >= 1, "minibatches", "must be >= 1"),
+                      (self.reward_norm in ("per-reward", "total"), "reward_norm", "must be 'per-reward' or 'total'")]
             for ok, key, message in checks:
                 if not ok:
                     raise ValueError(f"config key '{where}.{key}' {message}")
@@ -143,7 +150,9 @@ class DiffusionNFT(Method):
         with policy:
             scored = sample_and_score(run, self.sampler, epoch, "forward", with_logprob=False,
                                       draw=lambda b: [p for p in run.draw_prompts(epoch, b, n=n // G) for _ in range(G)])
-        adv, _ = group_advantages(scored.rewards, G, global_std=True)
+        per_reward = a.reward_norm == "per-reward"
+        adv, _ = group_advantages(scored.parts if per_reward else scored.rewards, G, global_std=True,
+                                  weights=run.meter.part_weights if per_reward else None)
         x0 = scored.traj.final
         batch = Clean(x0, scored.traj.cond, adv[scored.keys].to(run.device), scored.keys, epoch)
         metrics = {"reward_mean": float(scored.rewards.mean()), "reward_std": float(scored.rewards.std()),
@@ -157,12 +166,16 @@ class DiffusionNFT(Method):
         n_train = max(1, int(len(grid) * a.timestep_fraction))
         n_all = run.cfg.train.batch_size * run.cfg.train.batches_per_epoch
         g = run.generator("forward-steps", batch.epoch)
-        picks = torch.stack([torch.randperm(len(grid), generator=g)[:n_train] for _ in range(n_all)])[batch.keys]
+        if a.timesteps == "grid":  # n_train distinct grid times per sample
+            times = grid.cpu()[torch.stack([torch.randperm(len(grid), generator=g)[:n_train] for _ in range(n_all)])]
+        else:
+            times = random_timesteps(run.model.scheduler, n_all * n_train, g).view(n_all, n_train)
+        times = times[batch.keys].to(run.device)
         eps = torch.stack([torch.randn((n_train, *batch.x0.shape[1:]), generator=run.generator(
             "forward-noise", batch.epoch, int(k))) for k in batch.keys]).to(batch.x0.device) if len(batch.keys) else None
         for share in run.minibatches(batch.keys, a.minibatches, g):
             for j in range(n_train):
-                t = grid[picks[share.rows, j].to(grid.device)]
+                t = times[share.rows.to(times.device), j]
                 yield Micro(self._loss(batch, share, t, eps[share.rows.to(eps.device), j]), share, accumulate=n_train)
 
     def _loss(self, batch: Clean, share, t, eps):

@@ -69,6 +69,7 @@ class GRPO(Method):
         mix_window: int = 0  # MixGRPO: SDE on this many consecutive steps, ODE elsewhere (0 = SDE everywhere)
         mix_stride: int = 1  # MixGRPO: steps the window moves at each shift
         mix_shift_every: int = 1  # MixGRPO: epochs between shifts
+        reward_norm: str = "total"  # weighted-sum rewards: 'total' (Flow-GRPO) or 'per-reward' (each part normalised, then summed)
 
         def validate(self, where):
             if self.group_size < 2:
@@ -78,6 +79,8 @@ class GRPO(Method):
             if min(self.minibatches, self.inner_epochs, self.mix_stride, self.mix_shift_every) < 1:
                 raise ValueError(f"config keys '{where}.minibatches', 'inner_epochs', 'mix_stride' and "
                                  "'mix_shift_every' must be >= 1")
+            if self.reward_norm not in ("total", "per-reward"):
+                raise ValueError(f"config key '{where}.reward_norm' must be 'total' or 'per-reward'")
             if self.mix_window < 0 or self.kl_beta < 0:
                 raise ValueError(f"config keys '{where}.mix_window' and '{where}.kl_beta' must be >= 0")
 
@@ -107,7 +110,9 @@ class GRPO(Method):
         scored = sample_and_score(run, self.sampler.replace(sde_steps=window), epoch, "grpo",
                                   draw=lambda b: [p for p in run.draw_prompts(epoch, b, n=n // G) for _ in range(G)])
         global_r = scored.rewards  # the global (batch, group, member) order
-        adv, keep = group_advantages(global_r, G, a.global_std)
+        per_reward = a.reward_norm == "per-reward"
+        adv, keep = group_advantages(scored.parts if per_reward else global_r, G, a.global_std,
+                                     weights=run.meter.part_weights if per_reward else None)
         local = scored.keys
         adv, keep = adv[local], keep[local]
         rows = keep.nonzero().flatten()

@@ -25,19 +25,23 @@ class Scored:
     local_rewards: torch.Tensor  # (N,)
     rewards: torch.Tensor  # (batches · batch_size,) every process's rewards, batch-major (CPU)
     prompts: list[str]  # the global prompts, batch-major
+    parts: torch.Tensor  # (batches · batch_size, k) every process's rewards by part of a weighted sum (k = 1: the reward)
 
 
 def sample_and_score(run, sampler, epoch: int, purpose: str, draw=None, with_logprob: bool = True) -> Scored:
     """Sample and score every rollout batch of the epoch (`run.slots(epoch, purpose, draw)`);
     `with_logprob=False` for deterministic samplers (eta 0: the steps have no likelihood)."""
     slots = run.slots(epoch, purpose, draw)
-    trajs, rewards = [], []
+    trajs, rewards, parts = [], [], []
     for slot in slots:
         traj = sampler.sample(run.model, slot.local, generator=slot.generators, with_logprob=with_logprob)
         trajs.append(traj)
-        rewards.append(run.score(run.model.decode(traj.final), slot.local))
+        r, p = run.meter.score_parts(run.model.decode(traj.final), slot.local)
+        rewards.append(r)
+        parts.append(p)
     return Scored(Trajectory.cat(trajs), torch.cat([slot.keys for slot in slots]), torch.cat(rewards),
-                  run.dist.gather_batches(rewards), [p for slot in slots for p in slot.prompts])
+                  run.dist.gather_batches(rewards), [p for slot in slots for p in slot.prompts],
+                  run.dist.gather_batches(parts))
 
 
 def ppo_micro_steps(run, name: str, epoch: int, args, traj: Trajectory, advantages, keys, steps, loss_fn):

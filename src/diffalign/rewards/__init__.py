@@ -84,6 +84,7 @@ class Reward:
     fn: Callable  # fn(images, prompts, metadata) -> (rewards (N,), info dict)
     differentiable: bool
     description: str = ""
+    parts: tuple = ()  # a weighted sum's (part name, weight) pairs, its parts' raw rewards in `info`; () otherwise
 
     def __call__(self, images, prompts=None, metadata=None) -> tuple[torch.Tensor, dict]:
         """Evaluate the reward and validate its output; see the module docstring.
@@ -417,7 +418,7 @@ def _build_sum(weights: dict, device) -> Reward:
         return total, info
 
     fn.differentiable = differentiable
-    return Reward(name, fn, differentiable, description)
+    return Reward(name, fn, differentiable, description, parts=tuple((p.name, w) for p, w in parts))
 
 
 # ---------------------------------------------------------------- validation
