@@ -46,3 +46,13 @@ def make_constant(device="cpu", value=1.0):
 
     fn.differentiable = True
     return fn
+
+
+def make_linear(device="cpu", c=1.0):
+    """Factory: c · the sum of the sample's coordinates (differentiable; the 1-D Gaussian tilt test)."""
+
+    def fn(images, prompts, metadata=None):
+        return c * images.flatten(1).sum(dim=1), {}
+
+    fn.differentiable = True
+    return fn

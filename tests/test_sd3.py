@@ -150,6 +150,26 @@ def test_lora_on_the_transformer_loads_in_diffusers(sd3, tmp_path):
     assert (before - base).abs().max() < 1e-5 and (after - ours).abs().max() < 1e-5
 
 
+@pytest.mark.parametrize("solver", ["dpmsolver++", "unipc"])
+def test_solver_rollouts_match_the_pipeline_with_that_scheduler(sd3, solver):
+    """`sampling.scheduler: dpmsolver++ | unipc` on an SD3 folder: our rollout equals
+    StableDiffusion3Pipeline's with the same diffusers scheduler swapped in (flow sigmas, the folder's
+    shift), guidance 3, same initial latents."""
+    from diffusers import DPMSolverMultistepScheduler, UniPCMultistepScheduler
+
+    m = load_model(sd3)
+    latents = torch.randn(2, *m.sample_shape, generator=torch.Generator().manual_seed(0))
+    ours = Sampler(num_steps=4, eta=0.0, guidance_scale=3.0, solver=solver).sample(m, PROMPTS, latents=latents,
+                                                                                  with_logprob=False).final
+    pipe = diffusers_pipeline(sd3)
+    cls = DPMSolverMultistepScheduler if solver == "dpmsolver++" else UniPCMultistepScheduler
+    pipe.scheduler = cls.from_config(pipe.scheduler.config, use_flow_sigmas=True, prediction_type="flow_prediction",
+                                     flow_shift=float(m.scheduler.shift), solver_order=2)
+    theirs = pipe(PROMPTS, height=32, width=32, num_inference_steps=4, guidance_scale=3.0, latents=latents.clone(),
+                  output_type="latent").images
+    assert (ours - theirs).abs().max() < 1e-4 and (ours - latents).abs().max() > 1e-2
+
+
 def test_field_net_starts_at_zero(sd3):
     m = load_model(sd3)
     net = m.make_field_net()
@@ -270,12 +290,14 @@ def test_grpo_with_a_mix_window_trains_on_an_sd3_folder(sd3, tmp_path):
 
 @pytest.mark.parametrize("method", ["nft", "awm"])
 def test_forward_process_methods_train_and_export_on_an_sd3_folder(sd3, tmp_path, method):
-    """DiffusionNFT and AWM (their digits-flow configs: deterministic ODE rollouts, no guidance) for one
-    epoch on the SD3 folder; the LoRA they write loads with diffusers and gives our aligned samples."""
+    """DiffusionNFT and AWM (their digits-flow configs, no guidance; rollouts through DPM-Solver++ and
+    UniPC) for one epoch on the SD3 folder; the LoRA they write loads with diffusers and gives our
+    aligned samples."""
     sets = [x for s in TRAIN if not s.startswith("args.inner_epochs") for x in ("--set", s.format(sd3))]
     run = tmp_path / method
-    assert main(["train", f"configs/{method}_digits_flow.yaml", *sets, "--set", "args.group_size=2", "--out",
-                 str(run)]) == 0
+    solver = {"nft": "dpmsolver++", "awm": "unipc"}[method]  # rollouts through a 2nd-order diffusers solver
+    assert main(["train", f"configs/{method}_digits_flow.yaml", *sets, "--set", "args.group_size=2", "--set",
+                 f"sampling.scheduler={solver}", "--out", str(run)]) == 0
     assert json.loads((run / "summary.json").read_text())["method"] == method
     row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
     assert row["x0_norm"] > 0 and "old_deviate" in row

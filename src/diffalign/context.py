@@ -88,8 +88,13 @@ class Run:
         self.reward = build_reward(cfg.reward, device=str(self.device))
         self.meter = RewardMeter(self.reward, self.processes)
         if differentiable_reward and not self.reward.differentiable:
-            raise ConfigError(f"method '{cfg.method}' needs a differentiable reward, but '{self.reward.name}' is not "
-                              "(choose one marked differentiable in `diffalign rewards`)")
+            from .methods import get_method, list_methods
+
+            others = [n for n, _ in list_methods() if not get_method(n).requires_differentiable_reward
+                      and not get_method(n).offline_data]
+            raise ConfigError(f"method '{cfg.method}' needs a differentiable reward, but '{self.reward.name}' is not: "
+                              "choose one marked differentiable in `diffalign rewards`, or a method that needs no "
+                              f"reward gradient ({', '.join(others)})")
         self.eval_reward = build_reward(cfg.eval.reward, device=str(self.device)) if cfg.eval.reward else None
         with self.acc.main_process_first():  # main pretrains/caches, the others then load
             try:

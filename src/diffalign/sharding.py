@@ -122,6 +122,22 @@ def plain_copy(module: nn.Module, state: dict[str, torch.Tensor]) -> nn.Module:
     return plain
 
 
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """A sharded tensor gathered whole (a collective: every process calls it), a plain one as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like`: this process's shard of it when `like` is sharded, else on its device."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.device, like.dtype), like.device_mesh, like.placements)
+    return full.to(like.device, like.dtype)
+
+
 def local_bytes(tensors) -> int:
     """Bytes this process holds of `tensors` (a sharded tensor counts its local shard)."""
     total = 0

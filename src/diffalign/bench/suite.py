@@ -61,15 +61,15 @@ def likelihood_methods() -> list[str]:
 
 
 FORWARD_METHODS = ["nft", "awm"]  # forward-process RL: no likelihoods, any sampler (configs of their own per suite)
-FLOW_METHODS = likelihood_methods() + FORWARD_METHODS
+FLOW_METHODS = likelihood_methods() + FORWARD_METHODS + ["adjoint-matching"]
 
 SUITES = {
     "digits": Suite("digits", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "diffusion-dpo", "diffusion-kto",
-                               "nabla-gfn", "alignprop", "draft", "refl", "dpok", *FORWARD_METHODS],
+                               "nabla-gfn", "alignprop", "draft", "refl", "dpok", *FORWARD_METHODS, "adjoint-matching"],
                     budget=2048, seeds=3, per_prompt=20, eval_every=2,
                     quick={"seeds": 1, "budget": 512}),
     "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "nabla-gfn", "alignprop", "draft", "refl",
-                             "dpok", "ddo", "ddo-dpo", "diffusion-dpo", "diffusion-kto"], budget=4096, seeds=3, per_prompt=1000,
+                             "dpok", "ddo", "ddo-dpo", "diffusion-dpo", "diffusion-kto", "adjoint-matching"], budget=4096, seeds=3, per_prompt=1000,
                    quick={"seeds": 1, "budget": 2048}, bt_noise=1.0),  # BT pairs at temperature 1: DPO's own optimum (no KL term) is p*
     # flow-matching models: every likelihood method, on the DDIM suite's configs with the model swapped and
     # the SDE's noise level set (Flow-GRPO's a = 0.7); GRPO has configs of its own

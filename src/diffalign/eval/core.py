@@ -172,13 +172,16 @@ def pyplot():
 
 
 def save_grid(images: torch.Tensor, prompts: list[str], path: Path, title: str = "") -> Path:
-    """One row per prompt: an image grid for NCHW images, a scatter plot for 2-D points."""
+    """One row per prompt: an image grid for NCHW images, a scatter plot for 2-D points, a histogram for 1-D."""
     plt = pyplot()
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     images = images.detach().float().cpu()
-    if images.ndim == 2:  # points
+    if images.ndim == 2 and images.shape[1] == 1:  # 1-D points
+        fig, ax = plt.subplots(figsize=(4, 3))
+        ax.hist(images[:, 0].numpy(), bins=40)
+    elif images.ndim == 2:  # points
         fig, ax = plt.subplots(figsize=(4, 4))
         ax.scatter(images[:, 0], images[:, 1], s=4, alpha=0.5)
         ax.set_aspect("equal")

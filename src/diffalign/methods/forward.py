@@ -43,6 +43,7 @@ from ..losses.forward import (WEIGHTINGS, awm_surrogate, decay, implicit_policie
                               proximal)
 from ..losses.grpo import group_advantages
 from ..sampling import add_noise, random_timesteps, training_target, x0_from_output
+from ..sharding import shard_like, whole
 from . import Method, Micro, register, register_variant
 from .policy_gradient import sample_and_score
 
@@ -110,7 +111,8 @@ class DiffusionNFT(Method):
                               f"{args.group_size}: every prompt is sampled group_size times")
         if args.kl_weight > 0:
             run.keep_reference()
-        self.anchor: dict[str, torch.Tensor] | None = None
+        self.anchor: dict[str, torch.Tensor] | None = None  # laid out as the parameters (sharded under FSDP)
+        self._scratch: dict[str, torch.Tensor] | None = None  # the trained weights while the anchor is in
         self.steps = 0
 
     # ---- the anchor ------------------------------------------------------------------------
@@ -131,15 +133,20 @@ class DiffusionNFT(Method):
 
     @contextlib.contextmanager
     def anchored(self):
-        """Inside, the denoiser holds the anchor's weights (a swap of tensors, no copy)."""
-        params, saved = self._trained(), {}
-        for n, p in params.items():
-            saved[n], p.data = p.data, self.anchor[n]
+        """Inside, the denoiser holds the anchor's weights: copied in place (a sharded parameter stays the
+        storage FSDP gathers from) and the trained ones restored on exit, before any backward, so a graph
+        built before (the current prediction) differentiates the trained weights."""
+        params = self._trained()
+        if self._scratch is None:
+            self._scratch = {n: torch.empty_like(p) for n, p in params.items()}
+        for n, p in params.items():  # through .data: autograd's version counters stay as they are
+            self._scratch[n].copy_(p.data)
+            p.data.copy_(self.anchor[n])
         try:
             yield
         finally:
             for n, p in params.items():
-                p.data = saved[n]
+                p.data.copy_(self._scratch[n])
 
     # ---- collect -----------------------------------------------------------------------------
     def collect(self, epoch: int):
@@ -219,12 +226,14 @@ class DiffusionNFT(Method):
         self.steps += 1
 
     def state_dict(self) -> dict:
-        return {"steps": self.steps, "anchor": self.anchor or {}}
+        """The anchor whole (gathered from the shards under FSDP: every process calls this)."""
+        return {"steps": self.steps, "anchor": {n: whole(v).cpu() for n, v in (self.anchor or {}).items()}}
 
     def load_state_dict(self, state: dict) -> None:
         if state:
             self.steps = state["steps"]
-            self.anchor = {n: v.to(self.run.device) for n, v in state["anchor"].items()} or None
+            params = self._trained()
+            self.anchor = {n: shard_like(v, params[n].detach()) for n, v in state["anchor"].items()} or None
 
 
 @dataclass
