@@ -129,6 +129,24 @@ def whole(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
+def reshard(module: nn.Module) -> None:
+    """Every FSDP module inside back to its shards (the root stays gathered after a forward); a no-op for
+    an unsharded network. FSDP gathers again where a backward needs it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for m in module.modules():
+        if isinstance(m, FSDPModule):
+            m.reshard()
+
+
+def values(t: torch.Tensor) -> torch.Tensor:
+    """The storage of this process's values of `t` (its local shard when sharded), to read or write in place
+    without autograd noticing."""
+    from torch.distributed.tensor import DTensor
+
+    return t.to_local().detach() if isinstance(t, DTensor) else t.data
+
+
 def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """`full` laid out as `like`: this process's shard of it when `like` is sharded, else on its device."""
     from torch.distributed.tensor import DTensor, distribute_tensor

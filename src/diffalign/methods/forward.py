@@ -43,7 +43,7 @@ from ..losses.forward import (WEIGHTINGS, awm_surrogate, decay, implicit_policie
                               proximal)
 from ..losses.grpo import group_advantages
 from ..sampling import add_noise, random_timesteps, training_target, x0_from_output
-from ..sharding import shard_like, whole
+from ..sharding import reshard, shard_like, values, whole
 from . import Method, Micro, register, register_variant
 from .policy_gradient import sample_and_score
 
@@ -136,17 +136,19 @@ class DiffusionNFT(Method):
         """Inside, the denoiser holds the anchor's weights: copied in place (a sharded parameter stays the
         storage FSDP gathers from) and the trained ones restored on exit, before any backward, so a graph
         built before (the current prediction) differentiates the trained weights."""
+        reshard(self.run.model.denoiser)  # sharded: the parameters are the shards FSDP gathers from
         params = self._trained()
         if self._scratch is None:
-            self._scratch = {n: torch.empty_like(p) for n, p in params.items()}
-        for n, p in params.items():  # through .data: autograd's version counters stay as they are
-            self._scratch[n].copy_(p.data)
-            p.data.copy_(self.anchor[n])
+            self._scratch = {n: torch.empty_like(values(p)) for n, p in params.items()}
+        for n, p in params.items():  # on the values: autograd's version counters stay as they are
+            self._scratch[n].copy_(values(p))
+            values(p).copy_(values(self.anchor[n]))
         try:
             yield
         finally:
+            reshard(self.run.model.denoiser)  # no gathered copy of the anchor outlives the context
             for n, p in params.items():
-                p.data.copy_(self._scratch[n])
+                values(p).copy_(self._scratch[n])
 
     # ---- collect -----------------------------------------------------------------------------
     def collect(self, epoch: int):
