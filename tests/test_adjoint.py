@@ -161,8 +161,8 @@ def test_adjoint_matching_raises_the_reward(tmp_path, model, reward, gain):
     memoryless sampler) and the DDIM toy2d through DDPM."""
     cfg, args = resolve_config(base={
         "method": "adjoint-matching", "model": model, "reward": reward, "seed": 0, "optim": {"lr": 3e-3},
-        "prompts": ["1", "7"] if model.startswith("digits") else [""], "sampling": {"num_steps": 8},
-        "eval": {"reward": None, "per_prompt": 16 if model.startswith("digits") else 256},
+        "prompts": ["1", "7"] if model.startswith("digits") else [""], "sampling": {"num_steps": 6},
+        "eval": {"reward": None, "per_prompt": 8 if model.startswith("digits") else 256},
         "train": {"epochs": 3, "batch_size": 16 if model.startswith("digits") else 64, "batches_per_epoch": 1},
         "args": {"beta": 0.01 if reward == "ink" else 1.0}})
     s = train(cfg, args, tmp_path / "run")

@@ -57,13 +57,13 @@ class RewardMeter:
         the reward itself as one part."""
         rewards, info = self.reward(images, prompts, metadata)
         self.queries += len(prompts) * self.processes
-        names = [name for name, _ in self.reward.parts]
+        names = [name for name, _ in getattr(self.reward, "parts", ())]  # a bare function has no parts
         parts = torch.stack([info[n].float() for n in names], dim=1) if names else rewards.float()[:, None]
         return rewards.float(), parts
 
     @property
     def part_weights(self) -> torch.Tensor:
-        return torch.tensor([w for _, w in self.reward.parts] or [1.0], dtype=torch.float64)
+        return torch.tensor([w for _, w in getattr(self.reward, "parts", ())] or [1.0], dtype=torch.float64)
 
 
 class Run:
