@@ -307,3 +307,22 @@ def test_forward_process_methods_train_and_export_on_an_sd3_folder(sd3, tmp_path
     assert (mine - pipeline_latents(pipe, x)).abs().max() > 1e-4  # the adapters moved the samples
     pipe.load_lora_weights(str(run / "final"))
     assert (mine - pipeline_latents(pipe, x)).abs().max() <= 1e-4
+
+
+def test_adjoint_matching_trains_on_an_sd3_folder(sd3, tmp_path):
+    """Adjoint Matching on the SD3 folder (guidance 3): memoryless rollouts, the lean adjoint through the
+    transformer and the VAE decoder (brightness), one epoch; the LoRA loads with diffusers and gives our
+    aligned samples."""
+    run = tmp_path / "am"
+    sets = [x for s in TRAIN if not s.startswith(("args.inner_epochs", "args.minibatches"))
+            for x in ("--set", s.format(sd3))]
+    assert main(["train", "configs/adjoint_matching_digits_flow.yaml", *sets, "--set", "eval.reward=null",
+                 "--set", "args.beta=0.01", "--set", "sampling.guidance_scale=3.0", "--out", str(run)]) == 0
+    row = json.loads((run / "metrics.jsonl").read_text().splitlines()[0])
+    assert row["adjoint_norm_start"] > 0 and row["loss"] > 0
+    x = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(0))
+    mine = aligned(run, x)
+    pipe = diffusers_pipeline(sd3)
+    assert (mine - pipeline_latents(pipe, x)).abs().max() > 1e-4
+    pipe.load_lora_weights(str(run / "final"))
+    assert (mine - pipeline_latents(pipe, x)).abs().max() <= 1e-4
