@@ -162,7 +162,6 @@ class Sampler:
         With `checkpoint` the model call is recomputed in backward (less memory)."""
         n = len(prompts)
         grad_steps = set(grad_steps or ())
-        timesteps = self.timesteps(model)
         cond = model.encode_prompts(list(prompts))
         if latents is None:
             latents = self.noise(model, n, generator)
@@ -170,15 +169,12 @@ class Sampler:
             raise ValueError(f"latents shape {tuple(latents.shape)} != {(n, *model.sample_shape)}")
         if self.solver is not None:
             return self._solve(model, list(prompts), cond, latents, with_logprob, grad_steps, checkpoint)
+        timesteps = self.timesteps(model)
         x = latents
         xs, logps, outs, x0s = [x], [], [], []
         for i, t in enumerate(timesteps):
             with torch.set_grad_enabled(i in grad_steps):
-                if i in grad_steps and checkpoint:
-                    # t is bound now: the recomputation runs in backward, after the loop moved on
-                    out = grad_checkpoint(lambda x_, t_=t: self.predict(model, x_, t_, cond), x, use_reentrant=False)
-                else:
-                    out = self.predict(model, x, t, cond)
+                out = self._output(model, x, t, cond, checkpointed=i in grad_steps and checkpoint)
                 sde = self.sde_steps is None or i in self.sde_steps
                 step = self.step(model, x, t, cond, generator=generator, with_logprob=with_logprob and sde, output=out,
                                  eta=None if sde else 0.0)
@@ -190,6 +186,13 @@ class Sampler:
         return Trajectory(prompts=list(prompts), cond=cond, timesteps=timesteps.detach().cpu(),
                           latents=torch.stack(xs, dim=1), log_probs=torch.stack(logps, dim=1) if with_logprob else None,
                           outputs=torch.stack(outs, dim=1), x0_preds=torch.stack(x0s, dim=1))
+
+    def _output(self, model, x, t, cond, checkpointed: bool) -> torch.Tensor:
+        """`predict` at one step of a loop; `checkpointed`: recomputed in backward (t is bound now, since the
+        recomputation runs after the loop has moved on)."""
+        if checkpointed:
+            return grad_checkpoint(lambda x_, t_=t: self.predict(model, x_, t_, cond), x, use_reentrant=False)
+        return self.predict(model, x, t, cond)
 
     def _solve(self, model, prompts, cond, latents, with_logprob, grad_steps, checkpoint) -> Trajectory:
         """`sample` through the diffusers solver `self.solver` (`diffalign.solvers`): no log-probs, no x0s."""
@@ -205,9 +208,7 @@ class Sampler:
 
         def predict(x, t, i):
             with torch.set_grad_enabled(i in grad_steps):
-                if i in grad_steps and checkpoint:
-                    return grad_checkpoint(lambda x_, t_=t: self.predict(model, x_, t_, cond), x, use_reentrant=False)
-                return self.predict(model, x, t, cond)
+                return self._output(model, x, t, cond, checkpointed=i in grad_steps and checkpoint)
 
         solver = solvers.build(model.scheduler, self.solver, self.order)
         timesteps, xs, outs = solvers.solve(solver, self.num_steps, latents, predict, device=model.device)

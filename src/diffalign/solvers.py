@@ -61,7 +61,7 @@ def build(scheduler, name: str, order: int = 2):
     return UniPCMultistepScheduler.from_config(config, solver_order=order)
 
 
-def solve(solver, num_steps: int, latents: torch.Tensor, predict: Callable, device=None, on_step: Callable = None):
+def solve(solver, num_steps: int, latents: torch.Tensor, predict: Callable, device=None):
     """Integrate from `latents` (standard normal) with `solver` in `num_steps` steps; `predict(x, t, i)`
     is the model output at step i. Returns (timesteps, states (T + 1 tensors), outputs (T))."""
     from diffusers import FlowMatchEulerDiscreteScheduler
