@@ -65,7 +65,12 @@ def test_bench_runs_every_cell_resumes_and_reports(tmp_path, capsys):
     assert ddpo[0]["aligned_reward_mean"] != ddpo[1]["aligned_reward_mean"]  # seeds differ
     for name in ("report.md", "reward_vs_queries.png", "reward_vs_diversity.png", "samples.png"):
         assert (out / name).exists(), name
-    assert "dist. to p*" in (out / "report.md").read_text()
+    report = (out / "report.md").read_text()
+    assert "dist. to p*" in report and "× floor" in report
+    fid = next(line for line in report.splitlines() if line.startswith("| base vs its training data |"))
+    row = r["rows"][0]  # the base's own fidelity: its distance to the mixture it learned, and that over its floor
+    assert f"{row['base_data_distance']:.3f}" in fid and f"{row['base_data_ratio']:.2f}" in fid
+    assert row["aligned_optimum_ratio"] == pytest.approx(row["aligned_optimum_distance"] / row["aligned_optimum_floor"])
 
     # rerun: every finished cell is read back, not trained again
     stamp = {p: os.path.getmtime(p) for p in out.glob("runs/*/*/summary.json")}

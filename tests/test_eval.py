@@ -159,3 +159,21 @@ def test_distance_to_optimum_floor():
     assert d["distance"] < 3 * d["floor"] + 0.02  # an exact sample sits at the floor
     far = distance_to_optimum(toy2d.sample_data(2000, torch.Generator().manual_seed(5)), beta)
     assert far["distance"] > 5 * far["floor"]  # the base distribution is far from p*
+
+
+def test_yardstick_is_averaged_over_draws():
+    """One draw of p* moves the distance a lot; the mean over 32 draws sits near the floor for an exact
+    sample (ratio ≈ 1), its spread is reported, and every model meets the same draws."""
+    exact = sample_optimum(1000, 1.0, torch.Generator().manual_seed(7))
+    one = [distance_to_optimum(exact, 1.0, seed=s, draws=1) for s in range(8)]
+    assert all(o["distance_sd"] == 0.0 and o["draws"] == 1 for o in one)
+    singles = [o["ratio"] for o in one]
+    avg = distance_to_optimum(exact, 1.0)
+    assert avg["draws"] == toy2d.YARDSTICK_DRAWS == 32 and avg["distance_sd"] > 0
+    assert max(singles) - min(singles) > 0.2  # a single yardstick is noisy...
+    assert 0.8 < avg["ratio"] < 1.25  # ...the averaged one puts an exact sample at the floor
+    assert distance_to_optimum(exact, 1.0) == avg  # deterministic: the same yardsticks for every model
+    fid = toy2d.distance_to_data(toy2d.sample_data(1000, torch.Generator().manual_seed(3)))
+    assert 0.8 < fid["data_ratio"] < 1.25 and fid["data_ratio"] == fid["data_distance"] / fid["data_floor"]
+    with pytest.raises(ValueError, match="draw"):
+        distance_to_optimum(exact, 1.0, draws=0)

@@ -88,7 +88,8 @@ SUITES = {
 
 METRICS = ["reward_mean", "eval_reward_mean", "reward_accuracy", "eval_reward_accuracy", "diversity", "diversity_rel",
            "frechet", "frechet_real", "class_histogram", "win_rate", "eval_win_rate", "kl", "optimum_distance",
-           "optimum_floor", "optimum_beta", "data_distance", "data_floor"]
+           "optimum_distance_sd", "optimum_floor", "optimum_ratio", "optimum_beta", "data_distance", "data_floor",
+           "data_ratio"]
 
 
 def variant(label: str) -> tuple[str, list[str]]:

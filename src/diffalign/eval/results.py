@@ -119,6 +119,7 @@ ROWS = [  # (metric, label): a row when the aligned evaluation has the metric
     ("diversity", "diversity within a prompt"), ("frechet", "Fréchet distance to real data"),
     ("frechet_real", "Fréchet distance, same-size real sample"), ("kl", "KL to reference (nats, path)"),
     ("optimum_distance", "distance to p*"), ("optimum_floor", "floor of distance to p*"),
+    ("optimum_ratio", "distance to p* / floor"),
 ]
 ONCE = {"frechet_real", "optimum_floor"}  # properties of the evaluation set, not of a model: one column
 

@@ -180,7 +180,8 @@ def eval_space() -> EvalSpace:
         if getattr(reward, "name", None) != "quadratic" or not hasattr(fn, "target"):
             return {}
         d = distance_to_optimum(points.cpu(), beta, target=fn.target, scale=fn.scale)
-        return {"optimum_distance": d["distance"], "optimum_floor": d["floor"], "optimum_beta": beta,
+        return {"optimum_distance": d["distance"], "optimum_distance_sd": d["distance_sd"],
+                "optimum_floor": d["floor"], "optimum_ratio": d["ratio"], "optimum_beta": beta,
                 **distance_to_data(points.cpu())}
 
     return EvalSpace("toy2d", lambda x: x.float(), lambda: sample_data(20000, torch.Generator().manual_seed(0)),
@@ -224,29 +225,44 @@ def optimum_log_prob(x: torch.Tensor, beta: float, **kw) -> torch.Tensor:
     return torch.logsumexp(dist.log_prob(x.double().unsqueeze(-2)) + w.log(), -1)
 
 
-def distance_to_optimum(points: torch.Tensor, beta: float, seed: int = 0, n_proj: int = 256, **kw) -> dict:
-    """Sliced Wasserstein distance from `points` to a sample of p* of the same size, and the
-    floor: the same distance between two independent samples of p* of that size."""
-    d, floor = _distance_and_floor(points, lambda n, g: sample_optimum(n, beta, g, **kw), seed, seed + 1, n_proj)
-    return {"beta": beta, "distance": d, "floor": floor}
+YARDSTICK_DRAWS = 32  # independent draws of the reference sample averaged per distance (one draw moves it up to 2x)
 
 
-def _distance_and_floor(points, draw, draw_seed: int, proj_seed: int, n_proj: int) -> tuple[float, float]:
-    """Sliced W2 from `points` to a same-size draw a, and from a second draw b to a (the floor);
-    a and b come one after the other from one generator seeded `draw_seed`."""
-    g = torch.Generator().manual_seed(draw_seed)
-    a, b = draw(len(points), g), draw(len(points), g)
-    proj = lambda: torch.Generator().manual_seed(proj_seed)  # noqa: E731
-    return (sliced_wasserstein(points, a, n_proj=n_proj, generator=proj()),
-            sliced_wasserstein(b, a, n_proj=n_proj, generator=proj()))
+def distance_to_optimum(points: torch.Tensor, beta: float, seed: int = 0, n_proj: int = 256,
+                        draws: int = YARDSTICK_DRAWS, **kw) -> dict:
+    """Sliced Wasserstein distance from `points` to a same-size sample of p*, averaged over `draws`
+    independent samples (and projections), with its spread over them (`distance_sd`); the floor is
+    the same distance between two independent samples of p* of that size, averaged likewise, and
+    `ratio` = distance / floor."""
+    out = yardstick_distance(points, lambda n, g: sample_optimum(n, beta, g, **kw), seed, n_proj, draws)
+    return {"beta": beta, **out}
 
 
-def distance_to_data(points: torch.Tensor, seed: int = 0, n_proj: int = 256) -> dict:
-    """Sliced Wasserstein distance from `points` to a same-size sample of the mixture itself, and its
-    floor (two mixture samples): for the base model, its own fidelity, the practical limit of any
-    aligned model's distance to p* at this n."""
-    d, floor = _distance_and_floor(points, sample_data, seed + 10, seed + 1, n_proj)
-    return {"data_distance": d, "data_floor": floor}
+def yardstick_distance(points, draw, seed: int, n_proj: int, draws: int) -> dict:
+    """Mean (and sample sd) over `draws` of the distance of `points` to a fresh same-size draw a, and of
+    the floor: a second draw b to a. Draw k uses generators seeded seed + 1000 k (the draws) and
+    seed + 1000 k + 1 (the projections), so every model is measured against the same yardsticks."""
+    if draws < 1:
+        raise ValueError(f"the yardstick needs at least one draw, got draws={draws}")
+    d, f = [], []
+    for k in range(draws):
+        g = torch.Generator().manual_seed(seed + 1000 * k)
+        a, b = draw(len(points), g), draw(len(points), g)
+        proj = lambda: torch.Generator().manual_seed(seed + 1000 * k + 1)  # noqa: E731
+        d.append(sliced_wasserstein(points, a, n_proj=n_proj, generator=proj()))
+        f.append(sliced_wasserstein(b, a, n_proj=n_proj, generator=proj()))
+    d, f = torch.tensor(d, dtype=torch.float64), torch.tensor(f, dtype=torch.float64)
+    sd = float(d.std()) if draws > 1 else 0.0
+    return {"distance": float(d.mean()), "distance_sd": sd, "floor": float(f.mean()),
+            "ratio": float(d.mean() / f.mean()), "draws": draws}
+
+
+def distance_to_data(points: torch.Tensor, seed: int = 0, n_proj: int = 256, draws: int = YARDSTICK_DRAWS) -> dict:
+    """Distance from `points` to same-size samples of the mixture itself and its floor (two mixture
+    samples), averaged as in `distance_to_optimum`: for the base model, its own fidelity, the practical
+    limit of any aligned model's distance to p* at this n (as a ratio to the floor)."""
+    out = yardstick_distance(points, sample_data, seed + 10, n_proj, draws)
+    return {"data_distance": out["distance"], "data_floor": out["floor"], "data_ratio": out["ratio"]}
 
 
 TOY2D = Embedded("toy2d", "mlp", ToyMLP, make_net, training_batches, forward, _build_model)
