@@ -103,6 +103,7 @@ class DDO(Method):
         reference_samples: int = 1024  # learned: reference samples it is trained on (drawn once)
         correction_steps: int = 100  # learned: optimizer steps per iteration
         correction_lr: float = 1e-3  # learned: its learning rate
+        correction_batch: int = 64  # learned: reference samples per optimizer step
         center_targets: bool = False  # subtract the targets' mean (q ∝ exp(−f)·p_ref ignores f's constant, the fit does not)
 
         def validate(self, where):
@@ -118,7 +119,8 @@ class DDO(Method):
                 raise ValueError(f"config key '{where}.option' must be 1 or 2, got {self.option}")
             if self.estimator not in ESTIMATORS:
                 raise ValueError(f"config key '{where}.estimator' must be one of {', '.join(ESTIMATORS)}")
-            for key in ("pool_size", "fit_size", "fit_epochs", "fit_batch", "particles", "reference_samples"):
+            for key in ("pool_size", "fit_size", "fit_epochs", "fit_batch", "particles", "reference_samples",
+                        "correction_batch"):
                 if getattr(self, key) < 1:
                     raise ValueError(f"config key '{where}.{key}' must be >= 1")
             if self.gamma <= 0 or self.clip <= 0:
@@ -285,7 +287,7 @@ class DDO(Method):
         def compute():
             g = self.run.generator("ddo-corr", epoch, step)
             x, ids = self.ref["x"], self.ref["prompt"]
-            rows = torch.randperm(len(x), generator=g)[: self.args.fit_batch]
+            rows = torch.randperm(len(x), generator=g)[: self.args.correction_batch]
             loss = learned_correction_loss(self.run.model, self.net, x[rows.to(x.device)], self._cond(ids[rows]),
                                            weights[rows.to(weights.device)].float(),
                                            self.sampler.timesteps(self.run.model).cpu(), generator=g,
