@@ -173,6 +173,8 @@ def test_yardstick_is_averaged_over_draws():
     assert max(singles) - min(singles) > 0.2  # a single yardstick is noisy...
     assert 0.8 < avg["ratio"] < 1.25  # ...the averaged one puts an exact sample at the floor
     assert distance_to_optimum(exact, 1.0) == avg  # deterministic: the same yardsticks for every model
+    uncached = toy2d.yardstick_distance(exact, lambda n, g: sample_optimum(n, 1.0, g), 0, 256, 32)
+    assert uncached == {k: v for k, v in avg.items() if k != "beta"}  # the cached draws are the same draws
     fid = toy2d.distance_to_data(toy2d.sample_data(1000, torch.Generator().manual_seed(3)))
     assert 0.8 < fid["data_ratio"] < 1.25 and fid["data_ratio"] == fid["data_distance"] / fid["data_floor"]
     with pytest.raises(ValueError, match="draw"):

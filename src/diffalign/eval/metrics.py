@@ -104,12 +104,24 @@ def sliced_wasserstein(a: torch.Tensor, b: torch.Tensor, n_proj: int = 128,
     Averages the squared 1-D W2 distance over `n_proj` random directions and returns
     its square root. Unequal sizes are compared through quantiles.
     """
-    a = a.detach().float().cpu().flatten(1)
-    b = b.detach().float().cpu().flatten(1)
-    dirs = torch.randn(a.shape[1], n_proj, generator=generator)
-    dirs = dirs / dirs.norm(dim=0, keepdim=True)
-    pa = torch.from_numpy(np.sort((a @ dirs).numpy(), axis=0))  # numpy's sort: ~4x torch's on CPU here
-    pb = torch.from_numpy(np.sort((b @ dirs).numpy(), axis=0))
+    dirs = random_directions(a.flatten(1).shape[1], n_proj, generator)
+    return sliced_from_sorted(sorted_projections(a, dirs), sorted_projections(b, dirs))
+
+
+def random_directions(dim: int, n_proj: int, generator: torch.Generator | None = None) -> torch.Tensor:
+    """(dim, n_proj) unit directions."""
+    dirs = torch.randn(dim, n_proj, generator=generator)
+    return dirs / dirs.norm(dim=0, keepdim=True)
+
+
+def sorted_projections(x: torch.Tensor, dirs: torch.Tensor) -> torch.Tensor:
+    """x (n, d) projected on `dirs` and sorted per direction (numpy's sort: ~4x torch's on CPU here)."""
+    x = x.detach().float().cpu().flatten(1)
+    return torch.from_numpy(np.sort((x @ dirs).numpy(), axis=0))
+
+
+def sliced_from_sorted(pa: torch.Tensor, pb: torch.Tensor) -> float:
+    """`sliced_wasserstein` from two `sorted_projections` on the same directions."""
     if pa.shape[0] != pb.shape[0]:
         m = max(pa.shape[0], pb.shape[0])
         q = (torch.arange(m, dtype=torch.float32) + 0.5) / m
