@@ -288,7 +288,8 @@ def test_centred_targets_have_mean_zero_and_still_align(tmp_path):
 
 def test_learned_correction_trains_and_samples(tmp_path):
     spec = dict(SMALL, train=dict(SMALL["train"], epochs=2),
-                args=dict(SMALL["args"], estimator="learned", reference_samples=512, correction_steps=60))
+                args=dict(SMALL["args"], estimator="learned", reference_samples=512, correction_steps=60,
+                          correction_batch=32))
     cfg, args = resolve_config(base=spec)
     s = train(cfg, args, tmp_path / "run")
     assert (tmp_path / "run" / "final" / "correction.safetensors").exists()
@@ -300,6 +301,7 @@ def test_learned_correction_trains_and_samples(tmp_path):
     ({"beta": -1.0}, "beta' must be > 0"),
     ({"option": 3}, "must be 1 or 2"),
     ({"estimator": "magic"}, "continuation, gaussian, learned"),
+    ({"correction_batch": 0}, "correction_batch' must be >= 1"),
 ])
 def test_bad_settings_are_refused_with_the_fix(bad, match):
     with pytest.raises(ConfigError, match=match):

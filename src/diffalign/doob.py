@@ -40,7 +40,10 @@ Estimators (`DoobCorrection(estimator=...)`):
   weighted regression of `learned_correction_loss` on reference samples (its minimiser
   is the tilted posterior mean above). Cost: one call of a small network per step.
   Bias: whatever the regression did not fit; importance weights over reference samples
-  degrade when q is far from p_ref.
+  degrade when q is far from p_ref, so it needs many of them: on the toy2d bench (DDO,
+  β = 1, 3 seeds) 32,768 reference samples and 500 steps of 256 per iteration land at
+  1.45× the floor of the distance to p* in 51 s, the continuation estimator (M = 32,
+  K = 20) at 1.24× in 119 s; 8,192 samples gave 1.6-2.6× (README, DDO section).
 
 The corrections are deterministic functions of their inputs (particle noise is seeded
 from x_t), so a sample and its re-scoring see the same Δ.
