@@ -1,7 +1,7 @@
 """DDO on toy2d: distance to p* per dual-averaging iteration, against the floor and the base
 model's own fidelity (its distance to its training data at the same n).
 
-    python scripts/ddo_curve.py docs/bench/toy2d-ddo     # after `diffalign bench --suite toy2d --methods ddo,ddo-dpo`
+    python scripts/ddo_curve.py runs/bench-toy2d     # after `diffalign bench --suite toy2d` (with ddo, ddo-dpo)
 
 Writes OUT/ddo_iterations.png and OUT/ddo_iterations.json and prints a table.
 """
@@ -130,7 +130,7 @@ def main(out: str) -> None:
     fig.savefig(out / "ddo_iterations.png", dpi=120)
     print(f"base fidelity at n={n}: {fid['base_to_data']:.4f} vs floor {fid['floor']:.4f} "
           f"({fid['base_to_data'] / fid['floor']:.2f}x)")
-    robust, to_f = {}, {}
+    to_f = {}
     for name in res:
         if name.startswith("diffusion-") or name == "ddo-dpo":  # learned from the DPO pairs: F's own optimum too
             # the other methods on the same pairs are measured against ddo-dpo's F
@@ -141,17 +141,10 @@ def main(out: str) -> None:
                           for run in sorted((out / "runs" / name).glob("seed-*")) if (run / "summary.json").exists()]
             print(f"{name}: distance to the exact optimum of F_DPO (β = {beta}, γ = {gamma}) / its floor: "
                   + ", ".join(f"{r['ratio']:.2f}" for r in to_f[name]))
-    for name, runs in res.items():
-        finals = [pts[-1][1] / pts[-1][2] for pts in runs]
-        robust[name] = [robust_distance(run) for run in sorted((out / "runs" / name).glob("seed-*"))
-                        if (run / "summary.json").exists()]
-        print(f"{name}: final distance / floor per seed (the run's own evaluation): "
-              f"{', '.join(f'{v:.2f}' for v in finals)}; recomputed: "
-              + ", ".join(f"{r['ratio']:.2f}" for r in robust[name]))
-    (out / "ddo_iterations.json").write_text(json.dumps({"curves": res, "base_fidelity": fid, "robust": robust,
+    (out / "ddo_iterations.json").write_text(json.dumps({"curves": res, "base_fidelity": fid,
                                                                     "to_dpo_optimum": to_f},
                                                         indent=1))
 
 
 if __name__ == "__main__":
-    main(sys.argv[1] if len(sys.argv) > 1 else "docs/bench/toy2d-ddo")
+    main(sys.argv[1] if len(sys.argv) > 1 else "runs/bench-toy2d")
