@@ -47,13 +47,12 @@ def final_sample(run_dir: Path) -> torch.Tensor:
         return sample_eval(lr.run.model, lr.sampler, [""], lr.cfg.eval.per_prompt, lr.cfg.eval.seed)[0]
 
 
-def robust_distance(run_dir: Path, target=None) -> dict:
-    """The final model's evaluation sample against the averaged yardstick of independent samples of p*
-    (or of `target(n, generator)`), as the bench's distance column."""
-    from diffalign.models.toy2d import sample_optimum, yardstick_distance
+def distance_to_target(run_dir: Path, draw) -> dict:
+    """The final model's evaluation sample against samples `draw(n, generator)` of a target, averaged over
+    the same number of independent draws as the bench's distance to p* (`toy2d.YARDSTICK_DRAWS`)."""
+    from diffalign.models.toy2d import YARDSTICK_DRAWS, yardstick_distance
 
-    draw = target or (lambda m, g: sample_optimum(m, 1.0, g))
-    return yardstick_distance(final_sample(run_dir), draw, seed=0, n_proj=256, draws=8)
+    return yardstick_distance(final_sample(run_dir), draw, seed=0, n_proj=256, draws=YARDSTICK_DRAWS)
 
 
 @functools.lru_cache(maxsize=None)
@@ -137,7 +136,7 @@ def main(out: str) -> None:
             args = yaml.safe_load((out / "runs" / "ddo-dpo" / "seed-0" / "config.yaml").read_text())["args"]
             beta, gamma = args["beta"], args["gamma"]
             pts, q, width = dpo_grid_optimum(beta, gamma)
-            to_f[name] = [robust_distance(run, target=lambda m, g: grid_sample(pts, q, width, m, g))
+            to_f[name] = [distance_to_target(run, lambda m, g: grid_sample(pts, q, width, m, g))
                           for run in sorted((out / "runs" / name).glob("seed-*")) if (run / "summary.json").exists()]
             print(f"{name}: distance to the exact optimum of F_DPO (β = {beta}, γ = {gamma}) / its floor: "
                   + ", ".join(f"{r['ratio']:.2f}" for r in to_f[name]))
