@@ -1,5 +1,5 @@
 """Fixtures shared by the tests: the tiny random models (`tiny_models.py`) and the tiny random
-pipeline folders (`diffalign models make-tiny-sd|make-tiny-sd3`), one per test module."""
+pipeline folders (`diffalign models make-tiny-sd|make-tiny-sd3|make-tiny-flux`), one per test module."""
 
 import os
 import sys
@@ -48,6 +48,24 @@ def sd3_no_t5(tmp_path_factory):
     from diffalign.models.tiny import make_tiny_sd3
 
     return str(make_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3-no-t5", t5=False))
+
+
+@pytest.fixture(scope="module")
+def flux(tmp_path_factory):
+    """A tiny random FLUX.1-dev-like pipeline folder (guidance embedding, dynamic shifting); load it at 32 px."""
+    from diffalign.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / "flux"
+    assert main(["models", "make-tiny-flux", str(out)]) == 0
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def flux_schnell(tmp_path_factory):
+    """The tiny FLUX folder without the guidance embedding (FLUX.1-schnell's layout)."""
+    from diffalign.models.tiny import make_tiny_flux
+
+    return str(make_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux-schnell", guidance=False))
 
 
 @pytest.fixture(autouse=True)

@@ -109,14 +109,30 @@ def test_folder_errors_name_what_is_missing(sd3, tmp_path):
         load_model(str(broken))
     shutil.rmtree(broken)
     shutil.copytree(sd3, broken)
-    config = json.loads((broken / "scheduler" / "scheduler_config.json").read_text())
-    (broken / "scheduler" / "scheduler_config.json").write_text(json.dumps({**config, "use_dynamic_shifting": True}))
-    with pytest.raises(ModelFolderError, match="dynamic shifting"):
-        load_model(str(broken))
     index = json.loads((broken / "model_index.json").read_text())
-    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelFolderError, match="FluxPipeline pipeline; diffalign loads.*StableDiffusion3Pipeline"):
+    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ModelFolderError, match="StableDiffusionXLPipeline pipeline; diffalign loads.*FluxPipeline, "
+                                               "StableDiffusion3Pipeline"):
         load_model(str(broken))
+
+
+def test_dynamic_shifting_is_fixed_to_the_resolution_as_the_pipeline_does(sd3, tmp_path):
+    """A scheduler with use_dynamic_shifting (SD3.5-style configs may set it): μ from the image's token count,
+    as StableDiffusion3Pipeline computes it; our eta-0 samples are the pipeline's at two resolutions."""
+    folder = tmp_path / "dynamic"
+    shutil.copytree(sd3, folder)
+    path = folder / "scheduler" / "scheduler_config.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), "use_dynamic_shifting": True}))
+    for side in (32, 64):
+        m = load_model(str(folder), resolution=side)
+        latents = torch.randn(2, *m.sample_shape, generator=torch.Generator().manual_seed(0))
+        ours = Sampler(num_steps=4, eta=0.0, guidance_scale=3.0).sample(m, PROMPTS, latents=latents,
+                                                                         with_logprob=False).final
+        theirs = diffusers_pipeline(str(folder))(PROMPTS, height=side, width=side, num_inference_steps=4,
+                                                 guidance_scale=3.0, latents=latents.clone(),
+                                                 sigmas=inference_sigmas(4), output_type="latent").images
+        assert (ours - theirs).abs().max() < 1e-4
+    assert m.scheduler.shift != load_model(str(folder), resolution=32).scheduler.shift  # it depends on the size
 
 
 def test_lora_on_the_transformer_loads_in_diffusers(sd3, tmp_path):

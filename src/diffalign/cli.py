@@ -4,7 +4,7 @@
     diffalign train --resume DIR
     diffalign pretrain MODEL
     diffalign methods | rewards | models
-    diffalign models make-tiny-sd OUT | make-tiny-sd3 OUT [--no-t5] | make-tiny-clip OUT
+    diffalign models make-tiny-sd OUT | make-tiny-sd3 OUT [--no-t5] | make-tiny-flux OUT [--no-guidance] | make-tiny-clip OUT
     diffalign eval RUN_DIR [--per-prompt N] [--seed S]
     diffalign sample RUN_DIR --out PATH [--n N] [--prompts P ...] [--seed S] [--base]
     diffalign export RUN_DIR --out DIR [--merge]
@@ -122,8 +122,11 @@ def _models(a) -> int:
 
     if a.no_t5 and a.action != "make-tiny-sd3":
         raise SystemExit("--no-t5 applies to make-tiny-sd3 only")
+    if a.no_guidance and a.action != "make-tiny-flux":
+        raise SystemExit("--no-guidance applies to make-tiny-flux only")
     make = {"make-tiny-sd": tiny.make_tiny_sd, "make-tiny-clip": tiny.make_tiny_clip,
-            "make-tiny-sd3": lambda out, seed: tiny.make_tiny_sd3(out, seed=seed, t5=not a.no_t5)}[a.action]
+            "make-tiny-sd3": lambda out, seed: tiny.make_tiny_sd3(out, seed=seed, t5=not a.no_t5),
+            "make-tiny-flux": lambda out, seed: tiny.make_tiny_flux(out, seed=seed, guidance=not a.no_guidance)}[a.action]
     print(f"{a.action}: wrote {make(a.out, seed=a.seed)} (random weights: for tests, not for images)")
     return 0
 
@@ -303,13 +306,16 @@ def build_parser() -> argparse.ArgumentParser:
     for kind in ("methods", "rewards"):
         sub.add_parser(kind, help=f"list registered {kind}").set_defaults(fn=lambda a, k=kind: _list(k))
     mo = sub.add_parser("models", help="list registered models, or build a tiny random test pipeline folder")
-    mo.add_argument("action", nargs="?", choices=["make-tiny-sd", "make-tiny-sd3", "make-tiny-clip"],
+    mo.add_argument("action", nargs="?", choices=["make-tiny-sd", "make-tiny-sd3", "make-tiny-flux", "make-tiny-clip"],
                     help="make-tiny-sd: a tiny random Stable Diffusion folder; make-tiny-sd3: a tiny random Stable "
-                         "Diffusion 3 folder; make-tiny-clip: a tiny random CLIP folder (for rewards and "
+                         "Diffusion 3 folder; make-tiny-flux: a tiny random FLUX.1 folder (load it with "
+                         "pipeline.resolution: 32); make-tiny-clip: a tiny random CLIP folder (for rewards and "
                          "eval.features); none: list the models")
     mo.add_argument("out", nargs="?", help="output folder (make-tiny-*)")
     mo.add_argument("--seed", type=int, default=0)
     mo.add_argument("--no-t5", action="store_true", help="make-tiny-sd3: leave out the T5 text encoder")
+    mo.add_argument("--no-guidance", action="store_true",
+                    help="make-tiny-flux: no guidance embedding (FLUX.1-schnell's layout)")
     mo.set_defaults(fn=_models)
     e = sub.add_parser("eval", help="evaluate a run's aligned model against its base on fixed seeds (eval.json)")
     e.add_argument("run", help="run folder (the --out of `diffalign train`)")

@@ -61,11 +61,35 @@ def inference_sigmas(num_steps: int) -> list[float]:
     return torch.linspace(1.0, 1.0 / num_steps, num_steps, dtype=torch.float64).tolist()
 
 
+def image_shift(scheduler, image_seq_len: int):
+    """A scheduler with dynamic (resolution-dependent) shifting, fixed to one image size: the scheduler with
+    the static `shift` it applies there, and μ. A pipeline computes μ from the image's token count
+    (`calculate_shift` with the scheduler's base/max sequence lengths and shifts, as FLUX's and SD3's
+    pipelines do) and warps σ by exp(μ)/(exp(μ) + 1/σ − 1) ("exponential") or μ/(μ + 1/σ − 1) ("linear"),
+    which are exactly the static shift s·σ/(1 + (s − 1)·σ) with s = exp(μ) or μ. A scheduler without dynamic
+    shifting is returned as it is (μ None)."""
+    import math
+
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = scheduler.config
+    if not c.get("use_dynamic_shifting", False):
+        return scheduler, None
+    mu = calculate_shift(image_seq_len, c.get("base_image_seq_len", 256), c.get("max_image_seq_len", 4096),
+                         c.get("base_shift", 0.5), c.get("max_shift", 1.15))
+    kind = c.get("time_shift_type", "exponential")
+    if kind not in ("exponential", "linear"):
+        raise ValueError(f"unknown time_shift_type {kind!r} in the flow scheduler's config")
+    shift = math.exp(mu) if kind == "exponential" else mu
+    return type(scheduler).from_config({**c, "use_dynamic_shifting": False, "shift": shift}), mu
+
+
 def set_timesteps(scheduler, num_steps: int, device=None) -> None:
     """`scheduler.set_timesteps` on the grid of `inference_sigmas` (the scheduler applies its shift)."""
     if getattr(scheduler.config, "use_dynamic_shifting", False):
-        raise ValueError("this flow scheduler uses dynamic (resolution-dependent) shifting, which needs `mu`: "
-                         "dynamic shifting (FLUX-style) is not supported yet; use a scheduler with a fixed `shift`")
+        raise ValueError("this flow scheduler uses dynamic (resolution-dependent) shifting, which needs the image "
+                         "size: fix it with `diffalign.flow.image_shift(scheduler, image_seq_len)` (pipeline folders "
+                         "loaded by diffalign are fixed to their resolution already)")
     scheduler.set_timesteps(sigmas=inference_sigmas(num_steps), device=device)
 
 

@@ -89,6 +89,9 @@ class DiffusionModel:
     parts: dict[str, nn.Module] = field(default_factory=dict)  # other modules (VAE, text encoder, ...)
     pipeline: PipelineInfo | None = None  # set for a model loaded from a diffusers pipeline folder
     info: dict = field(default_factory=dict)  # anything else a model keeps (toy2d: its mixture)
+    # guidance-distilled models (FLUX.1-dev): (cond, scale) -> cond with the guidance scale the denoiser takes as an
+    # input written into it; the sampler then applies it instead of classifier-free guidance. None = CFG models.
+    embedded_guidance: Callable[[torch.Tensor, float], torch.Tensor] | None = None
 
     def predict_noise(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """Raw denoiser output for a batch; `t` is a scalar or (B,) tensor of timesteps."""

@@ -149,12 +149,13 @@ def read_parts(folder: Path, networks: dict[str, type], tokenizers: tuple[str, .
 def latent_model(folder: Path, denoiser, vae, scheduler, encode: Callable[[list[str]], torch.Tensor],
                  device: Callable[[], torch.device], resolution: int | None, negative_prompt: str,
                  field_net: Callable[[int], torch.nn.Module], shift: float = 0.0, pipeline: dict | None = None,
-                 **fields) -> DiffusionModel:
+                 size: tuple[int, int] | None = None, channels: int | None = None, **fields) -> DiffusionModel:
     """A pipeline folder's `DiffusionModel` in `vae`'s latent space, at `resolution` (None = the denoiser's
     default): prompts through `encode(prompts)` (cached per prompt), the negative prompt as the null condition,
     `field_net(latent side)` for a second field. `fields` are the rest (forward, LoRA targets, defaults,
-    parts); `pipeline` holds the `PipelineInfo` fields besides the resolution and the negative prompt."""
-    size, factor = image_size(denoiser, vae, resolution)
+    parts); `pipeline` holds the `PipelineInfo` fields besides the resolution and the negative prompt; `size`
+    (image side, VAE factor) and `channels` (the latent's) when the denoiser's config does not give them."""
+    size, factor = size or image_size(denoiser, vae, resolution)
     side = size // factor
     decode, encode_images = vae_codec(vae, size, vae.config.scaling_factor, shift)
     encode_prompts = cached_prompts(encode, device)
@@ -162,7 +163,7 @@ def latent_model(folder: Path, denoiser, vae, scheduler, encode: Callable[[list[
         name=str(folder),
         denoiser=denoiser,
         scheduler=scheduler,
-        sample_shape=(denoiser.config.in_channels, side, side),
+        sample_shape=(channels or denoiser.config.in_channels, side, side),
         encode_prompts=encode_prompts,
         decode=decode,
         null_condition=lambda n: encode_prompts([negative_prompt] * n),

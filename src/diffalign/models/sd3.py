@@ -15,8 +15,8 @@ zeros in place of the T5 tokens.
   `encode_images` is its inverse ((mean - shift_factor) x scaling_factor).
 - The scheduler is the folder's `FlowMatchEulerDiscreteScheduler`: the transformer's output
   is the velocity, and timesteps are the scheduler's floats (sigma x 1000), passed to the
-  transformer as they are (as the pipeline does). Folders with dynamic shifting (FLUX-style,
-  shift computed from the resolution) are refused.
+  transformer as they are (as the pipeline does). A scheduler with dynamic shifting is fixed to
+  the resolution as the pipeline fixes it (`flow.image_shift`).
 """
 
 from __future__ import annotations
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 
 from . import register_pipeline
-from .base import DiffusionModel, ModelFolderError, zero_output
-from .sd import check_folder, latent_model, read_parts, scheduler_from_folder
+from .base import DiffusionModel, zero_output
+from .sd import check_folder, image_size, latent_model, read_parts, scheduler_from_folder
 
 WEIGHTS = (("config.json",), ("diffusion_pytorch_model.safetensors",))
 TEXT = (("config.json",), ("model.safetensors", "model.safetensors.index.json"))
@@ -48,15 +48,19 @@ def has_t5(folder: Path) -> bool:
     return (index.get("text_encoder_3") or [None])[0] is not None
 
 
-def load_scheduler(folder: Path, overrides: dict | None = None):
+def load_scheduler(folder: Path, overrides: dict | None = None, image_seq_len: int | None = None):
+    """The folder's flow scheduler with the `pipeline.scheduler` overrides; one with dynamic shifting is fixed to
+    the image's token count (`flow.image_shift`, μ as the SD3 pipeline computes it; the transformer's default
+    size when not given)."""
     from diffusers import FlowMatchEulerDiscreteScheduler
 
+    from ..flow import image_shift
+
     scheduler = scheduler_from_folder(FlowMatchEulerDiscreteScheduler, folder, overrides)
-    if scheduler.config.get("use_dynamic_shifting"):
-        raise ModelFolderError(f"{str(folder)!r}: its scheduler uses dynamic shifting (use_dynamic_shifting: true, "
-                               "FLUX-style: the shift depends on the resolution), which diffalign does not support; "
-                               "use a folder whose scheduler has a fixed `shift` (SD3 / SD3.5)")
-    return scheduler
+    if image_seq_len is None:
+        c = json.loads((folder / "transformer" / "config.json").read_text())
+        image_seq_len = (c["sample_size"] // c["patch_size"]) ** 2
+    return image_shift(scheduler, image_seq_len)[0]
 
 
 @register_pipeline("StableDiffusion3Pipeline", scheduler=load_scheduler)
@@ -75,7 +79,9 @@ def load_pipeline(path, resolution: int | None = None, negative_prompt: str = ""
                 **({"text_encoder_3": T5EncoderModel} if t5 else {})}
     parts = read_parts(folder, networks, ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if t5 else ()))
     parts.setdefault("text_encoder_3", None)  # no T5: zeros in place of its tokens, as the pipeline does
-    return build(folder, parts, load_scheduler(folder, scheduler), resolution, negative_prompt)
+    size, factor = image_size(parts["transformer"], parts["vae"], resolution)
+    tokens = (size // factor // parts["transformer"].config.patch_size) ** 2
+    return build(folder, parts, load_scheduler(folder, scheduler, tokens), resolution, negative_prompt)
 
 
 def field_net(transformer) -> torch.nn.Module:

@@ -8,6 +8,12 @@
   AutoencoderKL with SD3's 16 latent channels and shift factor, two CLIPTextModelWithProjection,
   a T5EncoderModel unless `t5=False`, their tokenizers, FlowMatchEulerDiscreteScheduler with
   shift 3) that `StableDiffusion3Pipeline.from_pretrained(out)` and `model: out` both load.
+- `make_tiny_flux(out)`: a complete FLUX.1 pipeline folder (FluxTransformer2DModel with the
+  guidance embedding of FLUX.1-dev unless `guidance=False` (schnell-like), AutoencoderKL with
+  FLUX's 16 channels, scale and shift, CLIPTextModel + T5EncoderModel and their tokenizers,
+  FlowMatchEulerDiscreteScheduler with FLUX's dynamic shifting) that `FluxPipeline.from_pretrained(out)`
+  and `model: out` both load. FluxPipeline's own default size is 128 latent tokens a side: pass
+  `pipeline.resolution: 32` (2x2-packed 8x8 latents, 16 tokens) to keep it tiny.
 - `make_tiny_clip(out)`: a `CLIPModel` + `CLIPProcessor` folder, the layout the CLIP-based
   rewards (`clip-score`, `pickscore`, `aesthetic`) and `eval.features` read.
 
@@ -141,6 +147,39 @@ def make_tiny_sd3(out: str | Path, seed: int = 0, resolution: int = 32, t5: bool
         pipe = StableDiffusion3Pipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clips[0],
                                         tokenizer=toks[0], text_encoder_2=clips[1], tokenizer_2=toks[1],
                                         text_encoder_3=text3, tokenizer_3=tok3)
+        pipe.save_pretrained(tmp, safe_serialization=True)
+    return out
+
+
+def make_tiny_flux(out: str | Path, seed: int = 0, guidance: bool = True) -> Path:
+    """Write a tiny random FLUX.1 pipeline folder to `out` (atomically): the guidance embedding (FLUX.1-dev)
+    unless `guidance=False` (FLUX.1-schnell's layout)."""
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+                        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(16, 32, 32),
+                        layers_per_block=1, latent_channels=16, norm_num_groups=8, sample_size=32,
+                        scaling_factor=0.3611, shift_factor=0.1159, use_quant_conv=False,
+                        use_post_quant_conv=False)  # FLUX's VAE: 16 channels, its scale and shift
+    t5_width = 2 * TEXT_DIM
+    transformer = FluxTransformer2DModel(patch_size=1, in_channels=64, num_layers=1, num_single_layers=1,
+                                         attention_head_dim=16, num_attention_heads=2, joint_attention_dim=t5_width,
+                                         pooled_projection_dim=TEXT_DIM, guidance_embeds=guidance,
+                                         axes_dims_rope=(4, 6, 6))
+    scheduler = FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+                                                base_shift=0.5, max_shift=1.15, base_image_seq_len=256,
+                                                max_image_seq_len=4096)  # FLUX.1's scheduler config
+    out = Path(out)
+    with atomic_dir(out) as tmp:
+        tok = write_tokenizer(Path(tmp) / "tokenizer")
+        tok2 = write_t5_tokenizer(Path(tmp) / "tokenizer_2")
+        clip = CLIPTextModel(_text_config(len(tok)))
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tok2), d_model=t5_width, d_kv=8, d_ff=64, num_layers=1,
+                                     num_heads=4, relative_attention_num_buckets=8, decoder_start_token_id=0))
+        pipe = FluxPipeline(transformer=transformer, scheduler=scheduler, vae=vae, text_encoder=clip, tokenizer=tok,
+                            text_encoder_2=t5, tokenizer_2=tok2)
         pipe.save_pretrained(tmp, safe_serialization=True)
     return out
 
