@@ -52,7 +52,11 @@ def noise():
 def test_loads_with_the_pipelines_condition_and_packing(flux):
     m = load_model(flux, resolution=32)
     assert m.sample_shape == (16, 8, 8) and m.pipeline.name == "FluxPipeline" and m.guidance_scale == 3.5
-    assert m.null_condition(2) is None  # no classifier-free guidance
+    x, t = torch.randn(2, 16, 8, 8), torch.tensor(700.0)
+    with torch.no_grad():  # the guidance goes into the transformer: one pass, no classifier-free guidance
+        guided = Sampler(guidance_scale=5.0).predict(m, x, t, m.encode_prompts(PROMPTS))
+        direct = m.predict_noise(x, t, m.embedded_guidance(m.encode_prompts(PROMPTS), 5.0))
+    assert torch.equal(guided, direct)
     assert sorted(m.parts) == ["text_encoder", "text_encoder_2", "vae"]
     cond = m.encode_prompts(PROMPTS)
     with torch.no_grad():
@@ -97,13 +101,12 @@ def test_sampler_matches_the_flux_pipeline(which, request):
     folder = request.getfixturevalue(which)
     m = load_model(folder, resolution=32)
     x = noise()
-    mine, theirs = ours(m, x, 2.5), pipeline_latents(flux_pipeline(folder), x, 2.5)
+    g = 2.5 if which == "flux" else 1.0  # schnell: the pipeline ignores guidance_scale; ours would be CFG
+    mine, theirs = ours(m, x, g), pipeline_latents(flux_pipeline(folder), x, 2.5)
     assert (mine - theirs).abs().max() <= 1e-4 and (mine - x).abs().max() > 1e-2
     if which == "flux":  # the guidance reaches the transformer: another scale, other samples
         assert (ours(m, x, 5.0) - mine).abs().max() > 1e-4
-    else:
-        assert m.embedded_guidance is None and (ours(m, x, 5.0) - mine).abs().max() == 0
-    noisy = Sampler(num_steps=STEPS, eta=0.7, guidance_scale=2.5).sample(m, PROMPTS, latents=x,
+    noisy = Sampler(num_steps=STEPS, eta=0.7, guidance_scale=g).sample(m, PROMPTS, latents=x,
                                                                           generator=torch.Generator().manual_seed(1))
     assert torch.isfinite(noisy.log_probs).all() and (noisy.final - theirs).abs().max() > 1e-3
     assert (noisy.cond[:, -1] == 2.5).all() if which == "flux" else True  # stored with the sampler's guidance
@@ -126,8 +129,19 @@ def test_folder_errors(flux, tmp_path):
     shutil.rmtree(broken / "tokenizer_2")
     with pytest.raises(ModelFolderError, match="FLUX pipeline folder: missing tokenizer_2/.*make-tiny-flux"):
         load_model(str(broken), resolution=32)
-    with pytest.raises(ValueError, match="negative prompt has no effect"):
+    with pytest.raises(ValueError, match="guidance-distilled.*negative prompt has no effect"):
         load_model(flux, resolution=32, negative_prompt="blurry")
+
+
+def test_schnell_without_guidance_and_its_true_cfg(flux_schnell):
+    """No guidance embedding: guidance scale 1 by default; a scale above 1 is CFG against the negative prompt."""
+    m = load_model(flux_schnell, resolution=32, negative_prompt="blurry")
+    assert m.guidance_scale == 1.0 and m.embedded_guidance is None
+    x, t, cond = torch.randn(2, 16, 8, 8), torch.tensor(700.0), m.encode_prompts(PROMPTS)
+    with torch.no_grad():
+        guided = Sampler(guidance_scale=3.0).predict(m, x, t, cond)
+        u, c = m.predict_noise(x, t, m.null_condition(2)), m.predict_noise(x, t, cond)
+    assert torch.allclose(guided, u + 3.0 * (c - u), atol=1e-5)
 
 
 def test_lora_loads_in_diffusers_and_reproduces_our_samples(flux, tmp_path):

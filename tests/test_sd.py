@@ -1,6 +1,6 @@
 """Stable Diffusion pipeline folders: loading (latents, text prompts, guidance, resolution),
-folder errors, prompt sources, and every online method for one epoch on a tiny random
-pipeline built by `diffalign models make-tiny-sd`."""
+folder errors, prompt sources, gradient checkpointing and multi-process runs on a tiny random
+pipeline built by `diffalign models make-tiny-sd` (every method on it: tests/test_matrix.py)."""
 
 import json
 import shutil
@@ -17,6 +17,7 @@ from diffalign.models import load_model
 from diffalign.models.sd import ModelFolderError
 from diffalign.sampler import Sampler
 from diffalign.train import resolve_config, train
+from test_matrix import ARGS as MATRIX_ARGS
 
 
 def test_loads_as_latent_text_model(sd):
@@ -78,8 +79,8 @@ def test_folder_errors_name_what_is_missing(sd, tmp_path):
     with pytest.raises(ModelFolderError, match=r"missing vae/diffusion_pytorch_model.safetensors, tokenizer/"):
         load_model(str(broken))
     index = json.loads((broken / "model_index.json").read_text())
-    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "FluxPipeline"}))
-    with pytest.raises(ModelFolderError, match="FluxPipeline pipeline; diffalign loads"):
+    (broken / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLPipeline"}))
+    with pytest.raises(ModelFolderError, match="StableDiffusionXLPipeline pipeline; diffalign loads"):
         load_model(str(broken))
     # through the command line: one clear line, exit code 2, nothing written
     cfg = tmp_path / "c.yaml"
@@ -108,46 +109,8 @@ def test_pipeline_without_prompts_is_a_config_error(sd, tmp_path):
     assert not (tmp_path / "run").exists()
 
 
-ONLINE = [n for n, _ in list_methods() if not getattr(get_method(n), "offline_data", False)]
-ARGS = {"grpo": {"group_size": 2}, "ddo": {"fit_size": 16, "fit_epochs": 1, "particles": 2, "continuation_steps": 2},
-        "refl": {"window": 2, "target": 1.0}, "spo": {"threshold": 0.0, "single_path_steps": 2}, "tailorpo": {"train_steps": [6, 4, 2]}, "tailorpo-g": {"train_steps": [6, 4, 2]},
-        "constrained": {"conditional": False, "data": "PNGS",
-                        "constraints": [{"data": "samples:4", "name": "own", "kind": "distill", "bound": 0.01}]}}
 BASE = {"reward": "ink", "prompts": ["a cat", "a dog"], "sampling": {"num_steps": 6}, "optim": {"lr": 1e-2},
         "train": {"batch_size": 4, "batches_per_epoch": 1, "epochs": 1}, "eval": {"reward": None, "per_prompt": 2}}
-
-
-@pytest.mark.parametrize("name", ONLINE)
-def test_every_online_method_runs_on_a_pipeline_folder(sd, tmp_path, name):
-    from PIL import Image
-
-    args = dict(ARGS.get(name, {}))
-    if args.get("data") == "PNGS":  # a folder of RGB images of another size than the model's
-        (tmp_path / "pngs").mkdir()
-        for i in range(4):
-            Image.fromarray((torch.rand(40, 40, 3) * 255).byte().numpy()).save(tmp_path / "pngs" / f"{i}.png")
-        args["data"] = str(tmp_path / "pngs")
-    # with the UNet's gradient checkpointing: its recomputed forward must see the same adapters (on/off)
-    cfg, args = resolve_config(base=dict(BASE, model=sd, method=name, args=args,
-                                         train={**BASE["train"], "gradient_checkpointing": True}))
-    summary = train(cfg, args, tmp_path / "run")
-    assert summary["finished"] and torch.isfinite(torch.tensor(summary["final_reward_mean"]))
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert all(torch.isfinite(torch.tensor(v)) for r in rows for v in r.values() if isinstance(v, float))
-    final = tmp_path / "run" / "final"
-    if name == "ddo":  # DDO keeps the base weights and learns its h-network beside them
-        assert any(final.glob("*.safetensors"))
-        assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "x")]) == 2  # no pipeline to export
-        assert not (tmp_path / "x").exists()
-        return
-    if not cfg.lora.enabled:  # constrained: a full fine-tune
-        tuned = load_file(str(final / "unet" / "diffusion_pytorch_model.safetensors"))
-        base = load_file(f"{sd}/unet/diffusion_pytorch_model.safetensors")
-        assert any(not torch.equal(tuned[k], base[k]) for k in base)
-        return
-    lora = load_file(str(final / "pytorch_lora_weights.safetensors"))
-    ups = [v for k, v in lora.items() if "lora_B" in k]
-    assert ups and any(v.abs().sum() > 0 for v in ups), f"{name} left its LoRA at the zero init"
 
 
 def test_gradient_checkpointing_gives_the_same_update(sd, tmp_path):
@@ -253,7 +216,7 @@ def test_a_deterministic_last_step_is_refused_at_config_time_for_every_likelihoo
     assert len(names) >= 8
     for name in names:
         with pytest.raises(ConfigError, match=r"pipeline\.scheduler\.set_alpha_to_one=false.*steps_offset=1"):
-            resolve_config(base=dict(BASE, model=sd_alpha_one, method=name, args=ARGS.get(name, {})))
+            resolve_config(base=dict(BASE, model=sd_alpha_one, method=name, args=MATRIX_ARGS.get(name, {})))
     # either setting alone leaves a deterministic last step; both give every step a likelihood
     for fix in ({"set_alpha_to_one": False}, {"steps_offset": 1}):
         with pytest.raises(ConfigError, match="deterministic"):

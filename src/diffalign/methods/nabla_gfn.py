@@ -65,6 +65,18 @@ def twice_differentiable():
     return sdpa_kernel(SDPBackend.MATH)
 
 
+def math_checkpoint(block, *args, **kwargs):
+    """Gradient checkpointing of one block whose forward and recomputation both run under
+    `twice_differentiable` (the attention of UNets, SD3's and FLUX's transformers alike)."""
+    from torch.utils.checkpoint import checkpoint
+
+    def run(*a, **k):
+        with twice_differentiable():
+            return block(*a, **k)
+
+    return checkpoint(run, *args, use_reentrant=False, **kwargs)
+
+
 @dataclass
 class Transitions(Rows):
     """N trained transitions x_t -> x_prev on this process, with everything the loss needs."""
@@ -137,12 +149,10 @@ class NablaGFN(Method):
         torch.manual_seed(seed_for(run.cfg.seed, "flow-init"))  # the same on every process and run
         self.flow = run.model.make_field_net().to(run.device)
         den = adapters.unwrap(run.model.denoiser)
-        if run.cfg.train.gradient_checkpointing and hasattr(den, "set_attn_processor"):
+        if run.cfg.train.gradient_checkpointing and hasattr(den, "enable_gradient_checkpointing"):
             # a checkpointed block recomputes its forward inside the backward passes, where the kernel choice of
-            # `twice_differentiable` no longer holds: plain-matmul attention is twice differentiable everywhere
-            from diffusers.models.attention_processor import AttnProcessor
-
-            den.set_attn_processor(AttnProcessor())
+            # `twice_differentiable` no longer holds: the blocks run (and rerun) under it themselves
+            den.enable_gradient_checkpointing(gradient_checkpointing_func=math_checkpoint)
 
     def modules(self):
         return {"denoiser": Trainable(self.run.model.denoiser),

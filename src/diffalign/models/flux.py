@@ -12,9 +12,11 @@ encoder (its pooled output) and T5 (its token states), with `local_files_only=Tr
   packed as `cat([t5.flatten(1), pooled, guidance])`; the text ids are zeros, as the pipeline makes them.
 - Guidance: FLUX.1-dev is guidance-distilled — the guidance scale is an input of the transformer (its
   guidance embedding), not classifier-free guidance. `sampling.guidance_scale` is written into the
-  condition's last column (`embedded_guidance`; default 3.5, the pipeline's) and there is no CFG
-  (`null_condition` is None; FluxPipeline's optional `true_cfg_scale` is not supported). Folders without
-  the guidance embedding (schnell) take no guidance at all.
+  condition's last column (`embedded_guidance`; default 3.5, the pipeline's) and there is no CFG.
+  Folders without the guidance embedding (schnell) sample without guidance by default (scale 1);
+  a scale above 1 there is CFG against the negative prompt (FluxPipeline's `true_cfg_scale`).
+  `null_condition` is the negative prompt's condition ('' by default), for the methods that train an
+  unconditional input.
 - The scheduler's dynamic shifting is fixed to the image size as the pipeline fixes it: μ from the packed
   token count (`flow.image_shift`).
 - `decode`: latents / scaling_factor + shift_factor -> VAE decoder -> images in [0, 1].
@@ -72,21 +74,21 @@ def load_scheduler(folder: Path, overrides: dict | None = None, resolution: int 
 def load_pipeline(path, resolution: int | None = None, negative_prompt: str = "",
                   scheduler: dict | None = None) -> DiffusionModel:
     """Load a local FLUX.1 pipeline folder (see the module docstring); `scheduler` overrides settings of the
-    folder's scheduler config (`pipeline.scheduler`). FLUX has no negative prompt (no CFG): a non-empty one is
-    an error."""
+    folder's scheduler config (`pipeline.scheduler`). A guidance-distilled model has no use for a negative
+    prompt: a non-empty one is an error."""
     from diffusers import AutoencoderKL, FluxTransformer2DModel
     from transformers import CLIPTextModel, T5EncoderModel
 
-    if negative_prompt:
-        raise ValueError("pipeline.negative_prompt: FLUX pipelines sample without classifier-free guidance, so a "
-                         "negative prompt has no effect; remove it")
     folder = Path(path).expanduser()
     check_folder(folder, PARTS, "FLUX pipeline", "make-tiny-flux")
     parts = read_parts(folder, {"transformer": FluxTransformer2DModel, "vae": AutoencoderKL,
                                 "text_encoder": CLIPTextModel, "text_encoder_2": T5EncoderModel},
                        ("tokenizer", "tokenizer_2"))
+    if negative_prompt and parts["transformer"].config.guidance_embeds:
+        raise ValueError("pipeline.negative_prompt: this FLUX model is guidance-distilled (guidance goes into the "
+                         "transformer, no classifier-free guidance), so a negative prompt has no effect; remove it")
     size, _ = resolution_of(folder, resolution)
-    return build(folder, parts, load_scheduler(folder, scheduler, size), size)
+    return build(folder, parts, load_scheduler(folder, scheduler, size), size, negative_prompt)
 
 
 def field_net(transformer) -> torch.nn.Module:
@@ -115,7 +117,7 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
     return tokens.view(b, h // 2, w // 2, c4 // 4, 2, 2).permute(0, 3, 1, 4, 2, 5).reshape(b, c4 // 4, h, w)
 
 
-def build(folder: Path, parts: dict, scheduler, resolution: int) -> DiffusionModel:
+def build(folder: Path, parts: dict, scheduler, resolution: int, negative_prompt: str = "") -> DiffusionModel:
     from diffusers import FluxPipeline
 
     pipe = FluxPipeline(scheduler=scheduler, **parts)
@@ -149,7 +151,7 @@ def build(folder: Path, parts: dict, scheduler, resolution: int) -> DiffusionMod
         return unpack(out, h, w)
 
     model = latent_model(
-        folder, transformer, parts["vae"], scheduler, encode, lambda: pipe.text_encoder.device, resolution, "",
+        folder, transformer, parts["vae"], scheduler, encode, lambda: pipe.text_encoder.device, resolution, negative_prompt,
         lambda side: field_net(transformer), shift=parts["vae"].config.shift_factor or 0.0,
         forward=forward,
         lora_targets=list(LORA_TARGETS),
@@ -160,5 +162,4 @@ def build(folder: Path, parts: dict, scheduler, resolution: int) -> DiffusionMod
         embedded_guidance=with_guidance if guided else None,
         size=(resolution, vae_factor(parts["vae"])), channels=transformer.config.in_channels // 4,
     )
-    model.null_condition = lambda n: None  # no classifier-free guidance
     return model

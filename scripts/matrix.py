@@ -1,0 +1,35 @@
+"""Write the method x model matrix into README.md, from the parameter lists of tests/test_matrix.py
+(which trains every cell, or checks its refusal), between the markers
+`<!-- matrix: python scripts/matrix.py -->` and `<!-- /matrix -->`.
+
+    python scripts/matrix.py            # rewrite the README's matrix
+    python scripts/matrix.py --check    # exit 1 if it is stale
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+START, END = "<!-- matrix: python scripts/matrix.py -->", "<!-- /matrix -->"
+
+
+def main() -> int:
+    sys.path.insert(0, str(ROOT / "tests"))
+    from test_matrix import matrix_markdown
+
+    readme = ROOT / "README.md"
+    text = readme.read_text()
+    if START not in text or END not in text:
+        raise SystemExit(f"README.md has no {START} ... {END} markers")
+    head, rest = text.split(START, 1)
+    new = head + START + "\n" + matrix_markdown() + "\n" + END + rest.split(END, 1)[1]
+    if "--check" in sys.argv:
+        return int(new != text)
+    readme.write_text(new)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
