@@ -173,7 +173,8 @@ def _bench(a) -> int:
         from .bench import bench_sampler
 
         prompts = _prompts_arg(a.prompts)
-        r = bench_sampler(a.model, batch=a.batch, num_steps=a.steps, repeats=a.repeats, prompts=prompts)
+        r = bench_sampler(a.model, batch=a.batch, num_steps=a.steps, repeats=a.repeats, prompts=prompts,
+                          resolution=a.resolution)
         print(json.dumps(r, indent=1))
         print(f"sampling with log-probs / diffusers {r['reference']}: {r['ratio']:.3f}x (target <= 1.15x)")
         if r["reference"] == "pipeline":  # and one training step's memory with and without the UNet's checkpointing
@@ -182,7 +183,7 @@ def _bench(a) -> int:
             extra = [f"model={a.model}", "reward=brightness",
                      f"prompts={json.dumps(prompts) if isinstance(prompts, list) else prompts or 'animals'}",
                      f"train.batch_size={a.batch}", f"sampling.num_steps={a.steps}", "args.checkpoint=false",
-                     "eval.reward=null"]
+                     "eval.reward=null"] + ([f"pipeline.resolution={a.resolution}"] if a.resolution else [])
             m = bench_memory(str(Path(a.configs) / "alignprop_digits.yaml"), grad_steps=a.steps, extra=extra,
                              toggle="train.gradient_checkpointing")
             print(json.dumps(m, indent=1))
@@ -361,6 +362,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--prompts", default=None, help="(sampler) prompts: comma-separated, a file or a set name")
     b.add_argument("--steps", type=int, default=20, help="(sampler) sampling steps; (memory) steps with gradient")
     b.add_argument("--repeats", type=int, default=7, help="(sampler, step) timed repeats")
+    b.add_argument("--resolution", type=int, default=None,
+                   help="(sampler) image size of a pipeline folder (default: its own; e.g. 32 for make-tiny-flux)")
     b.set_defaults(fn=_bench)
     d = sub.add_parser("demo", help="align the digits model with DDPO and report before/after")
     d.add_argument("--out", default="runs/demo")

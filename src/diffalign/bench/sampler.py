@@ -45,6 +45,13 @@ def pipeline_loop(model, sampler, prompts, generator):
     latents = sampler.noise(model, len(prompts), generator)
     # a flow pipeline runs its ODE (no eta) on our grid (diffalign.flow.inference_sigmas: no last micro-step)
     kw = {"sigmas": inference_sigmas(sampler.num_steps)} if is_flow(model.scheduler) else {"eta": sampler.eta}
+    if info.name == "FluxPipeline":  # packed 2x2 latent tokens; guidance into the transformer (dev)
+        from ..models.flux import pack, unpack
+
+        out = pipe(list(prompts), height=size, width=size, num_inference_steps=sampler.num_steps,
+                   guidance_scale=sampler.guidance_scale, latents=pack(latents), generator=generator, **kw,
+                   output_type="latent").images
+        return unpack(out, *latents.shape[-2:])
     return pipe(list(prompts), height=size, width=size, num_inference_steps=sampler.num_steps,
                 guidance_scale=sampler.guidance_scale, latents=latents, generator=generator, **kw,
                 negative_prompt=[info.negative_prompt] * len(prompts), output_type="latent").images
@@ -62,12 +69,13 @@ def ours(model, sampler, prompts, generator):
 
 
 def bench_sampler(model_name: str = "digits", batch: int = 64, num_steps: int = 20, repeats: int = 7,
-                  eta: float = 1.0, prompts=None) -> dict:
+                  eta: float = 1.0, prompts=None, resolution: int | None = None) -> dict:
     """Median wall time of each loop (interleaved runs, one warm-up each) and their ratio.
-    `prompts`: a list, prompts file or set name (default: the model's own; 'animals' for a pipeline)."""
+    `prompts`: a list, prompts file or set name (default: the model's own; 'animals' for a pipeline);
+    `resolution`: a pipeline folder's image size (default: its own)."""
     from ..data.prompts import resolve_prompts
 
-    model = load_model(model_name)
+    model = load_model(model_name, **({"resolution": resolution} if resolution else {}))
     model.denoiser.eval()
     sampler = Sampler(num_steps=num_steps, eta=eta, guidance_scale=model.guidance_scale)
     pool = resolve_prompts(prompts if prompts is not None or model.prompts else "animals", model.prompts)
@@ -83,6 +91,6 @@ def bench_sampler(model_name: str = "digits", batch: int = 64, num_steps: int = 
                 times[name].append(time.perf_counter() - start)
     med = {k: statistics.median(v) for k, v in times.items()}
     return {"model": model_name, "reference": "pipeline" if is_pipeline(model) else "scheduler loop",
-            "batch": batch, "num_steps": num_steps, "repeats": repeats,
+            "pipeline": model.pipeline.name if model.pipeline else None, "resolution": resolution, "batch": batch, "num_steps": num_steps, "repeats": repeats,
             "diffusers_s": med["diffusers"], "diffalign_s": med["diffalign"],
             "ratio": med["diffalign"] / med["diffusers"]}
