@@ -41,7 +41,8 @@ def build(scheduler, name: str, order: int = 2):
     if is_flow(scheduler):
         if getattr(scheduler.config, "use_dynamic_shifting", False):
             raise ValueError("this flow scheduler uses dynamic (resolution-dependent) shifting: the solvers need a "
-                             "fixed `shift`")
+                             "fixed `shift`; fix it to the image size with `diffalign.flow.image_shift` (pipeline "
+                             "folders are fixed when loaded)")
         flow = {"use_flow_sigmas": True, "prediction_type": "flow_prediction", "flow_shift": float(scheduler.shift)}
         if name == "ddim":
             raise ValueError("sampling.scheduler 'ddim' is for ε-prediction models: on a flow model DDIM's eta-0 step "
