@@ -17,6 +17,8 @@
     diffalign data labels --pairs DIR/pairs.jsonl --out DIR    (or --model M --reward R: new pairs, then labels)
     diffalign data images|candidates --model digits --n 64 [--per-prompt K] --out DIR   (unlabelled, for `label`)
     diffalign label DIR [--host 127.0.0.1] [--port 8765]
+    diffalign reward serve SPEC [--host 127.0.0.1] [--port 8000] [--device cpu] [--max-batch 256]
+    diffalign bench reward [--reward classifier] [--batch 64] [--repeats 7]
 """
 
 from __future__ import annotations
@@ -161,6 +163,13 @@ def _bench(a) -> int:
         r = bench_memory(a.config or str(Path(a.configs) / "alignprop_digits.yaml"), grad_steps=a.steps)
         print(json.dumps(r, indent=1))
         print(format_memory(r))
+        return 0
+    if what == "reward":
+        from .bench.reward import bench_reward, format_reward
+
+        r = bench_reward(a.reward or "classifier", batch=a.batch, repeats=a.repeats)
+        print(json.dumps(r, indent=1))
+        print(format_reward(r))
         return 0
     if what == "step":
         from .bench.step import bench_step, format_step
@@ -339,9 +348,11 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("--merge", action="store_true", help="fuse the LoRA into the UNet (from_pretrained alone loads it)")
     ex.set_defaults(fn=_export)
     b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d|digits-flow|toy2d-flow (methods at equal reward budget), digits-minority (constrained training), sampler, step")
-    b.add_argument("what", nargs="?", choices=["sampler", "suite", "step", "memory"],
+    b.add_argument("what", nargs="?", choices=["sampler", "suite", "step", "memory", "reward"],
                    help="sampler, step (one update vs bare forward+backward), memory (one AlignProp update with and "
-                        "without gradient checkpointing), or suite (implied by --suite)")
+                        "without gradient checkpointing), reward (queries/s in-process vs over HTTP), or suite "
+                        "(implied by --suite)")
+    b.add_argument("--reward", default=None, help="(reward) the reward to serve and time (default classifier)")
     b.add_argument("--config", help="(memory) the config to measure (default configs/alignprop_digits.yaml)")
     b.add_argument("--sharding", action="store_true",
                    help="(memory) per-process parameters + gradients + AdamW state, unsharded vs train.sharding: fsdp, "
@@ -397,7 +408,24 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only)")
     lb.add_argument("--port", type=int, default=8765, help="port (0: any free port)")
     lb.set_defaults(fn=_label)
+    rw = sub.add_parser("reward", help="serve a reward over HTTP for runs on other machines (`reward: http(url=...)`)")
+    rw.add_argument("action", choices=["serve"])
+    rw.add_argument("spec", help="a reward spec: a name, name(key=value, ...), module:function or a weighted sum")
+    rw.add_argument("--host", default="127.0.0.1", help="address to listen on (default: this machine only; the "
+                    "protocol has no authentication)")
+    rw.add_argument("--port", type=int, default=8000)
+    rw.add_argument("--device", default="cpu", help="where the reward runs (e.g. cuda:1)")
+    rw.add_argument("--max-batch", type=int, default=256, help="images scored in one call at most")
+    rw.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a request waits for others to batch with")
+    rw.set_defaults(fn=_reward)
     return p
+
+
+def _reward(a) -> int:
+    from .serve import serve
+
+    serve(a.spec, host=a.host, port=a.port, device=a.device, max_batch=a.max_batch, max_wait_ms=a.max_wait_ms)
+    return 0
 
 
 def _leave_process_group() -> None:
@@ -412,6 +440,7 @@ def _leave_process_group() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     from .data.human import LabelsNeeded
+    from .rewards.remote import RewardServerDown
 
     args = build_parser().parse_args(argv)
     try:
@@ -421,6 +450,9 @@ def main(argv: list[str] | None = None) -> int:
     except LabelsNeeded as e:  # not an error: the run waits for a person
         print(f"diffalign: waiting for labels: {e}", file=sys.stderr)
         return 3
+    except RewardServerDown as e:  # the run stopped with its last checkpoint intact
+        print(f"diffalign: stopped: {e}", file=sys.stderr)
+        return 4
     except (ValueError, FileNotFoundError, FileExistsError, KeyError) as e:
         # bad input: one clear line, no traceback (set DIFFALIGN_DEBUG=1 for one)
         import os

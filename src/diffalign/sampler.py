@@ -95,7 +95,7 @@ class Sampler:
         unconditional halves go through the denoiser as one batch. A guidance-distilled model
         (`model.embedded_guidance`, FLUX.1-dev) gets g as an input of the denoiser instead."""
         g = self.guidance_scale
-        if model.embedded_guidance is not None and cond is not None:
+        if getattr(model, "embedded_guidance", None) is not None and cond is not None:
             cond, g = model.embedded_guidance(cond, g), 1.0
         null = model.null_condition(x.shape[0]) if g != 1.0 else None
         if null is None or cond is None:
@@ -166,7 +166,7 @@ class Sampler:
         n = len(prompts)
         grad_steps = set(grad_steps or ())
         cond = model.encode_prompts(list(prompts))
-        if model.embedded_guidance is not None and cond is not None:  # stored with this sampler's guidance
+        if getattr(model, "embedded_guidance", None) is not None and cond is not None:  # stored with this sampler's guidance
             cond = model.embedded_guidance(cond, self.guidance_scale)
         if latents is None:
             latents = self.noise(model, n, generator)
