@@ -1,4 +1,4 @@
-"""Adaptation without memorisation (constrained diffusion, seed 003, experiment 2).
+"""Adaptation without memorisation (Khalafi, Ding & Ribeiro, "Constrained Diffusion Models via Dual Training", NeurIPS 2024, experiment 2).
 
 Fine-tunes the pretrained digits model on 20 images of one digit (configs/constrained_adapt_digits.yaml),
 without a constraint and with one that keeps its denoising loss on the pretrained model's

@@ -1,5 +1,5 @@
 """Primal-dual training of a constrained diffusion model (Khalafi, Ding & Ribeiro, NeurIPS 2024;
-seed 003; METHODS.md §9).
+METHODS.md §9).
 
 Problem: minimise L_0(θ) subject to L_i(θ) ≤ b_i, each L the ε-MSE denoising loss on a
 data set. Lagrangian L(θ, μ) = L_0(θ) + Σ_i μ_i L_i(θ) (the constant −Σ μ_i b_i has no

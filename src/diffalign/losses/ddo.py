@@ -1,4 +1,5 @@
-"""DDO's math on distributions (Kawata et al., ICLR 2025; seed 000; METHODS.md §8).
+"""DDO's math on distributions (Kawata, Oko, Nitanda & Suzuki, "Direct Distributional Optimization for
+Provable Alignment of Diffusion Models", ICLR 2025, arXiv 2502.02954; METHODS.md §8).
 
 Problem: minimise F(q) = L(q) + β·KL(q‖p_ref) over distributions q. Every iterate is
 q_k ∝ exp(−f_k)·p_ref, and h_k = log q_k/p_ref = −f_k − log Z_k with Z_k = E_ref[exp(−f_k)].

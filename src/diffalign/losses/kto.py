@@ -1,4 +1,5 @@
-"""Diffusion-KTO (seed 001; METHODS.md §6): Kahneman–Tversky utility on per-sample labels.
+"""Diffusion-KTO (Li, Kallidromitis, Gokul, Kato & Kozuka, "Aligning Diffusion Models by Optimizing Human
+Utility", NeurIPS 2024, arXiv 2404.04465; METHODS.md §6): Kahneman–Tversky utility on per-sample labels.
 
 With g = the sample's implicit log-ratio (Diffusion-KTO: e_ref - e_θ, the paper's form,
 without DPO's factor 1/2), w = +1 (desirable) / -1 (undesirable) and the reference point

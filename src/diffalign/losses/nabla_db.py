@@ -1,4 +1,5 @@
-"""Residual ∇-DB, the loss of ∇-GFlowNet (seed 002; METHODS.md §7).
+"""Residual ∇-DB, the loss of ∇-GFlowNet (Liu, Xiao, Liu, Bengio & Zhang, "Efficient Diversity-Preserving
+Diffusion Alignment via Gradient-Informed GFlowNets", ICLR 2025, arXiv 2412.07775; METHODS.md §7).
 
 A GFlowNet on the denoising chain satisfies detailed balance for every transition
 x_t -> x_{t-1}: F(x_t) p_F(x_{t-1} | x_t) = F(x_{t-1}) p_B(x_t | x_{t-1}). Taking the

@@ -1,4 +1,5 @@
-"""Constrained diffusion via dual training (Khalafi, Ding & Ribeiro, NeurIPS 2024; seed 003;
+"""Constrained diffusion via dual training (Khalafi, Ding & Ribeiro, "Constrained Diffusion Models via Dual
+Training", NeurIPS 2024;
 METHODS.md §9). The math and the resilient variant's factor are in `diffalign.losses.constrained`.
 
 Trains the denoiser itself (full fine-tuning by default; LoRA if the config enables it),

@@ -1,4 +1,5 @@
-"""DDO: direct distributional optimization (Kawata et al., ICLR 2025; seed 000; METHODS.md §8).
+"""DDO: direct distributional optimization (Kawata, Oko, Nitanda & Suzuki, "Direct Distributional Optimization
+for Provable Alignment of Diffusion Models", ICLR 2025, arXiv 2502.02954; METHODS.md §8).
 
 Minimises F(q) = L(q) + β·KL(q‖p_ref) over distributions by dual averaging; every iterate
 is q_k ∝ exp(−f_k)·p_ref with a potential network f_k, and q_k is sampled with the frozen

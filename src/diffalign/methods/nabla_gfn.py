@@ -1,4 +1,5 @@
-"""∇-GFlowNet with residual ∇-DB (Liu et al., ICLR 2025; seed 002; METHODS.md §7).
+"""∇-GFlowNet with residual ∇-DB (Liu, Xiao, Liu, Bengio & Zhang, "Efficient Diversity-Preserving Diffusion
+Alignment via Gradient-Informed GFlowNets", ICLR 2025, arXiv 2412.07775; METHODS.md §7).
 
 Target: p*(x_0) ∝ p_ref(x_0)·R(x_0)^β, learned without collapsing diversity. Per epoch:
 

@@ -1,4 +1,6 @@
-"""TailorPO and TailorPO-G (seed 004; METHODS.md §4): step-level preference, winner continues.
+"""TailorPO and TailorPO-G (Ren, Zhang, Liu, Zhang & Tian, "Refining Alignment Framework for Diffusion Models
+with Intermediate-Step Preference Ranking", arXiv 2502.01667; METHODS.md §4): step-level preference, winner
+continues.
 
 At each trained step two children x^0, x^1 are drawn from the *same* x_t
 (`Sampler.children`, in the rollout loop written out below), ranked by the step reward
