@@ -3,6 +3,7 @@ diffalign's samples (alpha / rank scale included), `diffalign export` writes pip
 folders (LoRA beside, or merged), and a full fine-tune's final/ is a whole pipeline."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -124,3 +125,31 @@ def test_eval_and_sample_on_a_pipeline_run(lora_run, tmp_path):
     assert result["aligned"]["win_rate"] is not None and result["aligned"]["kl"] > 0
     assert main(["sample", str(lora_run), "--out", str(tmp_path / "s.png"), "--n", "2"]) == 0
     assert (tmp_path / "s.png").is_file()
+
+
+def test_export_writes_a_hub_model_card(lora_run, tmp_path):
+    """README.md in the Hub's format: YAML metadata (base_model, library_name diffusers, tags with the
+    method, the pipeline tag), the run's evaluation table with its own numbers, the config, how to load."""
+    import json
+
+    import yaml
+
+    out = tmp_path / "export"
+    assert main(["export", str(lora_run), "--out", str(out), "--base-model", "org/tiny-sd"]) == 0
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    summary = json.loads((lora_run / "summary.json").read_text())
+    assert meta["base_model"] == "org/tiny-sd" and meta["library_name"] == "diffusers"
+    assert summary["method"] in meta["tags"] and "lora" in meta["tags"] and meta["pipeline_tag"] == "text-to-image"
+    row = next(line for line in card.splitlines() if line.startswith("| training reward (mean)"))
+    assert f"{summary['base_reward_mean']:.3f}" in row and f"{summary['final_reward_mean']:.3f}" in row
+    assert f"reward `{summary['reward']}`" in card and "pipe.load_lora_weights" in card and "```yaml" in card
+    config = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert config["method"] == summary["method"] and config["lora"]["rank"] == 4
+    merged = tmp_path / "merged"
+    assert main(["export", str(lora_run), "--out", str(merged), "--merge"]) == 0
+    card = (merged / "README.md").read_text()
+    assert "fused into the weights" in card and "load_lora_weights" not in card
+    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == Path(json.loads(
+        (lora_run / "summary.json").read_text())["model"]).name

@@ -89,7 +89,7 @@ def _sample(a) -> int:
 def _export(a) -> int:
     from .export import export_run
 
-    out = export_run(a.run, a.out, merge=a.merge)
+    out = export_run(a.run, a.out, merge=a.merge, base_model=a.base_model)
     how = "from_pretrained(DIR)" if a.merge or not (out / "pytorch_lora_weights.safetensors").exists() else \
         "from_pretrained(DIR).load_lora_weights(DIR)"
     print(f"{out}: a diffusers pipeline folder; load it with {how}")
@@ -346,6 +346,8 @@ def build_parser() -> argparse.ArgumentParser:
     ex.add_argument("run", help="run folder (the --out of `diffalign train`) of a model loaded from a pipeline folder")
     ex.add_argument("--out", required=True, help="new output folder")
     ex.add_argument("--merge", action="store_true", help="fuse the LoRA into the UNet (from_pretrained alone loads it)")
+    ex.add_argument("--base-model", default=None,
+                    help="the base model's Hub id for the model card's metadata (default: the base folder's name)")
     ex.set_defaults(fn=_export)
     b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d|digits-flow|toy2d-flow (methods at equal reward budget), digits-minority (constrained training), sampler, step")
     b.add_argument("what", nargs="?", choices=["sampler", "suite", "step", "memory", "reward"],

@@ -9,6 +9,8 @@
 - full fine-tune: the base folder with the run's UNet in place of its own (what a
   finished run's `final/` already holds).
 
+Each export holds a model card, `README.md` in the Hub's format (`diffalign.model_card`).
+
 Only pipeline-folder models export (the embedded models keep their weights in
 `RUN/final`); a method that does not train the denoiser (DDO: its aligned model is the
 base plus a learned sampler correction) has nothing to export as a pipeline.
@@ -65,8 +67,12 @@ def pipeline_class(folder: str | Path):
     return cls
 
 
-def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Path:
-    """Write the newest weights of the run in `run_dir` as a pipeline folder `out` (atomically)."""
+def export_run(run_dir: str | Path, out: str | Path, merge: bool = False, base_model: str | None = None) -> Path:
+    """Write the newest weights of the run in `run_dir` as a pipeline folder `out` (atomically), with a model
+    card (`README.md`, `diffalign.model_card`; `base_model`: the base's Hub id for its metadata, default the
+    base folder's name)."""
+    from .model_card import model_card
+
     from .eval.run import load_run
 
     loaded = load_run(run_dir)
@@ -100,6 +106,10 @@ def export_run(run_dir: str | Path, out: str | Path, merge: bool = False) -> Pat
                 pipe.fuse_lora()
                 pipe.unload_lora_weights()
                 pipe.save_pretrained(tmp, safe_serialization=True)
+        card = model_card(loaded, run_dir, out, pipeline_class(base).__name__, component(run.model),
+                          lora=run.lora_config is not None, merged=merge and run.lora_config is not None,
+                          base_model=base_model)
+        (tmp / "README.md").write_text(card, encoding="utf-8")
         if loaded.cfg.pipeline.scheduler:  # the run sampled with these settings over the folder's: so does the export
             path = tmp / "scheduler" / "scheduler_config.json"
             path.write_text(json.dumps({**json.loads(path.read_text()), **loaded.cfg.pipeline.scheduler}, indent=2))
