@@ -102,6 +102,7 @@ class TrainConfig:
     gradient_checkpointing: bool = False  # recompute the denoiser's activations in backward (less memory, slower)
     sharding: str = "none"  # 'fsdp': shard trained networks over processes with PyTorch FSDP2 (diffalign.sharding)
     cpu_offload: bool = False  # with sharding fsdp: keep sharded parameters, gradients and optimizer state on the CPU
+    log_with: str = "tensorboard"  # experiment tracker: tensorboard (RUN/tb), wandb, trackio or mlflow (diffalign.trackers)
 
     def validate(self, where: str):
         _check(self.epochs >= 1, f"{where}.epochs", "must be >= 1")
@@ -113,6 +114,10 @@ class TrainConfig:
         _check(self.sharding in ("none", "fsdp"), f"{where}.sharding", "must be 'none' or 'fsdp'")
         _check(not self.cpu_offload or self.sharding == "fsdp", f"{where}.cpu_offload",
                "offloads sharded state: set train.sharding: fsdp as well")
+        from .trackers import missing
+
+        why = missing(self.log_with)
+        _check(why is None, f"{where}.log_with", why or "")
 
 
 @dataclass

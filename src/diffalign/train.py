@@ -292,10 +292,12 @@ def train(cfg: RunConfig, args, out_dir: str | Path, resume: bool = False, accel
         if trainer.epoch % cfg.train.checkpoint_every == 0 or trainer.epoch == stop or budget_spent(trainer):
             log.bank_time()
             trainer.save_checkpoint()
-    log.close()
     if trainer.epoch < cfg.train.epochs and not budget_spent(trainer):
+        log.close()
         return {"epoch": trainer.epoch, "finished": False}
     summary = finish(trainer, base)
+    log.final(summary)
+    log.close()
     return summary.to_json() if summary is not None else {}
 
 
@@ -386,16 +388,19 @@ def periodic_evaluation(trainer: Trainer, metrics: dict) -> None:
 
 
 class EpochLog:
-    """Where epochs are recorded: metrics.jsonl, TensorBoard and a progress bar (main process),
-    and the wall clock (banked into the trainer at each checkpoint)."""
+    """Where epochs are recorded: metrics.jsonl, the experiment tracker (`train.log_with`: scalars, sample
+    grids, the config) and a progress bar (main process), and the wall clock (banked into the trainer at
+    each checkpoint)."""
 
     def __init__(self, trainer: Trainer):
-        cfg, self.trainer, self.main = trainer.cfg, trainer, trainer.acc.is_main_process
-        self.writer = None
-        if self.main:
-            from torch.utils.tensorboard import SummaryWriter
+        from .model_card import _plain
+        from .trackers import Tracker
 
-            self.writer = SummaryWriter(str(trainer.out / "tb"))
+        cfg, self.trainer, self.main = trainer.cfg, trainer, trainer.acc.is_main_process
+        self.tracker = None
+        if self.main:
+            self.tracker = Tracker(cfg.train.log_with, trainer.out, _plain(cfg))
+            self.image("samples/base", trainer.out / "samples" / "base.png")
         self.t0 = time.time()
         self.bar = tqdm(total=None if cfg.train.reward_budget else cfg.train.epochs, initial=trainer.epoch,
                         desc=cfg.method, unit="epoch", disable=not self.main)
@@ -424,17 +429,30 @@ class EpochLog:
             return
         with open(self.trainer.out / "metrics.jsonl", "a") as f:
             f.write(json.dumps(metrics) + "\n")
-        for k, v in metrics.items():
-            if isinstance(v, (int, float)):
-                self.writer.add_scalar(k, v, self.trainer.run.reward_queries)
+        self.tracker.log(metrics, metrics.get("epoch", self.trainer.epoch), self.trainer.run.reward_queries)
+        self.image("samples/epoch", self.trainer.out / "samples" / f"epoch-{self.trainer.epoch:04d}.png")
         shown = "reward_mean" if "reward_mean" in metrics else "loss"
         if shown in metrics:
             self.bar.set_postfix({shown.split("_")[0]: f"{metrics[shown]:.3f}"})
 
+    def image(self, key: str, path: Path) -> None:
+        if self.tracker is not None and path.is_file():
+            self.tracker.log_image(key, path, self.trainer.epoch, self.trainer.run.reward_queries)
+
+    def final(self, summary) -> None:
+        """The finished run's final grid and its base-vs-aligned numbers."""
+        if self.tracker is None or summary is None:
+            return
+        self.image("samples/final", self.trainer.out / "samples" / "final.png")
+        numbers = {f"final/{k}": v for k, v in summary.to_json().items()
+                   if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        self.tracker.log(numbers, self.trainer.epoch, self.trainer.run.reward_queries)
+
     def close(self) -> None:
         self.bar.close()
-        if self.writer is not None:
-            self.writer.close()
+        if self.tracker is not None:
+            self.tracker.finish()
+            self.tracker = None
 
 
 def finish(trainer: Trainer, base: dict):
