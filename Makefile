@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # Pretrained embedded models and reward networks are cached here (keyed by config).
 export DIFFALIGN_CACHE ?= $(CURDIR)/.cache/diffalign
 
-.PHONY: setup demo test test-browser clean
+.PHONY: setup demo test test-browser docs clean
 
 setup: $(VENV)/.installed
 
@@ -34,5 +34,11 @@ test-browser: setup
 	@$(PY) -c "import selenium" 2>/dev/null || $(VENV)/bin/pip install -e ".[browser]"
 	$(PY) -m pytest -q -p no:xdist -m browser
 
+# the documentation site (site/): mkdocs + Material + mkdocstrings (the `docs` extra); --strict: a broken link,
+# a missing page or reference fails the build
+docs: setup
+	@$(PY) -c "import mkdocs, material, mkdocstrings" 2>/dev/null || $(VENV)/bin/pip install -e ".[docs]"
+	$(VENV)/bin/mkdocs build --strict
+
 clean:
-	rm -rf $(VENV) .cache runs
+	rm -rf $(VENV) .cache runs site

@@ -1,4 +1,4 @@
-"""Sample quality of the embedded flow models on the sampler's grid (README, Embedded defaults).
+"""Sample quality of the embedded flow models on the sampler's grid (docs/embedded.md).
 
     python scripts/flow_quality.py
 

@@ -5,7 +5,7 @@
 
 Prints one SHA-256 per run of its final weights (every module's safetensors, in name order) and, with
 --compare, which runs changed. A core change that only moves bookkeeping must leave every hash as it was;
-a change on purpose is listed in the README with its reason. Takes about 15 minutes on 2 CPU cores."""
+a change on purpose is listed in docs/results/core-v3.md with its reason. Takes about 15 minutes on 2 CPU cores."""
 
 import argparse
 import hashlib

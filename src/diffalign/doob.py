@@ -43,7 +43,7 @@ Estimators (`DoobCorrection(estimator=...)`):
   degrade when q is far from p_ref, so it needs many of them: on the toy2d bench (DDO,
   β = 1, 3 seeds) 32,768 reference samples and 500 steps of 256 per iteration land at
   1.45× the floor of the distance to p* in 51 s, the continuation estimator (M = 32,
-  K = 20) at 1.24× in 119 s; 8,192 samples gave 1.6-2.6× (README, DDO section).
+  K = 20) at 1.24× in 119 s; 8,192 samples gave 1.6-2.6× (docs/results/ddo.md).
 
 The corrections are deterministic functions of their inputs (particle noise is seeded
 from x_t), so a sample and its re-scoring see the same Δ.

@@ -24,7 +24,7 @@ Decisions:
 - Reward queries: every reward-gradient evaluation on one image counts, 2 per trained
   transition; the sample's own reward comes with the gradient at x_0 (the last transition
   is always trained), so a sample costs 2·(trained transitions) queries.
-- Two departures from the paper, both measured on toy2d (README, ∇-GFlowNet) and both
+- Two departures from the paper, both measured on toy2d (docs/results/nabla-gfn.md) and both
   leaving the fixed point where it is:
   - x0_hat for the reward term comes from the frozen reference (`x0_from: reference`).
     The flow it approximates, log E_ref[R^β | x_t], is an expectation under the

@@ -182,7 +182,7 @@ def _jsonable(metadata):
 
 
 @register("http", description="a reward served over HTTP by `diffalign reward serve` (or any server speaking its "
-          "protocol, README); url=..., batch=64, timeout=60, retries=5, encoding=safetensors (lossless) or png, "
+          "protocol: docs/real-models.md); url=..., batch=64, timeout=60, retries=5, encoding=safetensors (lossless) or png, "
           "concurrency=4; not differentiable", differentiable=False)
 def _http(device="cpu", url: str = "", batch: int = 64, timeout: float = 60.0, retries: int = 5,
           encoding: str = "safetensors", concurrency: int = 4, backoff: float = 0.5):
