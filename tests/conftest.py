@@ -22,50 +22,43 @@ def tiny():
     return tiny_model()
 
 
+def tiny_folder(tmp_path_factory, name: str, *extra: str) -> str:
+    """`diffalign models make-tiny-NAME OUT [extra]` into a fresh temporary folder."""
+    from diffalign.cli import main
+
+    out = tmp_path_factory.mktemp("tiny") / name
+    assert main(["models", f"make-tiny-{name.split('-')[0]}", str(out), *extra]) == 0
+    return str(out)
+
+
 @pytest.fixture(scope="module")
 def sd(tmp_path_factory):
     """A tiny random Stable Diffusion 1.x pipeline folder (32x32 images, 8x8x4 latents)."""
-    from diffalign.cli import main
-
-    out = tmp_path_factory.mktemp("tiny") / "sd"
-    assert main(["models", "make-tiny-sd", str(out)]) == 0
-    return str(out)
+    return tiny_folder(tmp_path_factory, "sd")
 
 
 @pytest.fixture(scope="module")
 def sd3(tmp_path_factory):
     """A tiny random Stable Diffusion 3 pipeline folder, with T5."""
-    from diffalign.cli import main
-
-    out = tmp_path_factory.mktemp("tiny") / "sd3"
-    assert main(["models", "make-tiny-sd3", str(out)]) == 0
-    return str(out)
+    return tiny_folder(tmp_path_factory, "sd3")
 
 
 @pytest.fixture(scope="module")
 def sd3_no_t5(tmp_path_factory):
     """The tiny SD3 folder without T5 (model_index.json lists text_encoder_3 as null)."""
-    from diffalign.models.tiny import make_tiny_sd3
-
-    return str(make_tiny_sd3(tmp_path_factory.mktemp("tiny") / "sd3-no-t5", t5=False))
+    return tiny_folder(tmp_path_factory, "sd3-no-t5", "--no-t5")
 
 
 @pytest.fixture(scope="module")
 def flux(tmp_path_factory):
     """A tiny random FLUX.1-dev-like pipeline folder (guidance embedding, dynamic shifting); load it at 32 px."""
-    from diffalign.cli import main
-
-    out = tmp_path_factory.mktemp("tiny") / "flux"
-    assert main(["models", "make-tiny-flux", str(out)]) == 0
-    return str(out)
+    return tiny_folder(tmp_path_factory, "flux")
 
 
 @pytest.fixture(scope="module")
 def flux_schnell(tmp_path_factory):
     """The tiny FLUX folder without the guidance embedding (FLUX.1-schnell's layout)."""
-    from diffalign.models.tiny import make_tiny_flux
-
-    return str(make_tiny_flux(tmp_path_factory.mktemp("tiny") / "flux-schnell", guidance=False))
+    return tiny_folder(tmp_path_factory, "flux-schnell", "--no-guidance")
 
 
 @pytest.fixture(autouse=True)
