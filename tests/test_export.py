@@ -89,6 +89,26 @@ def test_export_writes_a_pipeline_folder(sd, lora_run, tmp_path, merge):
         pipe.load_lora_weights(str(out))
     assert (ours(lora_run, latents()) - theirs(pipe, latents())).abs().max() <= 1e-4
     assert main(["export", str(lora_run), "--out", str(out)]) == 2  # never over an existing folder
+    check_model_card(lora_run, out, merge)
+
+
+def check_model_card(run, out, merge):
+    """README.md in the Hub's format: YAML metadata (base_model, library_name diffusers, tags with the method,
+    the pipeline tag), the run's evaluation table with its own numbers, the config, how to load it."""
+    import yaml
+
+    card = (out / "README.md").read_text()
+    assert card.startswith("---\n")
+    meta = yaml.safe_load(card.split("---\n")[1])
+    summary = json.loads((run / "summary.json").read_text())
+    assert meta["base_model"] == Path(summary["model"]).name and meta["library_name"] == "diffusers"
+    assert summary["method"] in meta["tags"] and "lora" in meta["tags"] and meta["pipeline_tag"] == "text-to-image"
+    row = next(line for line in card.splitlines() if line.startswith("| training reward (mean)"))
+    assert f"{summary['base_reward_mean']:.3f}" in row and f"{summary['final_reward_mean']:.3f}" in row
+    assert f"reward `{summary['reward']}`" in card and "```yaml" in card
+    config = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
+    assert config["method"] == summary["method"] and config["lora"]["rank"] == 4
+    assert ("fused into the weights" in card) is merge and ("pipe.load_lora_weights" in card) is not merge
 
 
 def test_full_fine_tune_final_is_a_pipeline_folder(sd, tmp_path):
@@ -102,7 +122,9 @@ def test_full_fine_tune_final_is_a_pipeline_folder(sd, tmp_path):
     base = load_file(f"{sd}/unet/diffusion_pytorch_model.safetensors")
     assert any(not torch.equal(tuned[k], base[k]) for k in base)
     assert (ours(run, latents()) - theirs(pipe, latents())).abs().max() <= 1e-4
-    assert main(["export", str(run), "--out", str(tmp_path / "export")]) == 0
+    assert main(["export", str(run), "--out", str(tmp_path / "export"), "--base-model", "org/tiny-sd"]) == 0
+    card = (tmp_path / "export" / "README.md").read_text()
+    assert "base_model: org/tiny-sd" in card and "full fine-tune of the unet" in card and "lora" not in card.split("---")[1]
     again = StableDiffusionPipeline.from_pretrained(str(tmp_path / "export"), local_files_only=True)
     assert (theirs(again, latents()) - theirs(pipe, latents())).abs().max() == 0
 
@@ -125,31 +147,3 @@ def test_eval_and_sample_on_a_pipeline_run(lora_run, tmp_path):
     assert result["aligned"]["win_rate"] is not None and result["aligned"]["kl"] > 0
     assert main(["sample", str(lora_run), "--out", str(tmp_path / "s.png"), "--n", "2"]) == 0
     assert (tmp_path / "s.png").is_file()
-
-
-def test_export_writes_a_hub_model_card(lora_run, tmp_path):
-    """README.md in the Hub's format: YAML metadata (base_model, library_name diffusers, tags with the
-    method, the pipeline tag), the run's evaluation table with its own numbers, the config, how to load."""
-    import json
-
-    import yaml
-
-    out = tmp_path / "export"
-    assert main(["export", str(lora_run), "--out", str(out), "--base-model", "org/tiny-sd"]) == 0
-    card = (out / "README.md").read_text()
-    assert card.startswith("---\n")
-    meta = yaml.safe_load(card.split("---\n")[1])
-    summary = json.loads((lora_run / "summary.json").read_text())
-    assert meta["base_model"] == "org/tiny-sd" and meta["library_name"] == "diffusers"
-    assert summary["method"] in meta["tags"] and "lora" in meta["tags"] and meta["pipeline_tag"] == "text-to-image"
-    row = next(line for line in card.splitlines() if line.startswith("| training reward (mean)"))
-    assert f"{summary['base_reward_mean']:.3f}" in row and f"{summary['final_reward_mean']:.3f}" in row
-    assert f"reward `{summary['reward']}`" in card and "pipe.load_lora_weights" in card and "```yaml" in card
-    config = yaml.safe_load(card.split("```yaml\n")[1].split("```")[0])
-    assert config["method"] == summary["method"] and config["lora"]["rank"] == 4
-    merged = tmp_path / "merged"
-    assert main(["export", str(lora_run), "--out", str(merged), "--merge"]) == 0
-    card = (merged / "README.md").read_text()
-    assert "fused into the weights" in card and "load_lora_weights" not in card
-    assert yaml.safe_load(card.split("---\n")[1])["base_model"] == Path(json.loads(
-        (lora_run / "summary.json").read_text())["model"]).name

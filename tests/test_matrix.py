@@ -35,7 +35,7 @@ ARGS = {"grpo": {"group_size": 2}, "nft": {"group_size": 2}, "awm": {"group_size
         "ddo": {"fit_size": 16, "fit_epochs": 1, "particles": 2, "continuation_steps": 2},
         "ddo-dpo": {"particles": 2, "continuation_steps": 2}, "ddo-kto": {"particles": 2, "continuation_steps": 2},
         "refl": {"window": 2, "target": 1.0}, "spo": {"threshold": 0.0, "single_path_steps": 2},
-        "tailorpo": {"train_steps": [4, 2]}, "tailorpo-g": {"train_steps": [4, 2]},
+        "tailorpo": {"train_steps": [3, 1]}, "tailorpo-g": {"train_steps": [3, 1]},
         "constrained": {"conditional": False, "data": "PNGS",
                         "constraints": [{"data": "samples:4", "name": "own", "kind": "distill", "bound": 0.01}]}}
 OFFLINE = ("diffusion-dpo", "diffusion-kto", "ddo-dpo", "ddo-kto")
@@ -65,7 +65,7 @@ def spec(method: str, kind: str, folder: str | None, images: Path) -> dict:
         args["data"] = str(images / ("pairs-digits.jsonl" if kind in ("ddim", "flow") else "pairs-text.jsonl"))
     out = {"method": method, "model": folder or KINDS[kind][0], "prompts": prompts, "args": args,
            "reward": "classifier" if kind in ("ddim", "flow") else "ink",
-           "sampling": {"num_steps": 4}, "optim": {"lr": 1e-2},
+           "sampling": {"num_steps": 3}, "optim": {"lr": 1e-2},
            "train": {"batch_size": 4, "batches_per_epoch": 1, "epochs": 1},
            "eval": {"reward": None, "per_prompt": 2}}
     if kind in FOLDERS:
