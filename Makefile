@@ -20,10 +20,10 @@ $(VENV)/.installed: pyproject.toml
 demo: setup
 	$(VENV)/bin/diffalign demo
 
-# two pytest-xdist workers, one torch thread each (tests/conftest.py), an idle one takes tests from the other
-# (worksteal): about 13 minutes on 2 cores
+# two pytest-xdist workers, one torch thread each, the slowest tests first (tests/conftest.py)
+# about 13 minutes on 2 cores
 test: setup
-	$(PY) -m pytest -q -n 2 --dist worksteal
+	$(PY) -m pytest -q -n 2
 
 # the labelling page in headless Chromium: Debian's chromium + chromium-driver (installed if missing, as root
 # or with sudo), selenium in the venv (the `browser` extra)

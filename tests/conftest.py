@@ -69,3 +69,27 @@ def fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     yield
     AcceleratorState._reset_state(True)
+
+
+# The slowest tests (seconds on 2 CPU cores, from `pytest --durations`), started first: with the two workers
+# taking the longest remaining test as they free up, the suite does not end waiting on one long test.
+SLOW_FIRST = {
+    "tests/test_preference.py::test_method_raises_classifier_reward_on_digits[d3po]": 170,
+    "tests/test_preference.py::test_method_raises_classifier_reward_on_digits[tailorpo]": 90,
+    "tests/test_sharding.py::test_fsdp_on_sd3_and_with_a_network_the_method_holds": 66,
+    "tests/test_sharding.py::test_fsdp_resume_after_sigkill_is_exact": 66,
+    "tests/test_train.py::test_ddpo_raises_classifier_reward_on_digits": 58,
+    "tests/test_sharding.py::test_fsdp_nft_anchor_is_sharded_swapped_and_resumed": 57,
+    "tests/test_sharding.py::test_fsdp_on_a_tiny_stable_diffusion_folder": 48,
+    "tests/test_constrained.py::test_constraint_raises_minority_share": 42,
+    "tests/test_sharding.py::test_fsdp_two_processes_match_one_process_and_data_parallel": 38,
+    "tests/test_train.py::test_resume_after_sigkill_matches_uninterrupted_run": 36,
+    "tests/test_ddo.py::test_ddo_on_toy2d_moves_towards_the_optimum_and_saves_its_potential": 36,
+    "tests/test_sharding.py::test_bench_memory_sharding_halves_the_state_per_process": 35,
+    "tests/test_sharding.py::test_fsdp_on_a_flux_folder": 33,
+    "tests/test_remote_rewards.py::test_a_server_killed_mid_run_is_retried_and_a_server_that_stays_down_stops_after_a_checkpoint": 31,
+}
+
+
+def pytest_collection_modifyitems(items):
+    items.sort(key=lambda item: -SLOW_FIRST.get(item.nodeid, 0))  # stable: the rest keep their order
