@@ -8,7 +8,6 @@ import http.server
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 import threading
@@ -23,16 +22,12 @@ from safetensors.torch import load_file
 from diffalign.cli import main
 from diffalign.rewards import RewardError, build_reward
 from diffalign.rewards.remote import RewardServerDown, decode_images, encode_images, parse_reply
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from diffalign.serve import free_port, spawn
 
 
 class Server:
-    """`diffalign reward serve SPEC` in its own process on `port`."""
+    """`diffalign reward serve SPEC` in its own process on `port` (`diffalign.serve.spawn`), stopped and started
+    again at will."""
 
     def __init__(self, spec: str, port: int, *extra):
         self.spec, self.port, self.extra, self.proc = spec, port, extra, None
@@ -42,15 +37,8 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self):
-        cmd = [sys.executable, "-m", "diffalign.cli", "reward", "serve", self.spec, "--port", str(self.port), *self.extra]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(300):
-            try:
-                if requests.get(self.url + "/info", timeout=1).ok:
-                    return self
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        raise RuntimeError("the reward server did not start")
+        self.proc = spawn(self.spec, self.port, *self.extra)
+        return self
 
     def stop(self):
         if self.proc is not None:

@@ -37,6 +37,7 @@ def evaluation_table(summary: dict) -> str:
 def model_card(loaded, run_dir, out, pipeline: str, component: str, lora: bool, merged: bool,
                base_model: str | None = None) -> str:
     """The card's text for the run `loaded` (from `eval.run.load_run`) in `run_dir`, exported to `out`."""
+    from .config import dump_config
     from .flow import is_flow
     from .methods import get_method
 
@@ -59,7 +60,7 @@ def model_card(loaded, run_dir, out, pipeline: str, component: str, lora: bool, 
     flow = is_flow(loaded.run.model.scheduler)
     load = (f"pipe = {pipeline}.from_pretrained(\"{out.name}\")"
             + ("" if merged or not lora else f"\npipe.load_lora_weights(\"{out.name}\")"))
-    config = yaml.safe_dump(json.loads(json.dumps(_plain(cfg))), sort_keys=False)
+    config = dump_config(cfg)
     budget = [f"{summary['reward_queries']} reward queries" if "reward_queries" in summary else None,
               f"{summary['epochs']} epochs" if "epochs" in summary else None,
               f"{summary['wall_s']:.0f} s of training" if isinstance(summary.get("wall_s"), (int, float)) else None,
@@ -85,15 +86,3 @@ def model_card(loaded, run_dir, out, pipeline: str, component: str, lora: bool, 
         f"Exported with `diffalign export {run_dir} --out {out}{' --merge' if merged else ''}`.", ""]
     return "\n".join(text)
 
-
-def _plain(obj):
-    """A config dataclass as plain data."""
-    import dataclasses
-
-    if dataclasses.is_dataclass(obj):
-        return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
-    if isinstance(obj, dict):
-        return {k: _plain(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [_plain(v) for v in obj]
-    return obj

@@ -13,7 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import subprocess
+import sys
 import threading
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -129,3 +133,28 @@ def serve(spec: str, host: str = "127.0.0.1", port: int = 8000, device: str = "c
 
     print(f"serving reward {spec!r} on http://{host}:{port} (POST /score, GET /info); Ctrl-C stops", flush=True)
     uvicorn.run(app, host=host, port=port, log_level="warning")
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn(spec: str, port: int, *extra: str, timeout: float = 60.0) -> subprocess.Popen:
+    """`diffalign reward serve SPEC --port PORT [extra]` in its own process, returned once it answers /info."""
+    import requests
+
+    proc = subprocess.Popen([sys.executable, "-m", "diffalign.cli", "reward", "serve", spec, "--port", str(port),
+                             *extra], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None:
+        try:
+            if requests.get(f"http://127.0.0.1:{port}/info", timeout=1).ok:
+                return proc
+        except requests.ConnectionError:
+            time.sleep(0.1)
+    proc.kill()
+    proc.wait()
+    raise RuntimeError(f"`diffalign reward serve {spec}` did not answer on port {port} within {timeout:.0f} s")

@@ -56,14 +56,13 @@ class Tracker:
             self.tracker = tracking.TensorBoardTracker("tb", out)
         elif name == "wandb":
             run_id = hashlib.sha1(str(out.resolve()).encode()).hexdigest()[:16]
+            os.makedirs(out / "wandb", exist_ok=True)
             self.tracker = tracking.WandBTracker(project, name=run_name, id=run_id, resume="allow", dir=str(out))
         elif name == "trackio":
             self.tracker = tracking.TrackioTracker(project, name=run_name)
         else:
             self.tracker = tracking.MLflowTracker(experiment_name=project, logging_dir=str(out / "mlruns"),
                                                   run_name=run_name)
-        if name == "wandb":
-            os.makedirs(out / "wandb", exist_ok=True)
         self.tracker.start()
         self.tracker.store_init_configuration(flat(config))
 

@@ -393,13 +393,12 @@ class EpochLog:
     each checkpoint)."""
 
     def __init__(self, trainer: Trainer):
-        from .model_card import _plain
         from .trackers import Tracker
 
         cfg, self.trainer, self.main = trainer.cfg, trainer, trainer.acc.is_main_process
         self.tracker = None
         if self.main:
-            self.tracker = Tracker(cfg.train.log_with, trainer.out, _plain(cfg))
+            self.tracker = Tracker(cfg.train.log_with, trainer.out, cfg.to_dict())
             self.image("samples/base", trainer.out / "samples" / "base.png")
         self.t0 = time.time()
         self.bar = tqdm(total=None if cfg.train.reward_budget else cfg.train.epochs, initial=trainer.epoch,

@@ -5,23 +5,14 @@ decoding, and the server's batching."""
 
 from __future__ import annotations
 
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import torch
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _images(reward: str, n: int) -> tuple[torch.Tensor, list[str]]:
-    """Inputs the reward accepts: digits-sized images and digit prompts for the embedded rewards."""
+def _images(n: int) -> tuple[torch.Tensor, list[str]]:
+    """Inputs the embedded rewards accept: digits-sized images and digit prompts."""
     g = torch.Generator().manual_seed(0)
     return torch.rand(n, 1, 8, 8, generator=g), [str(i % 10) for i in range(n)]
 
@@ -30,24 +21,14 @@ def bench_reward(reward: str = "classifier", batch: int = 64, repeats: int = 5, 
                  concurrency: int = 4) -> dict:
     """Median queries/s of `reward` on `batch` images: in-process, and over HTTP as one request (lossless,
     PNG) and as `batch / chunk` concurrent requests (lossless; the server batches what arrives together)."""
-    import requests
-
     from ..rewards import build_reward
+    from ..serve import free_port, spawn
 
-    x, prompts = _images(reward, batch)
-    port = _free_port()
-    server = subprocess.Popen([sys.executable, "-m", "diffalign.cli", "reward", "serve", reward, "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    x, prompts = _images(batch)
+    port = free_port()
+    server = spawn(reward, port)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(600):
-            try:
-                if requests.get(url + "/info", timeout=1).ok:
-                    break
-            except requests.ConnectionError:
-                time.sleep(0.1)
-        else:
-            raise RuntimeError(f"`diffalign reward serve {reward}` did not start")
         ways = {"in-process": build_reward(reward),
                 "http, lossless, 1 request": build_reward(f"http(url={url}, batch={batch})"),
                 "http, png, 1 request": build_reward(f"http(url={url}, batch={batch}, encoding=png)"),
