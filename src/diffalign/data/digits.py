@@ -2,7 +2,8 @@
 
 Images are float tensors (N, 1, 8, 8) in [0, 1] (pixel value / 16); labels are
 ints 0..9. The split is a fixed permutation (seed 0): the last 297 images are
-the test split, never used for training any network here.
+the test split, never used for training any network here. `rotate` turns images
+by given angles (the `digits-rotated` model's augmentation, the angle judge's data).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from functools import lru_cache
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 N_TEST = 297
 
@@ -39,6 +41,20 @@ def load(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     x = torch.from_numpy(images[sl]).unsqueeze(1)
     y = torch.from_numpy(labels[sl])
     return x, y
+
+
+def rotate(images: torch.Tensor, degrees: torch.Tensor, shift: torch.Tensor | None = None) -> torch.Tensor:
+    """Images (N, 1, H, W) in [0, 1] turned counter-clockwise (as displayed) by `degrees` (N,) about their
+    centre, and moved by `shift` (N, 2) pixels (x right, y down) if given: bilinear, zeros outside.
+    90 degrees is exactly `torch.rot90(images, 1, (2, 3))` (pixel centres land on pixel centres)."""
+    a = torch.deg2rad(degrees.to(images.dtype).reshape(-1))
+    c, s, zero = a.cos(), a.sin(), torch.zeros_like(a)
+    theta = torch.stack([torch.stack([c, -s, zero], -1), torch.stack([s, c, zero], -1)], 1)  # output -> input
+    if shift is not None:  # out(y) = in(R (y - shift)), in grid units (2 / size per pixel)
+        step = shift.to(images.dtype) * 2 / torch.tensor(images.shape[-1:-3:-1], dtype=images.dtype)
+        theta[:, :, 2] = -(theta[:, :, :2] @ step[:, :, None])[:, :, 0]
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
 
 
 def parse_digit(prompt: str) -> int:

@@ -98,15 +98,20 @@ def forward(net, x, t, labels):
 
 def training_batches(config: dict):
     """batch(generator) -> (x0, labels): random train-split images, about `label_dropout` of the labels
-    dropped to the null class (for classifier-free guidance)."""
+    dropped to the null class (for classifier-free guidance); with `rotate_degrees` each image is first
+    turned by an angle uniform in ±rotate_degrees (in [0, 1] space, so the corners fill with background)."""
     images, labels = digits_data.load("train")
     x0_all = to_model_space(images, config["sample_size"])
     bs = config["batch_size"]
+    spread = config.get("rotate_degrees", 0)
 
     def batch(g):
         idx = torch.randint(0, x0_all.shape[0], (bs,), generator=g)
         y = labels[idx].clone()
         y[torch.rand(bs, generator=g) < config["label_dropout"]] = NULL_CLASS  # for CFG
+        if spread:
+            angles = (2 * torch.rand(bs, generator=g) - 1) * spread
+            return to_model_space(digits_data.rotate(images[idx], angles), config["sample_size"]), y
         return x0_all[idx], y
 
     return batch
@@ -198,3 +203,11 @@ load = DIGITS.register("digits", "class-conditional UNet2DModel on scikit-learn'
 FLOW_CONFIG: dict = {**DEFAULT_CONFIG, "version": 1, "objective": "flow", "steps": 600}
 load_flow = DIGITS.register("digits-flow", "the digits UNet trained as a rectified flow (flow matching, SD3-style; "
                             "pretrained on first use)", FLOW_CONFIG, **REWARDS)
+
+# The same UNet trained on digits turned by a random angle in ±45°, a base model to align back to upright
+# (Kawata et al.'s DDO orientation experiment, arXiv 2502.02954): its training reward is the angle judge
+# (`upright`), its held-out reward still the held-out digit classifier.
+ROTATED_CONFIG: dict = {**DEFAULT_CONFIG, "rotate_degrees": 45}
+load_rotated = DIGITS.register("digits-rotated", "the digits UNet pretrained on digits rotated by up to ±45° "
+                               "(for DDO's orientation experiment: align it back to upright; pretrained on first use)",
+                               ROTATED_CONFIG, reward="upright", eval_reward="classifier_heldout")
