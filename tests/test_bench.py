@@ -166,3 +166,47 @@ def test_race_table_counts_queries_to_the_reference_reward_levels():
     assert race_table({"rows": rows[2:]}) == ""  # no reference method: no race
     ddpo = [{**r, "method": "ddpo"} for r in rows[:2]]  # without GRPO, DDPO is the reference
     assert "from ddpo's base" in race_table({"rows": ddpo + rows[2:]})
+
+
+def test_bench_unpaired_feedback_gives_kto_labels_and_dpo_the_pairs_they_form(tmp_path, capsys):
+    """--feedback unpaired: one labelled set per seed (budget images, half desirable), KTO trains on
+    the labels, DPO on the pairs they form; the regime is a bench setting that never mixes."""
+    from diffalign.bench.suite import ensure_pairs, plan
+    from diffalign.run_folder import open_run
+
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for m in ("diffusion-dpo", "diffusion-kto"):
+        (configs / f"{m.replace('-', '_')}_toy2d.yaml").write_text(
+            yaml.safe_dump(dict(TOY, method=m, reward="1.0*quadratic", train=dict(TOY["train"], epochs=1),
+                                args={"beta": 100.0})))  # a weighted reward: no distance to p*, a quicker evaluation
+    out = tmp_path / "bench"
+    argv = ["bench", "--suite", "toy2d", "--methods", "diffusion-dpo,diffusion-kto", "--seeds", "1", "--budget", "40",
+            "--per-prompt", "16", "--out", str(out), "--configs", str(configs), "--feedback", "unpaired"]
+    assert main(argv) == 0
+    data = out / "data" / "unpaired" / "seed-0"
+    stats = json.loads((data / "stats.json").read_text())
+    assert {k: stats[k] for k in ("images", "desirable", "undesirable", "pairs", "reward_queries")} == {
+        "images": 40, "desirable": 20, "undesirable": 20, "pairs": 20, "reward_queries": 40}
+    reads = {m: open_run(out / "runs" / m / "seed-0").config()[1].data for m in ("diffusion-dpo", "diffusion-kto")}
+    assert reads == {"diffusion-dpo": str(data.resolve() / "pairs.jsonl"),
+                     "diffusion-kto": str(data.resolve() / "labels.jsonl")}
+    rows = {r["method"]: r for r in json.loads((out / "results.json").read_text())["rows"]}
+    assert rows["diffusion-kto"]["feedback"] == {"regime": "unpaired", "file": "labels", "images": 40,
+                                                 "desirable": 20, "undesirable": 20, "pairs": 20}
+    assert rows["diffusion-dpo"]["feedback"]["file"] == "pairs" and rows["diffusion-dpo"]["reward_queries"] == 40
+    assert ("Feedback: unpaired, 40 base samples labelled alone (20 desirable: above their prompt's median reward); "
+            "KTO learns from the labels, DPO from the 20 pairs formed from them.") in (out / "report.md").read_text()
+    assert not (out / "data" / "seed-0").exists()  # the paired regime's folder is left alone
+    capsys.readouterr()
+    assert main(argv[:-1] + ["imbalanced"]) == 2  # another regime: another --out
+    assert "feedback = unpaired, not imbalanced" in capsys.readouterr().err
+    paired = plan("toy2d")  # the default: the pair set, for every offline method (KTO too)
+    (out / "data" / "seed-0").mkdir()
+    (out / "data" / "seed-0" / "stats.json").write_text(json.dumps({"pairs": 20, "ties": 2, "wall_s": 1.0,
+                                                                    "reward_queries": 40}))
+    kto = ensure_pairs(paired, out, 0, cfg=None, reads="labels")  # built already: read back
+    assert kto["path"] == str((out / "data" / "seed-0" / "pairs.jsonl").resolve()) and kto["feedback"] == {
+        "regime": "paired", "file": "pairs", "images": 36, "desirable": 18, "undesirable": 18, "pairs": 18}
+    with pytest.raises(ValueError, match="unknown feedback regime 'pairs'"):
+        plan("toy2d", feedback="pairs")

@@ -137,6 +137,67 @@ def test_bradley_terry_pairs_and_cli_labels(tmp_path, tiny):
     assert feedback.load_labels(tmp_path / "lab" / "labels.jsonl").counts["desirable"] == 16 - s["ties"]
 
 
+def test_rank_labels_split_each_prompt_at_its_median_or_top_quarter():
+    """Worked by hand. Prompt b's rewards all beat prompt a's, so only a per-prompt split gives a
+    desirable images; equal rewards rank in list order; an odd prompt's middle sample is not above
+    its median."""
+    prompts = ["a", "b", "a", "b", "a", "b", "a", "a", "b", "a", "c", "c", "c"]
+    rewards = [0.3, 5.0, 0.9, 4.0, 0.5, 6.0, 0.5, 0.1, 4.0, 0.5, 1.0, 2.0, 3.0]
+    # a: 2 (0.9), then 4, 6, 9 tied at 0.5 -> 4 and 6 make the top 3 of 6, 9 does not; b: 5, 1 of 4; c: 12 of 3
+    median = feedback.rank_labels(rewards, prompts, 0.5)
+    assert [i for i, d in enumerate(median) if d] == [1, 2, 4, 5, 6, 12]
+    quarter = feedback.rank_labels(rewards, prompts, 0.25)  # a: 1 of 6, b: 1 of 4, c: 0 of 3
+    assert [i for i, d in enumerate(quarter) if d] == [2, 5]
+
+
+def test_make_labels_labels_the_pair_samples_one_by_one(tmp_path, tiny):
+    """make_labels spends one reward query per image, on make_pairs's samples at the same seed (an odd
+    n leaves the last b sample out), and labels each by its rank within its prompt."""
+    calls = []
+
+    def reward(imgs, prompts):
+        calls.append(len(imgs))
+        return imgs.flatten(1).mean(1), {}
+
+    s = feedback.make_labels(tiny, reward, ["0", "1"], 7, tmp_path / "lab", seed=3, sampler=Sampler(num_steps=4))
+    assert sum(calls) == 7 and (s["images"], s["desirable"], s["undesirable"]) == (7, 3, 4)  # prompt 0: 2 of 4; 1: 1 of 3
+    assert s["desirable_reward_mean"] > s["undesirable_reward_mean"]
+    ls = feedback.load_labels(tmp_path / "lab" / "labels.jsonl")
+    assert ls.counts == {"desirable": 3, "undesirable": 4} and ls.prompts == ["0", "0", "1", "1", "0", "0", "1"]
+    r = ls.images.flatten(1).mean(1)  # the stored images score as they were labelled
+    for prompt in ("0", "1"):
+        mine = [i for i, p in enumerate(ls.prompts) if p == prompt]
+        assert min(r[i] for i in mine if ls.desirable[i]) >= max(r[i] for i in mine if not ls.desirable[i])
+    feedback.make_pairs(tiny, reward, ["0", "1"], 4, tmp_path / "pairs", seed=3, sampler=Sampler(num_steps=4))
+    for f in ls.files:  # the same images as the pair set's, under the same names
+        assert f.read_bytes() == (tmp_path / "pairs" / "img" / f.name).read_bytes()
+    assert not (tmp_path / "lab" / "img" / "000003_b.png").exists()
+    with pytest.raises(ValueError, match="desirable_fraction"):
+        feedback.make_labels(tiny, reward, ["0"], 4, tmp_path / "x", desirable_fraction=1.0)
+
+
+def test_pairs_from_labels_match_within_a_prompt_and_drop_the_rest(tmp_path):
+    for n in "abcdefgh":
+        _png(tmp_path / "lab" / "img" / f"{n}.png", value=0.1 * (ord(n) - 96))
+    rows = [("1", "a", True), ("3", "g", False), ("1", "b", False), ("2", "f", True), ("1", "c", False),
+            ("1", "d", True), ("3", "h", False), ("1", "e", False)]
+    (tmp_path / "lab" / "labels.jsonl").write_text("".join(
+        json.dumps({"prompt": p, "image": f"img/{n}.png", "desirable": d}) + "\n" for p, n, d in rows))
+    pairs, counts = feedback.pairs_from_labels(tmp_path / "lab" / "labels.jsonl", tmp_path / "dpo")
+    # prompt 1: a beats b, d beats c (file order), e left over; 2 has no undesirable, 3 no desirable image
+    assert [(r["prompt"], Path(r["winner"]).name, Path(r["loser"]).name) for r in pairs] == [
+        ("1", "a.png", "b.png"), ("1", "d.png", "c.png")]
+    assert counts == {"pairs": 2, "unmatched_desirable": 1, "unmatched_undesirable": 3}
+    ps = feedback.load_pairs(tmp_path / "dpo" / "pairs.jsonl")  # paths point at the labels' image files
+    assert ps.winner_paths == ["../lab/img/a.png", "../lab/img/d.png"] and len(list((tmp_path / "dpo").iterdir())) == 1
+    assert ps.winners[:, 0, 0, 0].tolist() == pytest.approx([0.1, 0.4], abs=1 / 255)
+    same, _ = feedback.pairs_from_labels(tmp_path / "lab" / "labels.jsonl")  # no out_dir: relative to the labels
+    assert same[0]["winner"] == "img/a.png"
+    (tmp_path / "lab" / "labels.jsonl").write_text(json.dumps({"prompt": "1", "image": "img/a.png", "desirable": True}))
+    with pytest.raises(feedback.FeedbackError, match="no pairs can be formed"):
+        feedback.pairs_from_labels(tmp_path / "lab" / "labels.jsonl")
+
+
 def test_method_refuses_bad_data_before_training(tmp_path):
     from diffalign.train import resolve_config, train
 

@@ -11,7 +11,9 @@
     diffalign bench sampler [--model NAME|PATH] [--batch N] [--steps S]
     diffalign bench step [--methods a,b] [--repeats R]
     diffalign bench memory [--config alignprop.yaml] [--steps K]   or   bench memory --sharding [--processes 1,2]
-    diffalign bench suite --suite digits|toy2d|digits-flow|toy2d-flow|digits-minority [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick]
+    diffalign bench suite --suite digits|toy2d|digits-flow|toy2d-flow|digits-minority [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick] [--reference M]
+                          [--feedback paired|unpaired|imbalanced]
+    diffalign bench tune --suite SUITE --methods a,b [--trials 8] [--seeds 5] [--metric M] [--out DIR]
     diffalign demo [--out DIR]
     diffalign data pairs --model digits --reward classifier --n 512 --out DIR [--bt-noise T] [--seed S]
     diffalign data labels --pairs DIR/pairs.jsonl --out DIR    (or --model M --reward R: new pairs, then labels)
@@ -200,6 +202,8 @@ def _bench(a) -> int:
         return 0
     from .bench import SUITES, run_bench
 
+    if what == "tune":
+        return _bench_tune(a)
     if what != "suite" or not a.suite:
         raise SystemExit(f"usage: diffalign bench --suite {'|'.join(SUITES)} [--methods a,b] [--seeds K] [--budget N] "
                          "[--out DIR] [--quick]   or   diffalign bench sampler   or   diffalign bench step")
@@ -209,9 +213,26 @@ def _bench(a) -> int:
     out = a.out or f"runs/bench-{a.suite}{'-quick' if a.quick else ''}"
     results = run_bench(a.suite, out, methods=methods, seeds=a.seeds, budget=a.budget, quick=a.quick,
                         per_prompt=a.per_prompt, configs=a.configs, command="diffalign " + " ".join(sys.argv[1:]),
-                        overrides=a.set or [])
+                        overrides=a.set or [], reference=a.reference, feedback=a.feedback)
     print(summary_table(results))
     print(f"report: {Path(out) / 'report.md'}")
+    return 0
+
+
+def _bench_tune(a) -> int:
+    from .bench.report import summary_table
+    from .bench.tune import run_tune
+
+    if not a.suite or not a.methods:
+        raise SystemExit("usage: diffalign bench tune --suite SUITE --methods a,b [--trials 8] [--seeds 5] [--out DIR]")
+    out = a.out or f"runs/tune-{a.suite}"
+    r = run_tune(a.suite, out, [m.strip() for m in a.methods.split(",") if m.strip()], trials_per_method=a.trials,
+                 seeds=a.seeds or 5, trial_seeds=a.trial_seeds, metric=a.metric, budget=a.budget,
+                 per_prompt=a.per_prompt, configs=a.configs, overrides=a.set or [], spread=a.spread,
+                 command="diffalign " + " ".join(sys.argv[1:]), feedback=a.feedback)
+    print(summary_table(r["final"]))
+    print(f"chosen: {r['tuning']['chosen']}")
+    print(f"report: {Path(out) / 'final' / 'report.md'}; trials: {Path(out) / 'tune.md'}")
     return 0
 
 
@@ -350,10 +371,11 @@ def build_parser() -> argparse.ArgumentParser:
                     help="the base model's Hub id for the model card's metadata (default: the base folder's name)")
     ex.set_defaults(fn=_export)
     b = sub.add_parser("bench", help="benchmarks: --suite digits|toy2d|digits-flow|toy2d-flow (methods at equal reward budget), digits-minority (constrained training), sampler, step")
-    b.add_argument("what", nargs="?", choices=["sampler", "suite", "step", "memory", "reward"],
+    b.add_argument("what", nargs="?", choices=["sampler", "suite", "tune", "step", "memory", "reward"],
                    help="sampler, step (one update vs bare forward+backward), memory (one AlignProp update with and "
-                        "without gradient checkpointing), reward (queries/s in-process vs over HTTP), or suite "
-                        "(implied by --suite)")
+                        "without gradient checkpointing), reward (queries/s in-process vs over HTTP), tune (each "
+                        "method tuned with the same trials on a validation split, then compared on fresh seeds), or "
+                        "suite (implied by --suite)")
     b.add_argument("--reward", default=None, help="(reward) the reward to serve and time (default classifier)")
     b.add_argument("--config", help="(memory) the config to measure (default configs/alignprop_digits.yaml)")
     b.add_argument("--sharding", action="store_true",
@@ -370,6 +392,20 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--configs", default="configs", help="folder with <method>_<suite>.yaml configs")
     b.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="(suite) override for every cell, e.g. --set model=/models/sd15 --set prompts=animals")
+    b.add_argument("--feedback", default="paired", choices=["paired", "unpaired", "imbalanced"],
+                   help="(suite) the offline methods' feedback, built from base samples at the same reward budget: "
+                        "paired (budget/2 pairs ranked by the reward, for every offline method), unpaired (budget "
+                        "images labelled alone, desirable = above their prompt's median reward: KTO learns from the "
+                        "labels, DPO from the budget/2 pairs they form) or imbalanced (the same, top quarter "
+                        "desirable: budget/4 pairs)")
+    b.add_argument("--reference", default=None,
+                   help="(suite) a method of the bench: the report adds every other method's paired difference "
+                        "to it per seed, with bootstrap intervals (tune: the first method)")
+    b.add_argument("--trials", type=int, default=8, help="(tune) trials per method, the shipped config included")
+    b.add_argument("--trial-seeds", type=int, default=1, help="(tune) seeds per trial")
+    b.add_argument("--metric", default=None, help="(tune) what picks the trial: default eval_reward_mean "
+                   "(toy2d suites: optimum_ratio, lower is better)")
+    b.add_argument("--spread", type=float, default=10.0, help="(tune) trials draw each value within ×/÷ this")
     b.add_argument("--model", default="digits", help="(sampler) model")
     b.add_argument("--batch", type=int, default=64)
     b.add_argument("--prompts", default=None, help="(sampler) prompts: comma-separated, a file or a set name")

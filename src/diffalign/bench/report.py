@@ -12,7 +12,9 @@
   reward queries and against training wall time, base → periodic evaluations → final;
 - a race table: reward queries and wall time each method needed to reach half of, and all of,
   the reference method's (GRPO's) gain over the base on the evaluation set;
-- samples.png: the first seed's final evaluation samples for every method.
+- samples.png: the first seed's final evaluation samples for every method;
+- with a reference method (`--reference`, `bench tune`): paired differences against it per seed, with
+  bootstrap intervals (`bench.paired`); after `bench tune`, the trial budget behind the rows.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 
 from .. import checkpoint
 from ..eval.core import pyplot
+from .paired import paired_table
+from .tune import tuning_note
 
 COLUMNS = [
     ("reward_mean", "training reward", "{:.3f}"),
@@ -106,6 +110,10 @@ def write_report(out: str | Path, results: dict) -> Path:
         "training time (plus building the pair set for offline methods) on this machine."),
         "",
     ]
+    if results.get("tuning"):
+        lines += [tuning_note(results["tuning"]), ""]
+    if feedback_note(results):
+        lines += [feedback_note(results), ""]
     real = [r.get("aligned_frechet_real") for r in rows if r.get("aligned_frechet_real") is not None]
     if real:
         lines.append(f"For scale: the Fréchet distance of a random real-data sample of the same size is {real[0]:.2f} "
@@ -131,10 +139,29 @@ def write_report(out: str | Path, results: dict) -> Path:
     race = race_table(ok) if rewarded else ""
     if race:
         lines += ["", race]
+    pairs = paired_table(results, results["reference"]) if results.get("reference") else ""
+    if pairs:
+        lines += ["", pairs]
     lines += ["", *[f"![{f.stem}]({f.name})" for f in figs], ""]
     path = out / "report.md"
     checkpoint.atomic_write_text(path, "\n".join(lines))
     return path
+
+
+RULES = {"unpaired": "above their prompt's median reward", "imbalanced": "their prompt's top quarter by reward"}
+
+
+def feedback_note(results: dict) -> str:
+    """One line on the offline methods' feedback (`bench --feedback`), from the first offline row's
+    counts (the same for every seed); "" when the bench has no offline rows."""
+    f = next((r["feedback"] for r in results["rows"] if r.get("feedback")), None)
+    if f is None:
+        return ""
+    if f["regime"] == "paired":
+        return (f"Feedback: paired, {f['pairs']:,} pairs of base samples ranked by the training reward "
+                "(Diffusion-KTO learns from their images, winners desirable).")
+    return (f"Feedback: {f['regime']}, {f['images']:,} base samples labelled alone ({f['desirable']:,} desirable: "
+            f"{RULES[f['regime']]}); KTO learns from the labels, DPO from the {f['pairs']:,} pairs formed from them.")
 
 
 def reached(curve: list, target: float) -> tuple[float, float] | None:

@@ -3,9 +3,21 @@
 Each (method, seed) cell is an ordinary training run in OUT/runs/<method>/seed-<s>,
 made from `configs/<method>_<suite>.yaml` with the seed, the budget
 (`train.reward_budget`) and the evaluation size set by the bench. Online methods stop
-before an epoch would pass the budget; offline methods (Diffusion-DPO/KTO) learn from
-a pair set whose construction costs the budget (budget / 2 pairs of base samples,
-built once per seed in OUT/data/seed-<s> and shared by them).
+before an epoch would pass the budget; offline methods (Diffusion-DPO/KTO, DDO-DPO/KTO)
+learn from a feedback set whose construction costs the budget, built once per seed from
+base samples scored by the training reward and shared by them. `feedback` (`--feedback`,
+part of the bench's settings) is its regime:
+
+- `paired` (default): budget / 2 pairs ranked by the reward, in OUT/data/seed-<s>; every
+  offline method reads them (Diffusion-KTO labels their images by the Pick-a-Pic rule).
+- `unpaired`: budget images, each labelled alone: desirable when its reward is above its
+  prompt's median (`feedback.make_labels`), in OUT/data/unpaired/seed-<s>. A method that
+  reads labels (`offline_data = "labels"`: Diffusion-KTO, DDO-KTO) learns from them; one that
+  reads pairs, from the pairs the labels form without rewards (each desirable image with one
+  undesirable image of its prompt: budget / 2 pairs; `feedback.pairs_from_labels`).
+- `imbalanced`: the same with the top quarter of each prompt's rewards desirable (1 : 3, the
+  ratio of Pick-a-Pic's labels reported by Diffusion-KTO), in OUT/data/imbalanced/seed-<s>;
+  budget / 4 pairs.
 
 A method may be a variant: `name@key=value@key=value` is the config `name` with those
 overrides (e.g. `nabla-gfn@args.beta=3`), reported under that label, so one command
@@ -84,6 +96,10 @@ SUITES = {
     # budget 0: no reward is queried; every row trains its config's steps on the same data (constrained training)
     "digits-minority": Suite("digits", ["unconstrained", "constrained", "constrained-resilient"], budget=0, seeds=3,
                              per_prompt=1000, quick={"seeds": 1}, base_row=False, classes=[4, 5, 7]),
+    # DDO's orientation experiment: the base is trained on rotated digits; the pairs prefer the less-rotated image
+    # (ranked by the configs' `upright` reward, the angle judge); scripts/orientation.py measures the angles
+    "digits-rotated": Suite("digits-rotated", ["ddo-dpo", "diffusion-dpo", "ddpo"], budget=2048, seeds=3, per_prompt=20,
+                            quick={"seeds": 1, "budget": 512}),
 }
 
 METRICS = ["reward_mean", "eval_reward_mean", "reward_accuracy", "eval_reward_accuracy", "diversity", "diversity_rel",
@@ -114,27 +130,36 @@ def config_path(configs: Path, name: str, suite: str) -> Path:
     return path
 
 
-def plan(suite: str, methods=None, seeds=None, budget=None, quick=False, per_prompt=None, overrides=()) -> dict:
+def plan(suite: str, methods=None, seeds=None, budget=None, quick=False, per_prompt=None, overrides=(),
+         first_seed: int = 0, feedback: str = "paired") -> dict:
     if suite not in SUITES:
         raise ValueError(f"unknown suite '{suite}': available: {', '.join(SUITES)}")
+    if feedback not in FEEDBACK:
+        raise ValueError(f"unknown feedback regime '{feedback}': available: {', '.join(FEEDBACK)}")
     s = SUITES[suite]
     q = s.quick if quick else {}
     model = next((o.split("=", 1)[1] for o in overrides if o.startswith("model=")), s.model)
     return {"suite": suite, "model": model,
             "methods": list(methods or q.get("methods", s.methods)),
-            "seeds": int(seeds or q.get("seeds", s.seeds)),
+            "seeds": int(seeds or q.get("seeds", s.seeds)), "first_seed": int(first_seed),
             "budget": int(budget or q.get("budget", s.budget)),
             "per_prompt": int(per_prompt or q.get("per_prompt", s.per_prompt)),
-            "quick": bool(quick), "base_row": s.base_row, "classes": list(s.classes), "overrides": list(overrides)}
+            "quick": bool(quick), "base_row": s.base_row, "classes": list(s.classes), "overrides": list(overrides),
+            "feedback": feedback}
 
 
 def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None, quick=False, per_prompt=None,
-              configs: str | Path = "configs", command: str | None = None, overrides=()) -> dict:
-    """Run (or resume) every cell of the plan; return results (also OUT/results.json)."""
+              configs: str | Path = "configs", command: str | None = None, overrides=(), first_seed: int = 0,
+              reference: str | None = None, tuning: dict | None = None, feedback: str = "paired") -> dict:
+    """Run (or resume) every cell of the plan; return results (also OUT/results.json). Seeds run from
+    `first_seed` (`bench tune` runs its trials on seeds the final comparison does not use); `reference`
+    names the row the report's paired-difference table compares every other method with; `tuning` is
+    `bench tune`'s record of how the rows' settings were chosen (the report states it); `feedback` is the
+    offline methods' feedback regime (paired, unpaired or imbalanced: see the module docstring)."""
     from ..train import resolve_config
     from .report import write_report
 
-    p = plan(suite, methods, seeds, budget, quick, per_prompt, overrides)
+    p = plan(suite, methods, seeds, budget, quick, per_prompt, overrides, first_seed, feedback)
     out = Path(out)
     if p["budget"] < 1 and SUITES[suite].budget > 0:
         raise ValueError("--budget must be a positive number of reward queries")
@@ -143,16 +168,19 @@ def run_bench(suite: str, out: str | Path, methods=None, seeds=None, budget=None
     settings = out / "bench.json"
     if settings.exists():
         prev = json.loads(settings.read_text())
-        for key in ("suite", "budget", "per_prompt", "overrides"):
-            if prev.get(key, []) != p[key]:
-                raise ValueError(f"{out} holds a bench with {key} = {prev[key]}, not {p[key]}: "
+        for key, default in (("suite", None), ("budget", None), ("per_prompt", None), ("overrides", []),
+                             ("first_seed", 0), ("feedback", "paired")):
+            if prev.get(key, default) != p[key]:
+                raise ValueError(f"{out} holds a bench with {key} = {prev.get(key, default)}, not {p[key]}: "
                                  "choose another --out (results at different settings must not mix)")
     out.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(settings, json.dumps(p, indent=1))
     old = json.loads((out / "results.json").read_text()) if (out / "results.json").exists() else {}
     started = old.get("started", time.strftime("%Y-%m-%d %H:%M:%S"))  # a resumed bench keeps its start time
-    results = {**p, "command": command or " ".join(sys.argv), "machine": _machine(), "started": started, "rows": []}
-    cells = [(m, s) for m in p["methods"] for s in range(p["seeds"])]
+    results = {**p, "command": command or " ".join(sys.argv), "machine": _machine(), "started": started, "rows": [],
+               "reference": reference or old.get("reference"), "tuning": tuning or old.get("tuning")}
+    seeds = range(p["first_seed"], p["first_seed"] + p["seeds"])
+    cells = [(m, s) for m in p["methods"] for s in seeds]
     done_before = all((out / "runs" / m / f"seed-{s}" / "summary.json").exists() for m, s in cells)
     bar = tqdm(cells, desc=f"bench {suite}", unit="cell")
     for name, seed in bar:
@@ -192,7 +220,7 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
     run = out / "runs" / name / f"seed-{seed}"
     cfg, args = resolve_config(config_path(configs, name, p["suite"]), cell_overrides(p, name, configs))
     offline = getattr(get_method(cfg.method), "offline_data", False)
-    data = ensure_pairs(p, out, seed, cfg) if offline else None
+    data = ensure_pairs(p, out, seed, cfg, reads=offline) if offline else None
     if (run / "failed.json").exists():
         return failed_row(name, seed, run, cfg.method)
     folder = open_run(run) if holds_run(run) else None
@@ -212,7 +240,8 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
             run.mkdir(parents=True, exist_ok=True)
             checkpoint.atomic_write_text(run / "failed.json", json.dumps({"error": str(e)}))
             return failed_row(name, seed, run, cfg.method)
-    return make_row(name, seed, run, data)
+    row = make_row(name, seed, run, data)
+    return {**row, "feedback": data["feedback"]} if data else row
 
 
 def failed_row(name: str, seed: int, run: Path, algorithm: str) -> dict:
@@ -222,29 +251,56 @@ def failed_row(name: str, seed: int, run: Path, algorithm: str) -> dict:
             "reward_queries": None, "wall_s": None, "epochs": None, "offline": False, "curve": []}
 
 
-def ensure_pairs(p: dict, out: Path, seed: int, cfg) -> dict:
-    """The offline methods' feedback: budget / 2 pairs of base samples ranked by the training reward."""
+FEEDBACK = {"paired": None, "unpaired": 0.5, "imbalanced": 0.25}  # regime -> share of desirable images per prompt
+
+
+def ensure_pairs(p: dict, out: Path, seed: int, cfg, reads="pairs") -> dict:
+    """The offline methods' feedback for one seed, built once and shared (see the module docstring):
+    paired (budget / 2 pairs of base samples ranked by the training reward), or unpaired / imbalanced
+    (budget base samples labelled alone, and the pairs their labels form). Returns the file for a
+    method that `reads` "labels" or "pairs" (every method gets the pairs in the paired regime, as
+    before the regimes existed), the data's cost and its counts (`feedback`, for the report)."""
     from ..data import feedback
     from ..data.prompts import resolve_prompts
     from ..models import load_model
     from ..rewards import build_reward
     from ..sampler import Sampler
 
-    folder = out / "data" / f"seed-{seed}"
+    regime = p.get("feedback", "paired")
+    fraction = FEEDBACK[regime]
+    folder = out / "data" / (f"seed-{seed}" if fraction is None else f"{regime}/seed-{seed}")
     stats_path = folder / "stats.json"
     if not stats_path.exists():
         start = time.time()
         model = load_model(cfg.model)
+        reward, prompts = build_reward(cfg.reward), resolve_prompts(cfg.prompts, model.prompts)
+        sampler = Sampler.from_config(cfg.sampling, model)
         with checkpoint.atomic_dir(folder) as tmp:
-            stats = feedback.make_pairs(model, build_reward(cfg.reward), resolve_prompts(cfg.prompts, model.prompts),
-                                        p["budget"] // 2,
-                                        tmp, seed=1000 + seed, sampler=Sampler.from_config(cfg.sampling, model),
-                                        bt_noise=SUITES[p["suite"]].bt_noise)
-            stats.update(wall_s=round(time.time() - start, 2), reward_queries=2 * (p["budget"] // 2))
+            if fraction is None:
+                stats = feedback.make_pairs(model, reward, prompts, p["budget"] // 2, tmp, seed=1000 + seed,
+                                            sampler=sampler, bt_noise=SUITES[p["suite"]].bt_noise)
+                stats.update(reward_queries=2 * (p["budget"] // 2))
+            else:
+                stats = feedback.make_labels(model, reward, prompts, p["budget"], tmp, seed=1000 + seed,
+                                             desirable_fraction=fraction, sampler=sampler)
+                stats.update(feedback.pairs_from_labels(tmp / "labels.jsonl", tmp)[1], reward_queries=p["budget"])
+            stats.update(wall_s=round(time.time() - start, 2))
+            stats.pop("path", None)  # the temporary folder's: the files are the folder's own
             (tmp / "stats.json").write_text(json.dumps(stats, indent=1))
     stats = json.loads(stats_path.read_text())
-    return {"path": str(folder.resolve() / "pairs.jsonl"), "wall_s": stats["wall_s"],
-            "reward_queries": stats["reward_queries"]}
+    file = "labels" if fraction is not None and reads == "labels" else "pairs"
+    return {"path": str(folder.resolve() / f"{file}.jsonl"), "wall_s": stats["wall_s"],
+            "reward_queries": stats["reward_queries"], "feedback": feedback_counts(regime, file, stats)}
+
+
+def feedback_counts(regime: str, file: str, stats: dict) -> dict:
+    """What an offline cell learned from: the regime, the file it read and the set's counts. In the
+    paired regime every image is in one pair, so the Pick-a-Pic rule makes each untied pair's winner
+    desirable and its loser undesirable."""
+    if regime == "paired":
+        n = stats["pairs"] - stats["ties"]
+        return {"regime": regime, "file": file, "images": 2 * n, "desirable": n, "undesirable": n, "pairs": n}
+    return {"regime": regime, "file": file, **{k: stats[k] for k in ("images", "desirable", "undesirable", "pairs")}}
 
 
 def make_row(name: str, seed: int, run: Path, data: dict | None) -> dict:

@@ -7,6 +7,12 @@ Files (image paths are relative to the JSONL file's folder; images are 8-bit PNG
     labels.jsonl  {"prompt": str, "image": "img/..png", "desirable": true|false}
                   ("label": true|false, or 1|0, is read as "desirable")
 
+Building sets from a base model and a reward (what the bench's offline cells learn from):
+`make_pairs` ranks two samples per pair by the reward; `make_labels` scores each sample alone and
+labels it by its rank among its prompt's samples (above the median, or the top quarter: the
+1 : 3 ratio of Pick-a-Pic's labels); `pairs_from_labels` turns labels into the pairs they can
+form without reward values, `labels_from_pairs` pairs into labels (the Pick-a-Pic rule).
+
 Loading validates every row first and raises one `FeedbackError` naming each bad
 row by line number (bad JSON, missing key, missing file, bad label, unreadable
 image), so a broken set fails before training, never mid-epoch. Ties are dropped
@@ -25,6 +31,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -355,6 +362,100 @@ def _write_pair(out: Path, i: int, prompt: str, samples, rewards, bt_noise: floa
 
 
 @torch.no_grad()
+def make_labels(model, reward, prompts, n: int, out_dir, seed: int = 0, desirable_fraction: float = 0.5,
+                sampler=None, batch_size: int = 128) -> dict:
+    """Sample `n` images from `model`, score each with `reward` and label it alone (`rank_labels`:
+    within its prompt, the top `desirable_fraction` of the rewards are desirable; 0.5 = above the
+    median), write out_dir/labels.jsonl. `n` reward queries, one per image.
+
+    The images are `make_pairs`'s at the same seed and sampler (images 2i and 2i + 1 are pair i's
+    a and b samples, with prompt prompts[i % len(prompts)], under the same file names), so a
+    labelled set and a pair set built from one seed differ only in their feedback.
+    Returns stats (counts, mean reward of desirable and undesirable images).
+    """
+    from ..sampler import Sampler
+
+    if not 0 < desirable_fraction < 1:
+        raise ValueError(f"desirable_fraction must lie in (0, 1), got {desirable_fraction}")
+    if n < 1:
+        raise ValueError(f"n (images to label) must be at least 1, got {n}")
+    sampler = sampler or Sampler(num_steps=model.num_inference_steps, guidance_scale=1.0)
+    out, prompts = Path(out_dir), list(prompts)
+    (out / "img").mkdir(parents=True, exist_ok=True)
+    rows, rewards, step = [], [], max(1, batch_size // 2)
+    for start in range(0, (n + 1) // 2, step):
+        idx = list(range(start, min((n + 1) // 2, start + step)))
+        ps = [prompts[i % len(prompts)] for i in idx]
+        qa, qb = _sample_pairs(model, sampler, ps, idx, seed)
+        kept = [(i, side, ps[j], x) for j, i in enumerate(idx) for side, x in (("a", qa[j]), ("b", qb[j]))
+                if 2 * i + (side == "b") < n]  # an odd n leaves the last pair's b sample out
+        r, _ = reward(torch.stack([x for *_, x in kept]).to(model.device), [prompt for _, _, prompt, _ in kept])
+        for (i, side, prompt, x), ri in zip(kept, r.float().cpu().tolist()):
+            rel = f"img/{i:06d}_{side}{sample_suffix(x)}"
+            save_sample(x, out / rel)
+            rows.append({"prompt": prompt, "image": rel})
+            rewards.append(ri)
+    labels = rank_labels(rewards, [row["prompt"] for row in rows], desirable_fraction)
+    for row, d in zip(rows, labels):
+        row["desirable"] = d
+    path = out / "labels.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    mean = lambda xs: sum(xs) / max(1, len(xs))  # noqa: E731
+    d = sum(labels)
+    stats = {"path": str(path), "images": len(rows), "desirable": d, "undesirable": len(rows) - d,
+             "desirable_fraction": desirable_fraction,
+             "desirable_reward_mean": mean([r for r, x in zip(rewards, labels) if x]),
+             "undesirable_reward_mean": mean([r for r, x in zip(rewards, labels) if not x])}
+    (out / "labels_stats.json").write_text(json.dumps(stats, indent=1))
+    return stats
+
+
+def rank_labels(rewards: list[float], prompts: list[str], desirable_fraction: float) -> list[bool]:
+    """Binary labels from rewards, prompt by prompt: of a prompt's m samples the ⌊fraction · m⌋
+    highest rewards are desirable, the rest undesirable (fraction 0.5: above the median, an odd
+    prompt's middle sample included in the undesirable half; 0.25: the top quarter). Equal rewards
+    rank in list order (earlier first), so the counts are exact and the labels deterministic when
+    rewards tie, as a saturated reward's do."""
+    groups: dict[str, list[int]] = {}
+    for i, prompt in enumerate(prompts):
+        groups.setdefault(prompt, []).append(i)
+    desirable = [False] * len(rewards)
+    for members in groups.values():
+        k = math.floor(len(members) * desirable_fraction + 1e-9)
+        for i in sorted(members, key=lambda i: -rewards[i])[:k]:  # a stable sort: ties keep list order
+            desirable[i] = True
+    return desirable
+
+
+def pairs_from_labels(labels, out_dir=None) -> tuple[list[dict], dict]:
+    """The pairs binary labels can form without reward values: within each prompt, the i-th
+    desirable image (in file order) wins against the i-th undesirable one, and the images left
+    over on the larger side are dropped (a balanced set gives n / 2 pairs, a 1 : 3 set n / 4).
+
+    `labels` is a labels JSONL path (or a LabelSet loaded from one). With `out_dir`, writes
+    out_dir/pairs.jsonl, image paths relative to out_dir (the same image files, not copies).
+    Returns (rows, counts) with counts = {pairs, unmatched_desirable, unmatched_undesirable}.
+    """
+    ls = labels if isinstance(labels, LabelSet) else load_labels(labels, images=False)
+    sides: dict[str, tuple[list[Path], list[Path]]] = {}
+    for prompt, file, d in zip(ls.prompts, ls.files, ls.desirable.tolist()):
+        sides.setdefault(prompt, ([], []))[0 if d else 1].append(file)
+    base = Path(out_dir) if out_dir is not None else ls.path.parent
+    rel = lambda f: os.path.relpath(Path(f).resolve(), base.resolve())  # noqa: E731
+    rows = [{"prompt": prompt, "winner": rel(w), "loser": rel(lo)}
+            for prompt, (good, bad) in sides.items() for w, lo in zip(good, bad)]
+    if not rows:
+        raise FeedbackError(f"{ls.path}: no prompt has both a desirable and an undesirable image, so no pairs "
+                            "can be formed")
+    if out_dir is not None:
+        base.mkdir(parents=True, exist_ok=True)
+        (base / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    d = int(ls.desirable.sum())
+    return rows, {"pairs": len(rows), "unmatched_desirable": d - len(rows),
+                  "unmatched_undesirable": len(ls) - d - len(rows)}
+
+
+@torch.no_grad()
 def make_unlabelled(model, prompts, n: int, per_prompt: int, out_dir, kind: str, seed: int = 0, sampler=None,
                     batch_size: int = 128) -> Path:
     """Sample `per_prompt` images for each of `n` prompts (prompt i = prompts[i % len(prompts)], noise
@@ -429,8 +530,6 @@ def labels_from_pairs(pairs, out_dir=None) -> tuple[list[dict], dict]:
     first, wins = _pick_a_pic(ps)
     rows = [{"prompt": prompt, "image": img, "desirable": img in wins} for img, (prompt, _, _) in first.items()]
     if out_dir is not None:
-        import os
-
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         for r in rows:

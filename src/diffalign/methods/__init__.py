@@ -8,7 +8,8 @@ provides (`ddpo.py` is a complete example):
 
 - `name`, `description` (one line), `Config` (dataclass of its `args:`, one comment per field);
 - `requires_logprob` (eta > 0 needed), `requires_reference` (the frozen base is used),
-  `requires_differentiable_reward`; `offline_data` (learns from a file, queries no reward);
+  `requires_differentiable_reward`; `offline_data` (learns from a file, queries no reward: the
+  kind of file it reads, "pairs" or "labels", which the bench builds for it);
   `second_order` (its loss holds a gradient of a trained network, so it cannot be sharded);
 - `defaults`: config values it prefers, applied under the user's config (dotted keys);
 - `__init__(self, run, args)`: cheap — checks and module construction only. Evaluation
@@ -83,7 +84,7 @@ class Method:
     requires_logprob = False  # every trained step needs a log-probability (eta > 0)
     requires_reference = False  # the frozen base is used (full fine-tuning then keeps a copy)
     requires_differentiable_reward = False
-    offline_data = False  # learns from a file (args.data) and queries no reward
+    offline_data = False  # "pairs" or "labels": learns from that file (args.data), queries no reward
     second_order = False  # its loss differentiates through a trained network twice (no FSDP sharding then)
     defaults: dict = {}  # config values the method prefers, under the user's config (dotted keys)
     sampler = None  # the aligned model's `Sampler`; None: the run's plain sampler

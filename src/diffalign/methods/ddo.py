@@ -324,7 +324,7 @@ class _KTOConfig(DDO.Config):
 
 
 # The feedback objectives as their own names: they learn from a file (the bench builds it) and query no reward.
-register_variant(DDO, name="ddo-dpo", Config=_DPOConfig, offline_data=True,
+register_variant(DDO, name="ddo-dpo", Config=_DPOConfig, offline_data="pairs",
                  description="DDO with the DPO objective on densities, from a pairs JSONL (Kawata et al. 2025)")
-register_variant(DDO, name="ddo-kto", Config=_KTOConfig, offline_data=True,
+register_variant(DDO, name="ddo-kto", Config=_KTOConfig, offline_data="labels",
                  description="DDO with the KTO objective on densities, from a labels JSONL (Kawata et al. 2025)")

@@ -109,7 +109,7 @@ class KTOItems:
 class DiffusionDPO(Method):
     name = "diffusion-dpo"
     description = "Diffusion-DPO: offline pairwise preferences vs the frozen base, shared noise per pair (Wallace et al. 2024)"
-    offline_data = True
+    offline_data = "pairs"  # the feedback file it learns from
     requires_reference = True
     defaults = {"optim.lr": 1e-3}
 
@@ -170,7 +170,7 @@ class DiffusionDPO(Method):
 class DiffusionKTO(Method):
     name = "diffusion-kto"
     description = "Diffusion-KTO: offline per-sample desirable/undesirable labels, Kahneman-Tversky utility (Li et al. 2024)"
-    offline_data = True
+    offline_data = "labels"  # reads pairs too (the Pick-a-Pic rule): the bench's paired regime gives it them
     requires_reference = True
     defaults = {"optim.lr": 1e-3}
 
