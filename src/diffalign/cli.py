@@ -11,7 +11,7 @@
     diffalign bench sampler [--model NAME|PATH] [--batch N] [--steps S]
     diffalign bench step [--methods a,b] [--repeats R]
     diffalign bench memory [--config alignprop.yaml] [--steps K]   or   bench memory --sharding [--processes 1,2]
-    diffalign bench suite --suite digits|toy2d|digits-flow|toy2d-flow|digits-minority [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick] [--reference M]
+    diffalign bench suite --suite digits|toy2d|digits-flow|toy2d-flow|digits-minority|digits-rotated [--methods a,b] [--seeds K] [--budget N] [--out DIR] [--quick] [--reference M]
                           [--feedback paired|unpaired|imbalanced]
     diffalign bench tune --suite SUITE --methods a,b [--trials 8] [--seeds 5] [--metric M] [--out DIR]
     diffalign demo [--out DIR]
@@ -382,7 +382,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="(memory) per-process parameters + gradients + AdamW state, unsharded vs train.sharding: fsdp, "
                         "on the digits UNet and a tiny SD UNet (or --model PATH)")
     b.add_argument("--processes", default="1,2", help="(memory --sharding) process counts, e.g. 1,2,4")
-    b.add_argument("--suite", help="digits, toy2d, digits-flow, toy2d-flow or digits-minority")
+    b.add_argument("--suite", help="digits, toy2d, digits-flow, toy2d-flow, digits-minority or digits-rotated")
     b.add_argument("--methods", help="comma-separated methods/config names (default: the suite's)")
     b.add_argument("--seeds", type=int, default=None, help="seeds per method (default 3)")
     b.add_argument("--budget", type=int, default=None, help="reward queries per run")

@@ -26,7 +26,6 @@ from pathlib import Path
 from .. import checkpoint
 from ..eval.core import pyplot
 from .paired import paired_table
-from .tune import tuning_note
 
 COLUMNS = [
     ("reward_mean", "training reward", "{:.3f}"),
@@ -162,6 +161,14 @@ def feedback_note(results: dict) -> str:
                 "(Diffusion-KTO learns from their images, winners desirable).")
     return (f"Feedback: {f['regime']}, {f['images']:,} base samples labelled alone ({f['desirable']:,} desirable: "
             f"{RULES[f['regime']]}); KTO learns from the labels, DPO from the {f['pairs']:,} pairs formed from them.")
+
+
+def tuning_note(t: dict) -> str:
+    """One line for a report: the trial budget behind its rows."""
+    keys = "; ".join(f"{m}: {', '.join(k)}" for m, k in t["keys"].items())
+    return (f"Tuned: {t['trials']} trials per method ({t['trial_seeds']} seed each; the shipped config and draws "
+            f"within ×/÷{t['spread']:g} of it) over {keys}, chosen by {t['metric']} on a validation split "
+            f"({t['validation']}) that these rows do not use (`bench tune`, trials in ../trials).")
 
 
 def reached(curve: list, target: float) -> tuple[float, float] | None:

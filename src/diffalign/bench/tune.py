@@ -109,14 +109,6 @@ def run_tune(suite: str, out, methods: list[str], trials_per_method: int = 8, se
     return {"tuning": tuning, "trials": tried, "final": final}
 
 
-def tuning_note(t: dict) -> str:
-    """One line for a report: the trial budget behind its rows."""
-    keys = "; ".join(f"{m}: {', '.join(k)}" for m, k in t["keys"].items())
-    return (f"Tuned: {t['trials']} trials per method ({t['trial_seeds']} seed each; the shipped config and draws "
-            f"within ×/÷{t['spread']:g} of it) over {keys}, chosen by {t['metric']} on a validation split "
-            f"({t['validation']}) that these rows do not use (`bench tune`, trials in ../trials).")
-
-
 def trial_table(rows: list[dict], labels: dict, chosen: dict, metric: str) -> str:
     lines = [f"# Trials (validation split), by {metric}" + (" (lower is better)" if metric in LOWER_IS_BETTER else ""),
              "", "| method | trial | settings | " + metric + " | chosen |", "|---|---:|---|---:|---|"]
