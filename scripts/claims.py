@@ -125,16 +125,9 @@ def table() -> str:
 
 
 def main() -> int:
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    new = head + START + "\n" + table() + "\n" + END + rest.split(END, 1)[1]
-    if "--check" in sys.argv:
-        return int(new != text)
-    readme.write_text(new)
-    return 0
+    from readme_block import write_block
+
+    return write_block(START, END, table())
 
 
 if __name__ == "__main__":

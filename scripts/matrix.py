@@ -17,18 +17,10 @@ START, END = "<!-- matrix: python scripts/matrix.py -->", "<!-- /matrix -->"
 
 def main() -> int:
     sys.path.insert(0, str(ROOT / "tests"))
+    from readme_block import write_block
     from test_matrix import matrix_markdown
 
-    readme = ROOT / "README.md"
-    text = readme.read_text()
-    if START not in text or END not in text:
-        raise SystemExit(f"README.md has no {START} ... {END} markers")
-    head, rest = text.split(START, 1)
-    new = head + START + "\n" + matrix_markdown() + "\n" + END + rest.split(END, 1)[1]
-    if "--check" in sys.argv:
-        return int(new != text)
-    readme.write_text(new)
-    return 0
+    return write_block(START, END, matrix_markdown())
 
 
 if __name__ == "__main__":
