@@ -85,18 +85,18 @@ CLAIMS = [
 ]
 
 
-def _rows(bench: str) -> list[dict]:
-    return json.loads((ROOT / "docs" / "bench" / bench / "results.json").read_text())["rows"]
+def _results(bench: str) -> dict:
+    return json.loads((ROOT / "docs" / "bench" / bench / "results.json").read_text())
 
 
 def values(c: Claim) -> list[float]:
-    rows = _rows(c.bench)
+    results = _results(c.bench)
+    rows = results["rows"]
     if c.reference is not None:
         return paired(rows, c.method, c.reference, c.metric)
     if c.metric in ("smallest_share", "largest_share"):  # over the bench's minority classes, per seed
         pick = min if c.metric == "smallest_share" else max
-        classes = json.loads((ROOT / "docs" / "bench" / c.bench / "results.json").read_text())["classes"]
-        return [pick(r["aligned_class_histogram"][k] for k in classes) for r in rows
+        return [pick(r["aligned_class_histogram"][k] for k in results["classes"]) for r in rows
                 if r["method"] == c.method and "failed" not in r]
     return [r[f"aligned_{c.metric}"] for r in rows if r["method"] == c.method and r.get(f"aligned_{c.metric}") is not None]
 
