@@ -171,7 +171,7 @@ def test_race_table_counts_queries_to_the_reference_reward_levels():
 def test_bench_unpaired_feedback_gives_kto_labels_and_dpo_the_pairs_they_form(tmp_path, capsys):
     """--feedback unpaired: one labelled set per seed (budget images, half desirable), KTO trains on
     the labels, DPO on the pairs they form; the regime is a bench setting that never mixes."""
-    from diffalign.bench.suite import ensure_pairs, plan
+    from diffalign.bench.suite import ensure_feedback, plan
     from diffalign.run_folder import open_run
 
     configs = tmp_path / "configs"
@@ -205,7 +205,7 @@ def test_bench_unpaired_feedback_gives_kto_labels_and_dpo_the_pairs_they_form(tm
     (out / "data" / "seed-0").mkdir()
     (out / "data" / "seed-0" / "stats.json").write_text(json.dumps({"pairs": 20, "ties": 2, "wall_s": 1.0,
                                                                     "reward_queries": 40}))
-    kto = ensure_pairs(paired, out, 0, cfg=None, reads="labels")  # built already: read back
+    kto = ensure_feedback(paired, out, 0, cfg=None, reads="labels")  # built already: read back
     assert kto["path"] == str((out / "data" / "seed-0" / "pairs.jsonl").resolve()) and kto["feedback"] == {
         "regime": "paired", "file": "pairs", "images": 36, "desirable": 18, "undesirable": 18, "pairs": 18}
     with pytest.raises(ValueError, match="unknown feedback regime 'pairs'"):

@@ -77,7 +77,7 @@ FLOW_METHODS = likelihood_methods() + FORWARD_METHODS + ["adjoint-matching"]
 
 SUITES = {
     "digits": Suite("digits", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "diffusion-dpo", "diffusion-kto",
-                               "nabla-gfn", "alignprop", "draft", "refl", "dpok", *FORWARD_METHODS, "adjoint-matching"],
+                               "nabla-gfn", "alignprop", "draft", "refl", "dpok", *FORWARD_METHODS, "adjoint-matching", "ddo"],
                     budget=2048, seeds=3, per_prompt=20, eval_every=2,
                     quick={"seeds": 1, "budget": 512}),
     "toy2d": Suite("toy2d", ["ddpo", "d3po", "spo", "tailorpo", "tailorpo-g", "nabla-gfn", "alignprop", "draft", "refl",
@@ -220,7 +220,7 @@ def run_cell(p: dict, out: Path, name: str, seed: int, configs: Path) -> dict:
     run = out / "runs" / name / f"seed-{seed}"
     cfg, args = resolve_config(config_path(configs, name, p["suite"]), cell_overrides(p, name, configs))
     offline = getattr(get_method(cfg.method), "offline_data", False)
-    data = ensure_pairs(p, out, seed, cfg, reads=offline) if offline else None
+    data = ensure_feedback(p, out, seed, cfg, reads=offline) if offline else None
     if (run / "failed.json").exists():
         return failed_row(name, seed, run, cfg.method)
     folder = open_run(run) if holds_run(run) else None
@@ -254,7 +254,7 @@ def failed_row(name: str, seed: int, run: Path, algorithm: str) -> dict:
 FEEDBACK = {"paired": None, "unpaired": 0.5, "imbalanced": 0.25}  # regime -> share of desirable images per prompt
 
 
-def ensure_pairs(p: dict, out: Path, seed: int, cfg, reads="pairs") -> dict:
+def ensure_feedback(p: dict, out: Path, seed: int, cfg, reads="pairs") -> dict:
     """The offline methods' feedback for one seed, built once and shared (see the module docstring):
     paired (budget / 2 pairs of base samples ranked by the training reward), or unpaired / imbalanced
     (budget base samples labelled alone, and the pairs their labels form). Returns the file for a
