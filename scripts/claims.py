@@ -36,11 +36,13 @@ class Claim:
     bench: str  # folder under docs/bench
     method: str  # the row the claim is about
     reference: str | None  # the row it is compared with (None: `level` is the yardstick)
-    metric: str  # aligned_<metric> in results.json; smallest_share / largest_share: over the minority classes
+    metric: str  # aligned_<metric> in results.json (orientation.json's key for source "orientation");
+    # smallest_share / largest_share: over the minority classes
     higher: bool  # True: the claim says the method's value is higher
     setting: str  # our setting in one line
     level: float = 0.0  # with no reference: the value the claim needs
     names: str = ""  # how the result column names the difference (default: the two row labels)
+    source: str = "results"  # "orientation": scripts/orientation.py's per-seed measures (its base row: one sample set)
 
 
 CLAIMS = [
@@ -59,7 +61,7 @@ CLAIMS = [
           names="∇-GFN − AlignProp, diversity"),
     Claim("∇-GFlowNet", "keeps more diversity than DRaFT at comparable reward", "digits-nabla10",
           "nabla-gfn@args.beta=10", "draft@optim.lr=3e-4", "diversity_rel", True,
-          "as above vs DRaFT lr 3e-4 (held-out −0.121: more reward), 4 seeds (stopped for time)",
+          "as above vs DRaFT lr 3e-4 (held-out −0.121: more reward), 10 seeds",
           names="∇-GFN − DRaFT, diversity"),
     Claim("Diffusion-KTO", "KTO ≥ DPO (paired feedback)", "kto-paired", "diffusion-kto@optim.lr=0.00103@args.beta=713",
           "diffusion-dpo@optim.lr=0.00964@args.beta=3860", "eval_reward_mean", True,
@@ -89,7 +91,17 @@ def _results(bench: str) -> dict:
     return json.loads((ROOT / "docs" / "bench" / bench / "results.json").read_text())
 
 
+def orientation_values(c: Claim) -> list[float]:
+    """Per seed, the method's measure minus the reference's on the same seed (the base: the same for every seed)."""
+    rows = json.loads((ROOT / "docs" / "bench" / c.bench / "orientation.json").read_text())
+    ref = {r.get("seed"): r[c.metric] for r in rows[c.reference]}
+    return [r[c.metric] - (ref[None] if c.reference == "base" else ref[r["seed"]]) for r in rows[c.method]
+            if c.reference == "base" or r["seed"] in ref]
+
+
 def values(c: Claim) -> list[float]:
+    if c.source == "orientation":
+        return orientation_values(c)
     results = _results(c.bench)
     rows = results["rows"]
     if c.reference is not None:

@@ -104,7 +104,7 @@ def main(out: str) -> None:
     first = next(iter(runs.values()))[0]  # every run has the same base, sampler and evaluation noise
     rows = {"base": [measure(*final_samples(first, base=True))]}
     for method, dirs in runs.items():
-        rows[method] = [measure(*final_samples(d)) for d in dirs]
+        rows[method] = [{"seed": int(d.name.split("-")[1]), **measure(*final_samples(d))} for d in dirs]
         print(f"{method}: {len(dirs)} runs measured", file=sys.stderr)
     text = table(rows)
     print(text)
