@@ -80,6 +80,13 @@ CLAIMS = [
     Claim("Constrained diffusion", "... without over-sampling them (≤ 0.13)", "digits-minority-alpha",
           "constrained-resilient@args.resilient_alpha=0.4", None, "largest_share", False, "as above", level=0.13,
           names="largest minority share"),
+    Claim("DDO", "DDO-DPO turns a rotated base toward upright (orientation experiment)", "digits-rotated", "ddo-dpo",
+          "base", "abs_angle_mean", False, "digits-rotated (±45°), 1,024 pairs preferring the less-rotated image, "
+          "mean \\|angle\\| under the angle judge, learned Doob correction, untuned, 3 seeds",
+          names="DDO-DPO − base, mean \\|angle\\| (°)", source="orientation"),
+    Claim("DDO", "... further than Diffusion-DPO on the same pairs", "digits-rotated", "ddo-dpo", "diffusion-dpo",
+          "abs_angle_mean", False, "as above, both untuned", names="DDO-DPO − Diffusion-DPO, mean \\|angle\\| (°)",
+          source="orientation"),
     Claim("DDO", "converges to the KL-regularised optimum p* (≤ 1.3× the floor)", "toy2d",
           "ddo@args.estimator=continuation", None, "optimum_ratio", False,
           "toy2d, exact p*, 4,096 queries, Monte Carlo Doob continuations, 3 seeds", level=1.3,
