@@ -92,6 +92,20 @@ def test_memoryless_rollouts_forget_their_start(model, steps, bound):
     assert corr(method.sampler.replace(eta=0.0)) > 0.3
 
 
+def test_inner_epochs_pass_over_the_same_paths_again():
+    """`inner_epochs` repeats the epoch's regression (every minibatch, every trained step) on the same paths,
+    with no new rollout or reward query."""
+    _, method = _method("toy2d-flow", "quadratic", args={"inner_epochs": 3, "minibatches": 2})
+    batch, _ = method.collect(0)
+    micros, per_pass = list(method.micro_steps(batch)), 2 * len(method.trained_steps(0))
+    assert len(micros) == 3 * per_pass
+    for p in range(3):  # every pass covers every path once per trained step
+        rows = torch.cat([m.share.rows for m in micros[p * per_pass:(p + 1) * per_pass]])
+        assert sorted(rows.tolist()) == sorted(list(range(len(batch.keys))) * len(method.trained_steps(0)))
+    loss, _ = micros[-1].compute()
+    assert loss.requires_grad and float(loss.detach()) > 0
+
+
 def test_needs_a_differentiable_reward():
     with pytest.raises(ConfigError, match="needs a differentiable reward.*needs no reward gradient.*grpo"):
         _method("digits", "compressibility")

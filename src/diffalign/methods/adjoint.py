@@ -57,7 +57,8 @@ class AdjointMatching(Method):
         train_steps: int = 0  # stochastic steps trained per trajectory (0 = all)
         last_steps: int = 0  # of these, the last ones always trained (the paper: 10 of 20)
         loss_clip: float = 0.0  # cap on each sample's squared residual per step (0 = off)
-        minibatches: int = 1  # optimizer steps per epoch
+        minibatches: int = 1  # optimizer steps per pass over the epoch's paths
+        inner_epochs: int = 1  # passes over each epoch's paths and adjoints (no new reward queries)
 
         def validate(self, where):
             checks = [(self.beta > 0, "beta", "must be > 0"),
@@ -66,7 +67,8 @@ class AdjointMatching(Method):
                       (self.last_steps <= self.train_steps or self.train_steps == 0, "last_steps",
                        "must be <= train_steps"),
                       (self.loss_clip >= 0, "loss_clip", "must be >= 0"),
-                      (self.minibatches >= 1, "minibatches", "must be >= 1")]
+                      (self.minibatches >= 1, "minibatches", "must be >= 1"),
+                      (self.inner_epochs >= 1, "inner_epochs", "must be >= 1")]
             for ok, key, message in checks:
                 if not ok:
                     raise ValueError(f"config key '{where}.{key}' {message}")
@@ -126,9 +128,10 @@ class AdjointMatching(Method):
     def micro_steps(self, batch: Paths):
         steps = self.trained_steps(batch.epoch)
         g = self.run.generator("adjoint-perm", batch.epoch)
-        for share in self.run.minibatches(batch.keys, self.args.minibatches, g):
-            for k in steps:
-                yield Micro(self._loss(batch, share, k), share, accumulate=len(steps))
+        for _ in range(self.args.inner_epochs):
+            for share in self.run.minibatches(batch.keys, self.args.minibatches, g):
+                for k in steps:
+                    yield Micro(self._loss(batch, share, k), share, accumulate=len(steps))
 
     def _loss(self, batch: Paths, share, k: int):
         def compute():
