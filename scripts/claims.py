@@ -34,7 +34,7 @@ class Claim:
     paper: str  # short name, linked in the README's paper list
     claim: str  # the claim in one line
     bench: str  # folder under docs/bench
-    method: str  # the row the claim is about
+    method: str  # the row the claim is about (in a tuned bench, a method's name stands for its chosen setting)
     reference: str | None  # the row it is compared with (None: `level` is the yardstick)
     metric: str  # aligned_<metric> in results.json (orientation.json's key for source "orientation");
     # smallest_share / largest_share: over the minority classes
@@ -111,8 +111,9 @@ def values(c: Claim) -> list[float]:
         return orientation_values(c)
     results = _results(c.bench)
     rows = results["rows"]
+    chosen = (results.get("tuning") or {}).get("chosen", {})  # a tuned bench: a method's name means its chosen trial
     if c.reference is not None:
-        return paired(rows, c.method, c.reference, c.metric)
+        return paired(rows, chosen.get(c.method, c.method), chosen.get(c.reference, c.reference), c.metric)
     if c.metric in ("smallest_share", "largest_share"):  # over the bench's minority classes, per seed
         pick = min if c.metric == "smallest_share" else max
         return [pick(r["aligned_class_histogram"][k] for k in results["classes"]) for r in rows
