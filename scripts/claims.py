@@ -80,12 +80,13 @@ CLAIMS = [
     Claim("Constrained diffusion", "... without over-sampling them (≤ 0.13)", "digits-minority-alpha",
           "constrained-resilient@args.resilient_alpha=0.4", None, "largest_share", False, "as above", level=0.13,
           names="largest minority share"),
-    Claim("DDO", "DDO-DPO turns a rotated base toward upright (orientation experiment)", "digits-rotated", "ddo-dpo",
+    Claim("DDO", "DDO-DPO turns a rotated base toward upright (orientation experiment)", "rotated-tuned", "ddo-dpo",
           "base", "abs_angle_mean", False, "digits-rotated (±45°), 1,024 pairs preferring the less-rotated image, "
-          "mean \\|angle\\| under the angle judge, learned Doob correction, untuned, 3 seeds",
+          "mean \\|angle\\| under the angle judge, learned Doob correction, each tuned (6 trials × 2 seeds on "
+          "held-out reward), 3 seeds",
           names="DDO-DPO − base, mean \\|angle\\| (°)", source="orientation"),
-    Claim("DDO", "... further than Diffusion-DPO on the same pairs", "digits-rotated", "ddo-dpo", "diffusion-dpo",
-          "abs_angle_mean", False, "as above, both untuned", names="DDO-DPO − Diffusion-DPO, mean \\|angle\\| (°)",
+    Claim("DDO", "... further than Diffusion-DPO on the same pairs", "rotated-tuned", "ddo-dpo", "diffusion-dpo",
+          "abs_angle_mean", False, "as above", names="DDO-DPO − Diffusion-DPO, mean \\|angle\\| (°)",
           source="orientation"),
     Claim("DDO", "converges to the KL-regularised optimum p* (≤ 1.3× the floor)", "toy2d",
           "ddo@args.estimator=continuation", None, "optimum_ratio", False,
@@ -101,9 +102,11 @@ def _results(bench: str) -> dict:
 def orientation_values(c: Claim) -> list[float]:
     """Per seed, the method's measure minus the reference's on the same seed (the base: the same for every seed)."""
     rows = json.loads((ROOT / "docs" / "bench" / c.bench / "orientation.json").read_text())
-    ref = {r.get("seed"): r[c.metric] for r in rows[c.reference]}
-    return [r[c.metric] - (ref[None] if c.reference == "base" else ref[r["seed"]]) for r in rows[c.method]
-            if c.reference == "base" or r["seed"] in ref]
+    chosen = (_results(c.bench).get("tuning") or {}).get("chosen", {})
+    method, reference = chosen.get(c.method, c.method), chosen.get(c.reference, c.reference)
+    ref = {r.get("seed"): r[c.metric] for r in rows[reference]}
+    return [r[c.metric] - (ref[None] if reference == "base" else ref[r["seed"]]) for r in rows[method]
+            if reference == "base" or r["seed"] in ref]
 
 
 def values(c: Claim) -> list[float]:
