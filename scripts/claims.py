@@ -99,29 +99,28 @@ def _results(bench: str) -> dict:
     return json.loads((ROOT / "docs" / "bench" / bench / "results.json").read_text())
 
 
-def orientation_values(c: Claim) -> list[float]:
+def orientation_values(bench: str, method: str, reference: str, metric: str) -> list[float]:
     """Per seed, the method's measure minus the reference's on the same seed (the base: the same for every seed)."""
-    rows = json.loads((ROOT / "docs" / "bench" / c.bench / "orientation.json").read_text())
-    chosen = (_results(c.bench).get("tuning") or {}).get("chosen", {})
-    method, reference = chosen.get(c.method, c.method), chosen.get(c.reference, c.reference)
-    ref = {r.get("seed"): r[c.metric] for r in rows[reference]}
-    return [r[c.metric] - (ref[None] if reference == "base" else ref[r["seed"]]) for r in rows[method]
+    rows = json.loads((ROOT / "docs" / "bench" / bench / "orientation.json").read_text())
+    ref = {r.get("seed"): r[metric] for r in rows[reference]}
+    return [r[metric] - (ref[None] if reference == "base" else ref[r["seed"]]) for r in rows[method]
             if reference == "base" or r["seed"] in ref]
 
 
 def values(c: Claim) -> list[float]:
-    if c.source == "orientation":
-        return orientation_values(c)
     results = _results(c.bench)
     rows = results["rows"]
     chosen = (results.get("tuning") or {}).get("chosen", {})  # a tuned bench: a method's name means its chosen trial
-    if c.reference is not None:
-        return paired(rows, chosen.get(c.method, c.method), chosen.get(c.reference, c.reference), c.metric)
+    method, reference = chosen.get(c.method, c.method), chosen.get(c.reference, c.reference)
+    if c.source == "orientation":
+        return orientation_values(c.bench, method, reference, c.metric)
+    if reference is not None:
+        return paired(rows, method, reference, c.metric)
     if c.metric in ("smallest_share", "largest_share"):  # over the bench's minority classes, per seed
         pick = min if c.metric == "smallest_share" else max
         return [pick(r["aligned_class_histogram"][k] for k in results["classes"]) for r in rows
-                if r["method"] == c.method and "failed" not in r]
-    return [r[f"aligned_{c.metric}"] for r in rows if r["method"] == c.method and r.get(f"aligned_{c.metric}") is not None]
+                if r["method"] == method and "failed" not in r]
+    return [r[f"aligned_{c.metric}"] for r in rows if r["method"] == method and r.get(f"aligned_{c.metric}") is not None]
 
 
 def verdict(lo: float, hi: float, n: int, higher: bool, level: float = 0.0) -> str:

@@ -168,7 +168,8 @@ def tuning_note(t: dict) -> str:
     keys = "; ".join(f"{m}: {', '.join(k)}" for m, k in t["keys"].items())
     return (f"Tuned: {t['trials']} trials per method ({t['trial_seeds']} seed each; the shipped config and draws "
             f"within ×/÷{t['spread']:g} of it) over {keys}, chosen by {t['metric']} on a validation split "
-            f"({t['validation']}) that these rows do not use (`bench tune`, trials in ../trials).")
+            f"({t['validation']}) that these rows do not use (`bench tune`: the trial table in ../tune.md, "
+            "their runs in ../trials).")
 
 
 def reached(curve: list, target: float) -> tuple[float, float] | None:
