@@ -71,7 +71,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(tmp_path):
     # epochs long enough (~0.5 s) that the kill lands between the second checkpoint and the end
     spec = dict(TOY, method="extra_module_method:ValueBaseline", sampling={"num_steps": 20},
                 train=dict(TOY["train"], epochs=4, batch_size=64, batches_per_epoch=1, keep_checkpoints=10),
-                optim={"lr": 1e-3, "schedule": "cosine", "warmup_steps": 2, "total_steps": 8},
+                optim={"lr": 1e-3, "schedule": "cosine", "warmup_steps": 2},  # spans the run: 8 steps
                 args={"minibatches": 2, "value_lr": 0.02})
     cfg_path.write_text(yaml.safe_dump(spec))
     full = _cli("train", str(cfg_path), "--out", str(tmp_path / "full"))
@@ -241,13 +241,65 @@ def test_no_optimizer_step_without_items(tmp_path):
     assert {int(s["step"]) for s in state.values()} == {3}
 
 
-def test_decaying_schedule_needs_total_steps():
+def test_schedule_config_errors():
     from diffalign.config import ConfigError
 
-    with pytest.raises(ConfigError, match="'optim.total_steps' must be set above warmup_steps for the 'cosine'"):
-        resolve_config(base=dict(TOY, optim={"schedule": "cosine", "warmup_steps": 10}))
+    with pytest.raises(ConfigError, match="'optim.total_steps' must be above warmup_steps"):
+        resolve_config(base=dict(TOY, optim={"schedule": "cosine", "warmup_steps": 10, "total_steps": 10}))
     with pytest.raises(ConfigError, match="'optim.schedule' must be one of constant"):
         resolve_config(base=dict(TOY, optim={"schedule": "cosin"}))
+
+
+def test_schedule_spans_the_run_from_its_first_epoch():
+    """optim.total_steps = 0 with a decaying schedule: the first epoch runs at the start's rate (after its
+    warm-up), then the curve is diffusers' own over (steps of epoch 1) x (the run's epochs), to 0 at the
+    last step, and a checkpointed schedule restores both the curve and the optimizer's rate."""
+    from types import SimpleNamespace
+
+    from diffusers.optimization import get_scheduler
+
+    from diffalign.config import ConfigError, OptimConfig
+    from diffalign.schedule import Schedule
+
+    def opt():
+        return torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+
+    cfg = OptimConfig(lr=0.1, schedule="cosine", warmup_steps=1)
+    sched, ref_opt = Schedule(cfg, opt()), opt()
+    ref = get_scheduler("cosine", ref_opt, num_warmup_steps=1, num_training_steps=12)
+    lrs = []
+    for epoch in range(4):  # 3 steps per epoch, 4 epochs
+        for _ in range(3):
+            sched.optimizer.step(), ref_opt.step()
+            sched.step(), ref.step()
+            lrs.append((sched.get_last_lr()[0], ref.get_last_lr()[0]))
+        sched.epoch_done(epoch + 1, 4)
+        if epoch == 0:
+            assert [a for a, _ in lrs] == [0.1, 0.1, 0.1] and sched.total == 12
+            assert sched.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0])
+        if epoch == 1:
+            state = sched.state_dict()
+    assert all(a == pytest.approx(b) for a, b in lrs[3:]) and lrs[-1][0] == pytest.approx(0.0, abs=1e-12)
+    again = Schedule(cfg, opt())
+    again.load_state_dict(state)
+    assert again.total == 12 and again.steps == 6
+    assert again.optimizer.param_groups[0]["lr"] == pytest.approx(lrs[5][1])
+    again.optimizer.step(), again.step()
+    assert again.get_last_lr()[0] == pytest.approx(lrs[6][1])
+    fixed = Schedule(OptimConfig(lr=0.1, schedule="linear", total_steps=4), opt())
+    fixed.optimizer.step(), fixed.step(), fixed.epoch_done(1, 100)
+    assert fixed.total == 4 and fixed.get_last_lr()[0] == pytest.approx(0.075)
+    with pytest.raises(ConfigError, match="warmup_steps = 5 is not below the run's 4 optimizer steps"):
+        short = Schedule(OptimConfig(lr=0.1, schedule="cosine", warmup_steps=5), opt())
+        short.optimizer.step(), short.step(), short.epoch_done(1, 4)
+    # under a reward budget the run's epochs are those the budget buys at the first epochs' cost
+    from diffalign.train import run_epochs
+
+    trainer = SimpleNamespace(cfg=SimpleNamespace(train=SimpleNamespace(epochs=1000, reward_budget=4096)),
+                              run=SimpleNamespace(reward_queries=64), epoch=1)
+    assert run_epochs(trainer) == 64
+    trainer.cfg.train.epochs = 10
+    assert run_epochs(trainer) == 10
 
 
 def test_gradients_are_averaged_over_processes_not_summed(tmp_path):

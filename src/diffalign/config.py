@@ -77,16 +77,16 @@ class OptimConfig:
     grad_clip: float = 1.0  # max gradient norm of each trained module (0 = off)
     schedule: str = "constant"  # learning-rate schedule (diffusers.optimization.get_scheduler), per optimizer step
     warmup_steps: int = 0  # linear warm-up steps of the schedule
-    total_steps: int = 0  # optimizer steps the schedule spans (needed by linear, cosine, polynomial)
+    total_steps: int = 0  # optimizer steps a decaying schedule spans; 0 = the whole run (diffalign.schedule)
 
     def validate(self, where: str):
         _check(self.lr > 0, f"{where}.lr", "must be > 0")
         _check(len(self.betas) == 2, f"{where}.betas", "must be two numbers")
         _check(self.schedule in SCHEDULES, f"{where}.schedule", f"must be one of {', '.join(SCHEDULES)}")
         _check(self.warmup_steps >= 0, f"{where}.warmup_steps", "must be >= 0")
-        decays = self.schedule not in ("constant", "constant_with_warmup")
-        _check(not decays or self.total_steps > self.warmup_steps, f"{where}.total_steps",
-               f"must be set above warmup_steps for the '{self.schedule}' schedule (optimizer steps in the run)")
+        _check(self.total_steps >= 0, f"{where}.total_steps", "must be >= 0 (0: the schedule spans the run)")
+        _check(self.total_steps == 0 or self.total_steps > self.warmup_steps, f"{where}.total_steps",
+               "must be above warmup_steps (or 0: the schedule spans the run)")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from .config import ConfigError, RunConfig, dump_config
 from .context import Run
 from .export import component, pipeline_folder, write_pipeline
 from .methods import Micro, build, modules_of, resolve_config, run_needs, sampler_of
+from .schedule import Schedule
 from .seeding import seed_for
 
 __all__ = ["Trainer", "resolve_config", "train"]
@@ -42,8 +43,6 @@ class Trainer:
     """The run context, the method, its modules and the optimizer; counters."""
 
     def __init__(self, cfg: RunConfig, args, out_dir: str | Path, accelerator=None):
-        from diffusers.optimization import get_scheduler
-
         self.cfg, self.args, self.out = cfg, args, Path(out_dir)
         self.run = Run(cfg, accelerator, out_dir, **run_needs(cfg.method))
         self.acc = self.run.acc
@@ -62,8 +61,7 @@ class Trainer:
                            "weight_decay": cfg.optim.weight_decay if tr.weight_decay is None else tr.weight_decay})
         opt = torch.optim.AdamW(groups, lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                 weight_decay=cfg.optim.weight_decay)
-        self.lr_schedule = get_scheduler(cfg.optim.schedule, opt, num_warmup_steps=cfg.optim.warmup_steps,
-                                         num_training_steps=cfg.optim.total_steps or None)
+        self.lr_schedule = Schedule(cfg.optim, opt)  # a decaying one spans the run unless optim.total_steps is set
         self.optimizer = self.acc.prepare(opt)
         self.epoch = 0
         self.wall_prev = 0.0
@@ -364,6 +362,7 @@ def run_epoch(trainer: Trainer, log: EpochLog) -> dict:
             "method's reward calls per sample, e.g. args.train_steps / args.k)"
         )
     trainer.epoch = epoch + 1
+    trainer.lr_schedule.epoch_done(trainer.epoch, run_epochs(trainer))
     metrics.update(epoch=epoch, reward_queries=run.reward_queries, wall_s=log.wall_s(),
                    lr=trainer.lr_schedule.get_last_lr()[0])
     trainer.set_training(False)  # evaluation samples every module in eval mode
@@ -477,6 +476,15 @@ def finish(trainer: Trainer, base: dict):
         write_report_images(out)  # after summary.json: the curve shows the final evaluation
     acc.wait_for_everyone()
     return summary
+
+
+def run_epochs(trainer: Trainer) -> int:
+    """The epochs this run will take: train.epochs, or fewer when the reward budget runs out first (at the
+    mean cost of the epochs so far, as `budget_spent` counts it)."""
+    epochs, budget, queries = trainer.cfg.train.epochs, trainer.cfg.train.reward_budget, trainer.run.reward_queries
+    if not budget or trainer.epoch == 0 or queries == 0:
+        return epochs
+    return min(epochs, max(trainer.epoch, int(budget // (queries / trainer.epoch))))
 
 
 def budget_spent(trainer: Trainer) -> bool:
