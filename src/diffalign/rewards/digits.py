@@ -7,7 +7,7 @@ Prompts name the digit ('3', 'a handwritten 3'), parsed by
 
 The two networks are trained on the fixed 'train' split on first use (a few
 seconds on one CPU core, fixed seeds) and cached as safetensors under
-`cached_dir('reward-classifier', ...)`; their 'test'-split accuracy is printed
+the cache entry `reward-classifier-<hash>`; their 'test'-split accuracy is printed
 when trained and stored next to the weights (`classifier_metrics`).
 
 - `classifier` (`DigitCNN`): conv3x3(1->32) - conv3x3(32->32) - avgpool2 -
@@ -25,18 +25,14 @@ the batch) and label smoothing 0.05.
 from __future__ import annotations
 
 import io
-import json
-import sys
 import time
-from functools import lru_cache
-from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import cached_dir
+from ..cache import CachedNetwork
 from ..data import digits as data_digits
 from . import register
 
@@ -218,38 +214,24 @@ def _train_with_grad(config: dict) -> tuple[nn.Module, dict]:
     return net, metrics
 
 
-def _cache_path(heldout: bool) -> Path:
-    config = _CONFIGS[bool(heldout)]
-
-    def build(tmp: Path) -> None:
-        from safetensors.torch import save_file
-
-        net, metrics = _train(config)
-        state = {k: v.detach().contiguous() for k, v in net.state_dict().items()}
-        save_file(state, str(tmp / "model.safetensors"), metadata={"arch": config["arch"]})
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(
-            f"[diffalign] trained reward network {config['role']!r} ({config['arch']}) in "
-            f"{metrics['train_seconds']:.1f}s: test accuracy {100 * metrics['test_accuracy']:.1f}% "
-            f"({metrics['n_test']} test digits)",
-            file=sys.stderr,
-        )
+def _describe(config: dict):
+    def line(metrics: dict) -> str:
+        text = (f"[diffalign] trained reward network {config['role']!r} ({config['arch']}) in "
+                f"{metrics['train_seconds']:.1f}s: test accuracy {100 * metrics['test_accuracy']:.1f}% "
+                f"({metrics['n_test']} test digits)")
         if metrics["test_accuracy"] < 0.97:
-            print(f"[diffalign] WARNING: {config['role']} test accuracy is below 97%", file=sys.stderr)
+            text += f"\n[diffalign] WARNING: {config['role']} test accuracy is below 97%"
+        return text
 
-    return cached_dir("reward-classifier", config, build)
+    return line
 
 
-@lru_cache(maxsize=2)
-def _state_dict(heldout: bool) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(_cache_path(heldout) / "model.safetensors"), device="cpu")
+_NETS = {h: CachedNetwork("reward-classifier", c, _ARCHS[c["arch"]], _train, _describe(c)) for h, c in _CONFIGS.items()}
 
 
 def classifier_metrics(heldout: bool = False) -> dict:
     """Metrics measured when the network was trained (test_accuracy, ...)."""
-    return json.loads((_cache_path(heldout) / "metrics.json").read_text())
+    return _NETS[bool(heldout)].metrics()
 
 
 def load_classifier(heldout: bool = False, device="cpu") -> nn.Module:
@@ -260,51 +242,26 @@ def load_classifier(heldout: bool = False, device="cpu") -> nn.Module:
     Trains it first (seconds) if it is not cached yet. Each call returns a new
     module, so modifying it does not affect the rewards.
     """
-    config = _CONFIGS[bool(heldout)]
-    net = _ARCHS[config["arch"]]()
-    net.load_state_dict(_state_dict(bool(heldout)))
-    net.eval()
-    net.requires_grad_(False)
-    return net.to(device)
-
-
-class _PerDevice:
-    """One frozen copy of a classifier per device the images arrive on."""
-
-    def __init__(self, heldout: bool, device):
-        self.heldout = heldout
-        self.nets: dict[torch.device, nn.Module] = {}
-        self.get(torch.device(device))
-
-    def get(self, device: torch.device) -> nn.Module:
-        net = self.nets.get(device)
-        if net is None:
-            net = self.nets[device] = load_classifier(self.heldout, device)
-        return net
+    return _NETS[bool(heldout)].load(device)
 
 
 @torch.no_grad()
 def features(images: torch.Tensor, heldout: bool = True, batch_size: int = 1024) -> torch.Tensor:
     """Penultimate (N, 128) features of the held-out classifier (default) for e.g. FID; no grad."""
-    net = _feature_nets.get(heldout)
-    if net is None:
-        net = _feature_nets[heldout] = _PerDevice(heldout, images.device)
-    net = net.get(images.device)
+    net = _NETS[bool(heldout)].on(images.device)
     x = prepare(images)
     return torch.cat([net.features(x[i:i + batch_size]) for i in range(0, len(x), batch_size)])
-
-
-_feature_nets: dict[bool, _PerDevice] = {}
 
 
 # ---------------------------------------------------------------- rewards
 
 def _classifier_reward(heldout: bool, device):
-    nets = _PerDevice(heldout, device)
+    nets = _NETS[bool(heldout)]
+    nets.on(device)  # trained or loaded now, not at the first query
 
     def fn(images, prompts, metadata=None):
         x = prepare(images)
-        net = nets.get(x.device)
+        net = nets.on(x.device)
         labels = prompt_labels(prompts, device=x.device)
         logits = net(x)
         logp = torch.log_softmax(logits.float(), dim=1)

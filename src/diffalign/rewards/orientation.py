@@ -17,17 +17,13 @@ error (`judge_metrics`: mean absolute error in degrees on test digits turned by 
 
 from __future__ import annotations
 
-import json
-import sys
 import time
-from functools import lru_cache
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..cache import cached_dir
+from ..cache import CachedNetwork
 from ..data import digits as data_digits
 from . import register
 from .digits import DigitCNN, DigitMLP, _augment, prepare
@@ -113,51 +109,29 @@ def test_errors(net: nn.Module, scale: float = MAX_DEGREES) -> dict:
             "test_upright_abs_degrees": float((net(x_test).squeeze(1) * scale).abs().mean()), "n_test": len(x_test)}
 
 
-def _cache_path(heldout: bool) -> Path:
-    config = _CONFIGS[bool(heldout)]
-
-    def build(tmp: Path) -> None:
-        from safetensors.torch import save_file
-
-        net, metrics = train_judge(config)
-        save_file({k: v.detach().contiguous() for k, v in net.state_dict().items()}, str(tmp / "model.safetensors"),
-                  metadata={"arch": config["arch"]})
-        (tmp / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        print(f"[diffalign] trained reward network {config['role']!r} ({config['arch']}) in "
-              f"{metrics['train_seconds']:.1f}s: test error {metrics['test_mae_degrees']:.1f}° "
-              f"({metrics['n_test']} test digits turned by up to ±{config['max_degrees']:.0f}°)", file=sys.stderr)
-
-    return cached_dir("reward-angle", config, build)
+def _describe(config: dict):
+    return lambda metrics: (f"[diffalign] trained reward network {config['role']!r} ({config['arch']}) in "
+                            f"{metrics['train_seconds']:.1f}s: test error {metrics['test_mae_degrees']:.1f}° "
+                            f"({metrics['n_test']} test digits turned by up to ±{config['max_degrees']:.0f}°)")
 
 
-@lru_cache(maxsize=2)
-def _state_dict(heldout: bool) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    return load_file(str(_cache_path(heldout) / "model.safetensors"), device="cpu")
+_JUDGES = {h: CachedNetwork("reward-angle", c, lambda arch=c["arch"]: make_judge(arch), train_judge, _describe(c))
+           for h, c in _CONFIGS.items()}
 
 
 def judge_metrics(heldout: bool = False) -> dict:
     """Metrics measured when the judge was trained (test_mae_degrees, ...)."""
-    return json.loads((_cache_path(heldout) / "metrics.json").read_text())
+    return _JUDGES[bool(heldout)].metrics()
 
 
 def load_judge(heldout: bool = False, device="cpu") -> nn.Module:
     """The trained angle judge (the held-out one if `heldout`), eval mode, frozen: angle / MAX_DEGREES (N, 1)
     for images (N, 1, 8, 8) in [0, 1]. Trains it first (seconds) if it is not cached yet."""
-    net = make_judge(_CONFIGS[bool(heldout)]["arch"])
-    net.load_state_dict(_state_dict(bool(heldout)))
-    return net.eval().requires_grad_(False).to(device)
+    return _JUDGES[bool(heldout)].load(device)
 
 
-_judges: dict[tuple[bool, torch.device], nn.Module] = {}
-
-
-def _judge(heldout: bool, device: torch.device) -> nn.Module:
-    key = (bool(heldout), torch.device(device))
-    if key not in _judges:
-        _judges[key] = load_judge(heldout, device)
-    return _judges[key]
+def _judge(heldout: bool, device) -> nn.Module:
+    return _JUDGES[bool(heldout)].on(device)
 
 
 def angle(images: torch.Tensor, heldout: bool = False) -> torch.Tensor:
