@@ -273,7 +273,8 @@ def test_schedule_spans_the_run_from_its_first_epoch():
             sched.optimizer.step(), ref_opt.step()
             sched.step(), ref.step()
             lrs.append((sched.get_last_lr()[0], ref.get_last_lr()[0]))
-        sched.epoch_done(epoch + 1, 4)
+        said = sched.epoch_done(epoch + 1, 4)
+        assert ("spans the run: 12 optimizer steps (3 per epoch x 4 epochs)" in said) == (epoch == 0)
         if epoch == 0:
             assert [a for a, _ in lrs] == [0.1, 0.1, 0.1] and sched.total == 12
             assert sched.get_last_lr()[0] == pytest.approx(ref.get_last_lr()[0])

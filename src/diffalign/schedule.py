@@ -48,11 +48,11 @@ class Schedule:
     def get_last_lr(self) -> list[float]:
         return self.inner.get_last_lr()
 
-    def epoch_done(self, epochs_done: int, run_epochs: int) -> None:
+    def epoch_done(self, epochs_done: int, run_epochs: int) -> str:
         """After an epoch: `epochs_done` epochs so far of the run's `run_epochs`. Sets the span once,
-        after the first epoch, when it was left to the run."""
+        after the first epoch, when it was left to the run; then returns a line saying so ("" otherwise)."""
         if not self.pending or epochs_done < 1:
-            return
+            return ""
         steps = self.steps
         total = max(1, round(steps / epochs_done * run_epochs))
         if total <= self.cfg.warmup_steps:
@@ -62,6 +62,8 @@ class Schedule:
                 "or set optim.total_steps")
         self.total, self.pending = total, False
         self.inner = self._build(self.cfg.schedule, total, at=steps)  # from each group's initial lr
+        return (f"learning-rate schedule '{self.cfg.schedule}' spans the run: {total} optimizer steps "
+                f"({steps / epochs_done:g} per epoch x {run_epochs} epochs)")
 
     def state_dict(self) -> dict:
         return {"total": self.total, "pending": self.pending, "steps": self.steps, "inner": self.inner.state_dict()}

@@ -362,7 +362,9 @@ def run_epoch(trainer: Trainer, log: EpochLog) -> dict:
             "method's reward calls per sample, e.g. args.train_steps / args.k)"
         )
     trainer.epoch = epoch + 1
-    trainer.lr_schedule.epoch_done(trainer.epoch, run_epochs(trainer))
+    said = trainer.lr_schedule.epoch_done(trainer.epoch, run_epochs(trainer))
+    if said:
+        run.say(said)
     metrics.update(epoch=epoch, reward_queries=run.reward_queries, wall_s=log.wall_s(),
                    lr=trainer.lr_schedule.get_last_lr()[0])
     trainer.set_training(False)  # evaluation samples every module in eval mode
